@@ -1,0 +1,89 @@
+"""Fidelity of TCA prefill to dense attention on SmolLM2 and real prose (issue 4's check and frontier).
+
+For each local window: calibrate once on the bundled calibration text, threshold the measured
+retention at each tau, and compare TCA with dense attention on windows of the bundled evaluation
+prose (other books than the calibration text): last-position KL, perplexity ratio over the
+second half and by quarter, kept and pairs fractions.
+
+    python benchmarks/prefill_quality.py                       # the default configuration only
+    python benchmarks/prefill_quality.py --frontier --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tca import texts
+from tca.calibrate import calibration_ids, measure_retention, profile_from_retention
+from tca.config import TCAConfig
+from tca.eval.fidelity import evaluate_profile, prose_windows, score_window
+from tca.eval.provenance import provenance
+from tca.models import load_model
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--windows", type=int, default=4, help="prose windows per length")
+    parser.add_argument("--frontier", action="store_true", help="sweep local windows and taus")
+    parser.add_argument("--local-windows", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument("--taus", type=float, nargs="+", default=[0.8, 0.9, 0.95, 0.99])
+    parser.add_argument("--calibration-tokens", type=int, default=4096)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    return parser.parse_args()
+
+
+def head_spread(profile, lengths):
+    """min / median / max of per-head keep ratios at each length."""
+    spread = {}
+    for length in lengths:
+        ratios = profile.keep_ratios(length)
+        spread[str(length)] = {"min": float(ratios.min()), "median": float(np.median(ratios)),
+                               "max": float(ratios.max())}
+    return spread
+
+
+def main() -> None:
+    args = parse_args()
+    model, tokenizer = load_model("smollm2", dtype=getattr(torch, args.dtype), device=args.device)
+    default = TCAConfig.for_model(model)
+    configs = [default] if not args.frontier else [
+        TCAConfig.for_model(model).replace(local_window=w, block_size=min(128, max(16, w // 8)))
+        for w in args.local_windows
+    ]
+    taus = [default.tau] if not args.frontier else args.taus
+    windows = {n: prose_windows(tokenizer, texts.evaluation_texts(), n, args.windows, args.seed) for n in args.lengths}
+    dense = {n: [score_window(model, w) for w in tqdm(ws, desc=f"dense {n}")] for n, ws in windows.items()}
+    calibration = texts.calibration_text()
+    rows = []
+    for config in configs:
+        ids = calibration_ids(tokenizer, calibration, config, args.calibration_tokens)
+        retention = measure_retention(model, ids, config)
+        for tau in taus:
+            profile = profile_from_retention(retention, model, config.replace(tau=tau), ids.shape[-1], calibration)
+            for length in args.lengths:
+                result = evaluate_profile(model, profile, windows[length], dense[length])
+                row = {"local_window": config.local_window, "block_size": config.block_size, "tau": tau,
+                       "length": length, **result, "head_keep_ratios": head_spread(profile, [length]),
+                       "is_default": config == default and tau == default.tau}
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "head_keep_ratios"}), flush=True)
+    out = {**provenance(args.device), "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised)",
+           "dtype": args.dtype, "texts": sorted(texts.evaluation_texts()), "windows_per_length": args.windows,
+           "calibration_tokens": args.calibration_tokens, "default_config": default.to_dict(), "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

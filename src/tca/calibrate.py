@@ -1,0 +1,197 @@
+"""Offline head-specific calibration (DESIGN 2.2, paper Algorithm 1) -> a Profile.
+
+One forward pass of the unmodified model over calibration text. In each layer, for every KV
+head and each log-Gaussian candidate, the selection of 2.1 is simulated (the last query ranks
+the blocks) and its retained attention mass measured: the dense attention mass that prefill
+queries place on what TCA would let them see (the kept keys before their window, plus their
+window), averaged over the queries that have keys outside their window and over the group's
+query heads. That quantity is linear in the kept set, so one streamed pass accumulates, per
+key, the mass it receives (``values``), and every candidate and the oracle are scored from it.
+No L x L matrix is formed: queries are streamed in chunks of ``config.query_chunk``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from . import __version__
+from .budgets import DENSE, block_budgets, candidate_grid, rank_fractions
+from .config import TCAConfig
+from .hf import CALIBRATION_NAME, attention_handler, check_context, check_supported
+from .profile import Profile, model_fingerprint
+from .select import candidate_importance, keep_mask, rank_blocks
+
+TOLERANCE = 1e-6
+
+
+@dataclass
+class LayerRetention:
+    """Retention statistics of one layer on the calibration text.
+
+    Attributes:
+        base: (G,) mean attention mass inside the queries' own windows.
+        values: (G, n) mean mass each candidate key receives from queries that see it outside
+            their window.
+        retained: (M, G) retained mass of each candidate configuration.
+        kept: (M, G) global tokens each candidate keeps.
+    """
+
+    base: torch.Tensor
+    values: torch.Tensor
+    retained: torch.Tensor
+    kept: torch.Tensor
+
+    def oracle_tokens(self, tau: float) -> np.ndarray:
+        """(G,) fewest global tokens whose retained mass reaches tau (greedy on ``values``)."""
+        ordered = torch.sort(self.values.double(), dim=-1, descending=True).values
+        reach = self.base.double().unsqueeze(-1) + torch.cumsum(ordered, -1)
+        short = reach < tau - TOLERANCE  # (G, n) True while tau is not yet reached
+        need = short.sum(-1)
+        need = torch.where(self.base.double() >= tau - TOLERANCE, torch.zeros_like(need), need + 1)
+        return need.clamp_max(self.values.shape[-1]).numpy()
+
+
+def window_and_outside_mass(query: torch.Tensor, key: torch.Tensor, window: int, scale: float, chunk: int):
+    """Stream the dense causal softmax of queries ``j >= window`` in chunks.
+
+    Args:
+        query: (H, L, d); key: (G, L, d).
+    Returns:
+        base: (G,) summed window mass; outside: (G, L - window) summed mass per key from
+        queries that see it outside their window; count: number of (query, head) rows summed.
+    """
+    n_heads, context_len, head_dim = query.shape
+    n_kv = key.shape[0]
+    group = n_heads // n_kv
+    n_candidates = context_len - window
+    q = query.float().view(n_kv, group, context_len, head_dim)
+    k = key.float()
+    base = torch.zeros(n_kv, dtype=torch.float64)
+    outside = torch.zeros(n_kv, n_candidates, dtype=torch.float64)
+    for lo in range(window, context_len, chunk):
+        hi = min(lo + chunk, context_len)
+        scores = torch.matmul(q[:, :, lo:hi], k[:, None, :hi].transpose(-1, -2)) * scale  # (G, group, C, hi)
+        rows = torch.arange(lo, hi).view(-1, 1)
+        cols = torch.arange(hi).view(1, -1)
+        probs = torch.softmax(scores.masked_fill(cols > rows, float("-inf")), dim=-1)
+        in_window = cols > rows - window
+        base += (probs * in_window).sum((1, 2, 3)).double().cpu()
+        seen_outside = probs.masked_fill(in_window, 0.0)[..., :n_candidates]
+        outside[:, : seen_outside.shape[-1]] += seen_outside.sum((1, 2)).double().cpu()
+    return base, outside, group * n_candidates
+
+
+def layer_retention(query: torch.Tensor, key: torch.Tensor, config: TCAConfig, scale: float,
+                    candidates: list[tuple[float, float]]) -> LayerRetention:
+    """Retention of every candidate for one layer of one sequence (query (H, L, d), key (G, L, d))."""
+    window = config.effective_window
+    base, outside, rows = window_and_outside_mass(query, key, window, scale, config.query_chunk)
+    base, values = base / rows, outside / rows
+    n_candidates = key.shape[1] - window
+    observed = query[:, -config.observation_queries :]
+    importance = candidate_importance(observed, key[:, :n_candidates], scale)
+    order, lengths = rank_blocks(importance, config.block_size, config.alpha)
+    mu = torch.tensor([c[0] for c in candidates], dtype=torch.float64).view(-1, 1)
+    sigma = torch.tensor([c[1] for c in candidates], dtype=torch.float64).view(-1, 1)
+    fractions = rank_fractions(mu.expand(-1, key.shape[0]), sigma.expand(-1, key.shape[0]), order.shape[-1])
+    budgets = block_budgets(fractions, lengths[order].cpu())  # (M, G, n_blocks)
+    kept = keep_mask(importance.cpu(), order.cpu(), budgets, config.block_size)  # (M, G, n)
+    retained = base + (kept.double() * values).sum(-1)
+    return LayerRetention(base=base, values=values, retained=retained, kept=kept.sum(-1))
+
+
+def choose_heads(retention: list[LayerRetention], candidates: list[tuple[float, float]], tau: float):
+    """Per (layer, KV head), the candidate keeping the fewest tokens with retained mass >= tau.
+
+    Returns arrays (n_layers, G): mu, sigma, retained, kept_tokens, oracle_tokens. A head with no
+    passing candidate keeps everything (``mu = inf``; retained 1).
+    """
+    n_layers, n_kv = len(retention), retention[0].base.shape[0]
+    out = {name: np.zeros((n_layers, n_kv)) for name in ("mu", "sigma", "retained", "kept_tokens", "oracle_tokens")}
+    for layer, stats in enumerate(retention):
+        passing = stats.retained >= tau - TOLERANCE  # (M, G)
+        cost = torch.where(passing, stats.kept.double(), torch.full_like(stats.kept.double(), math.inf))
+        best = cost.argmin(0)
+        for head in range(n_kv):
+            choice = int(best[head])
+            if passing[choice, head]:
+                mu, sigma = candidates[choice]
+                retained, kept = float(stats.retained[choice, head]), float(stats.kept[choice, head])
+            else:
+                (mu, sigma), retained, kept = DENSE, 1.0, float(stats.values.shape[-1])
+            for name, value in zip(("mu", "sigma", "retained", "kept_tokens"), (mu, sigma, retained, kept)):
+                out[name][layer, head] = value
+        out["oracle_tokens"][layer] = stats.oracle_tokens(tau)
+    return out
+
+
+def measure_retention(model: torch.nn.Module, input_ids: torch.Tensor, config: TCAConfig,
+                      progress: bool = True) -> list[LayerRetention]:
+    """One dense forward pass over ``input_ids`` (1, L), scoring every candidate in every layer."""
+    check_supported(model)
+    check_context(model, input_ids.shape[-1])
+    candidates = candidate_grid(config.candidates)
+    retention: dict[int, LayerRetention] = {}
+    n_layers = model_fingerprint(model)["n_layers"]
+    bar = tqdm(total=n_layers, desc="calibrating layers", disable=not progress)
+
+    def record(module, query, key, value, attention_mask, scaling, **kwargs):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        retention[module.layer_idx] = layer_retention(query[0], key[0], config, scale, candidates)
+        bar.update(1)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+    try:
+        with torch.no_grad(), attention_handler(model, CALIBRATION_NAME, record):
+            model(input_ids=input_ids.to(model.device), use_cache=False)
+    finally:
+        bar.close()
+    return [retention[layer] for layer in range(n_layers)]
+
+
+def calibration_ids(tokenizer: Any, text: str, config: TCAConfig, max_tokens: int) -> torch.Tensor:
+    """Tokenize and truncate the calibration text; (1, L) int64. Too short a text is an error."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_tokens]
+    needed = config.effective_window + 4 * config.block_size
+    if ids.shape[-1] < needed:
+        raise ValueError(
+            f"the calibration text has {ids.shape[-1]} tokens; it needs at least {needed} "
+            f"(local_window {config.local_window} + 4 blocks of {config.block_size}): pass a longer text."
+        )
+    return ids
+
+
+def calibrate(model: torch.nn.Module, tokenizer: Any, text: str | None = None, config: TCAConfig | None = None,
+              max_tokens: int = 4096, progress: bool = True) -> Profile:
+    """Calibrate per-head budgets for ``model`` with one forward pass (DESIGN 2.2).
+
+    Args:
+        text: calibration text; None uses the bundled calibration text (``tca.texts``).
+        config: None uses ``TCAConfig.for_model(model)``.
+        max_tokens: the text is truncated to this many tokens.
+    Returns:
+        A Profile for this model.
+    """
+    from .texts import calibration_text
+
+    config = config or TCAConfig.for_model(model)
+    text = calibration_text() if text is None else text
+    ids = calibration_ids(tokenizer, text, config, max_tokens)
+    retention = measure_retention(model, ids, config, progress)
+    return profile_from_retention(retention, model, config, ids.shape[-1], text)
+
+
+def profile_from_retention(retention: list[LayerRetention], model: Any, config: TCAConfig, tokens: int,
+                           text: str) -> Profile:
+    """Threshold measured retention at ``config.tau`` into a Profile (cheap: no forward pass)."""
+    heads = choose_heads(retention, candidate_grid(config.candidates), config.tau)
+    return Profile(config=config, fingerprint=model_fingerprint(model), calibration_tokens=tokens,
+                   text_sha256=hashlib.sha256(text.encode()).hexdigest(), version=__version__, **heads)

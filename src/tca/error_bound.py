@@ -1,0 +1,58 @@
+"""Dropped attention mass and the Theorem 1 error bound (DESIGN 2.5).
+
+For a query whose dense softmax puts mass ``gamma`` on the keys TCA drops, renormalising over the
+kept keys changes each output element by at most ``2 * gamma * max|V|`` (per element, the
+max over the values of that KV head): sum_k |p_k - p~_k| = 2 * gamma.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .select import Selection
+
+
+def last_query_dropped_mass(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    selection: Selection,
+    local_window: int,
+    scale: float,
+    key_start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """gamma for the last query of each head: dense attention mass outside kept keys and window.
+
+    Args:
+        query: (B, H, d) the last query; key: (B, G, L, d).
+    Returns:
+        (B, H) float32 in [0, 1].
+    """
+    batch, n_heads, head_dim = query.shape
+    n_kv, context_len = key.shape[1], key.shape[2]
+    group = n_heads // n_kv
+    q = query.float().view(batch, n_kv, group, head_dim)
+    scores = torch.einsum("bgqd,bgkd->bgqk", q, key.float()) * scale  # (B, G, group, L)
+    cols = torch.arange(context_len, device=key.device)
+    valid = torch.ones(batch, context_len, dtype=torch.bool, device=key.device)
+    if key_start is not None:
+        valid = cols.view(1, -1) >= key_start.view(-1, 1)
+    probs = torch.softmax(scores.masked_fill(~valid.view(batch, 1, 1, -1), float("-inf")), dim=-1)
+    attended = (cols >= context_len - local_window).view(1, 1, -1).expand(batch, n_kv, -1).long()
+    in_range = (selection.indices < context_len).long()
+    attended = attended.scatter_add(-1, selection.indices.clamp_max(context_len - 1), in_range) > 0
+    kept_mass = (probs * attended.unsqueeze(2)).sum(-1)
+    return (1.0 - kept_mass).clamp_min(0.0).view(batch, n_heads)
+
+
+def theorem1_bound(gamma: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Per-element bound ``2 * gamma * max|V|`` on the last query's output error.
+
+    Args:
+        gamma: (B, H); value: (B, G, L, d).
+    Returns:
+        (B, H) float32.
+    """
+    batch, n_heads = gamma.shape
+    n_kv = value.shape[1]
+    v_max = value.float().abs().amax(dim=(-1, -2))  # (B, G)
+    return 2.0 * gamma * v_max.repeat_interleave(n_heads // n_kv, dim=1)

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and fidelity to dense attention on real text."""

@@ -1,0 +1,134 @@
+"""PyTorch reference of TCA sparse prefill attention (DESIGN 2.3): the specification the kernels meet.
+
+Every query ``j`` attends to the kept columns it can see (``k <= j - w``, so they never overlap
+its window) plus its own causal window ``(j - w, j]``, where ``w`` is the effective window.
+Work is streamed over query chunks: memory is O(chunk * (kept + chunk + w)), and the compute is
+the sparse pairs, not L^2. GQA: K/V are never repeated; query heads are grouped by KV head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..select import Selection
+
+
+def _masked_softmax_combine(
+    scores: torch.Tensor, visible: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor:
+    """softmax(scores | visible) @ values; rows with nothing visible give zeros."""
+    scores = scores.masked_fill(~visible, float("-inf"))
+    row_max = scores.amax(-1, keepdim=True).nan_to_num(neginf=0.0)
+    weights = torch.exp(scores - row_max) * visible
+    denom = weights.sum(-1, keepdim=True)
+    return torch.matmul(weights / denom.clamp_min(1e-30), values)
+
+
+def sparse_prefill(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    selection: Selection,
+    local_window: int,
+    scale: float,
+    key_start: torch.Tensor | None = None,
+    query_chunk: int = 256,
+) -> torch.Tensor:
+    """TCA prefill attention.
+
+    Args:
+        query: (B, H, L, d); key, value: (B, G, L, d) with H a multiple of G.
+        selection: kept indices (B, G, K), padded with L.
+        local_window: effective window w >= 1 (each query sees keys ``(j - w, j]``).
+        key_start: (B,) first valid key per row (left padding); queries before it output 0.
+    Returns:
+        (B, H, L, d) in the query's dtype; computed in float32.
+    """
+    batch, n_heads, context_len, head_dim = query.shape
+    n_kv = key.shape[1]
+    group = n_heads // n_kv
+    start = torch.zeros(batch, dtype=torch.int64, device=query.device) if key_start is None else key_start
+    q = query.float().view(batch, n_kv, group, context_len, head_dim)
+    k, v = key.float(), value.float()
+    kept = selection.indices.clamp_max(context_len - 1)
+    gather = kept.unsqueeze(-1).expand(-1, -1, -1, head_dim)
+    k_kept = torch.gather(k, 2, gather).unsqueeze(2)  # (B, G, 1, K, d)
+    v_kept = torch.gather(v, 2, gather).unsqueeze(2)
+    kept_pos = selection.indices.view(batch, n_kv, 1, 1, -1)  # (B, G, 1, 1, K)
+    out = torch.empty(batch, n_kv, group, context_len, head_dim, device=query.device)
+    for lo in range(0, context_len, query_chunk):
+        hi = min(lo + query_chunk, context_len)
+        rows = torch.arange(lo, hi, device=query.device).view(1, 1, 1, -1, 1)  # (1,1,1,C,1)
+        q_chunk = q[:, :, :, lo:hi]  # (B, G, group, C, d)
+        kept_visible = kept_pos <= rows - local_window
+        kept_scores = torch.matmul(q_chunk, k_kept.transpose(-1, -2)) * scale  # (B, G, group, C, K)
+        w_lo = max(0, lo - local_window + 1)
+        cols = torch.arange(w_lo, hi, device=query.device).view(1, 1, 1, 1, -1)
+        window_visible = (cols <= rows) & (cols > rows - local_window)
+        window_visible = window_visible & (cols >= start.view(-1, 1, 1, 1, 1))
+        k_win = k[:, :, None, w_lo:hi]  # (B, G, 1, Wc, d)
+        window_scores = torch.matmul(q_chunk, k_win.transpose(-1, -2)) * scale
+        scores = torch.cat([kept_scores, window_scores], dim=-1)
+        visible = torch.cat(
+            [kept_visible.expand_as(kept_scores), window_visible.expand_as(window_scores)], -1
+        )
+        values = torch.cat(
+            [v_kept.expand(-1, -1, group, -1, -1), v[:, :, None, w_lo:hi].expand(-1, -1, group, -1, -1)], 3
+        )
+        out[:, :, :, lo:hi] = _masked_softmax_combine(scores, visible, values)
+    return out.view(batch, n_heads, context_len, head_dim).to(query.dtype)
+
+
+def dense_causal(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    key_start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense causal attention with GQA and left padding; (B, H, Lq, d), float32 math.
+
+    The queries are the last Lq positions of the Lk keys.
+    """
+    batch, n_heads, q_len, head_dim = query.shape
+    n_kv, k_len = key.shape[1], key.shape[2]
+    group = n_heads // n_kv
+    q = query.float().view(batch, n_kv, group, q_len, head_dim)
+    scores = torch.matmul(q, key.float().unsqueeze(2).transpose(-1, -2)) * scale  # (B, G, group, Lq, Lk)
+    rows = torch.arange(k_len - q_len, k_len, device=query.device).view(-1, 1)
+    cols = torch.arange(k_len, device=query.device).view(1, -1)
+    visible = (cols <= rows).view(1, 1, 1, q_len, k_len)
+    if key_start is not None:
+        visible = visible & (cols >= key_start.view(-1, 1, 1, 1, 1))
+    out = _masked_softmax_combine(scores, visible, value.float().unsqueeze(2).expand(-1, -1, group, -1, -1))
+    return out.view(batch, n_heads, q_len, head_dim).to(query.dtype)
+
+
+def decode_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of one new query per head over a compressed cache (DESIGN 2.4).
+
+    Args:
+        query: (B, H, 1, d); key, value: (B, G, Kmax, d) with H a multiple of G; the cache of
+            (batch b, KV head g) is ``key[b, g, :lengths[b, g]]``, keys beyond are invalid.
+        lengths: (B, G) int, valid keys per (batch, KV head), each in [0, Kmax].
+        scale: logit scale; None means ``d ** -0.5``.
+    Returns:
+        (B, H, 1, d) in the query's dtype, computed in float32; a head with no valid key gives 0.
+    """
+    batch, n_heads, _, head_dim = query.shape
+    n_kv, max_len = key.shape[1], key.shape[2]
+    group = n_heads // n_kv
+    scale = head_dim**-0.5 if scale is None else scale
+    q = query.float().view(batch, n_kv, group, 1, head_dim)
+    scores = torch.matmul(q, key.float().unsqueeze(2).transpose(-1, -2)) * scale  # (B, G, group, 1, Kmax)
+    cols = torch.arange(max_len, device=query.device).view(1, 1, 1, 1, -1)
+    visible = cols < lengths.to(query.device).view(batch, n_kv, 1, 1, 1)
+    values = value.float().unsqueeze(2).expand(-1, -1, group, -1, -1)
+    out = _masked_softmax_combine(scores, visible.expand_as(scores), values)
+    return out.view(batch, n_heads, 1, head_dim).to(query.dtype)

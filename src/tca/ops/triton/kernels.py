@@ -1,0 +1,685 @@
+"""Triton kernels of TCA (only ``@triton.jit`` code; launchers.py checks, allocates and launches).
+
+Three families:
+- sparse prefill: flash-style online softmax over the kept columns (read through the index
+  list, causal ``k <= j - w``) plus each query's window ``(j - w, j]``; the rows of one program
+  are (query position, query head) pairs of one GQA group, so each K/V tile load serves the
+  whole group;
+- decode over a compressed cache with a length per (batch, KV head): split along the keys
+  (flash-decoding), then one combine;
+- selection: importance (two passes: softmax normalisers, then probabilities summed over the
+  group), block mass / HHI / score, ranking with budgets, per-block top-t.
+
+Exact ties: sorting keys are ``(order-preserving bits of the float) * 2^32 + (2^32 - 1 - index)``
+in int64, sorted descending, so equal values put the lower index first, as the reference's
+stable sorts do.
+"""
+
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------- sparse prefill
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, PRECISION: tl.constexpr):
+    """x.to(dtype), rounding to nearest even. Under "upcast" (the CPU interpreter, whose fp32 ->
+    bf16 conversion truncates) the rounding is done on the fp32 bits first, as the GPU does it."""
+    if PRECISION == "upcast":
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """a @ b with fp32 accumulation. "native": fp16/bf16 tensor-core products (exact in fp32);
+    "ieee": full fp32; "upcast": operands to fp32 first (the CPU interpreter multiplies bf16
+    wrongly; bf16 products are exact in fp32, so the result is the same)."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif PRECISION == "native":
+        return tl.dot(a, b)
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _online_softmax_tile(
+    q, k, v, acc, m_i, l_i, visible, qk_scale, MASKED: tl.constexpr, PRECISION: tl.constexpr
+):
+    """One K/V tile into the running (acc, max, sum); scores in log2 units."""
+    s = _dot(q, tl.trans(k), PRECISION) * qk_scale  # (ROWS, BLOCK_N)
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        # a row that has seen nothing yet keeps -inf; subtract 0 there so exp2 gives 0, not NaN
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new_safe = m_new
+    p = tl.math.exp2(s - m_new_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_new_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, PRECISION), v, PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def sparse_prefill_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    Idx,
+    Bounds,
+    Start,
+    stride_qb,
+    stride_qh,
+    stride_ql,
+    stride_kb,
+    stride_kg,
+    stride_kl,
+    stride_vb,
+    stride_vg,
+    stride_vl,
+    stride_ob,
+    stride_oh,
+    stride_ol,
+    stride_ib,
+    stride_ig,
+    n_kv,
+    context_len,
+    window,
+    qk_scale,
+    GROUP: tl.constexpr,
+    POSITIONS: tl.constexpr,
+    ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Grid (query blocks, B * G). Row r of a program is position p0 + r // GROUP, head r % GROUP.
+
+    Bounds (B, G, n_qblocks, 2) int32: kept entries visible to every row of the block, and to
+    its last row (the kept list is ascending, so both are prefix lengths).
+    """
+    pid_m = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = pid_bg // n_kv
+    g = pid_bg % n_kv
+    p0 = pid_m * POSITIONS
+    p_last = tl.minimum(p0 + POSITIONS, context_len) - 1
+
+    rows = tl.arange(0, ROWS)
+    pos = p0 + rows // GROUP
+    head = g * GROUP + rows % GROUP
+    row_ok = (rows < GROUP * POSITIONS) & (pos < context_len)
+    dims = tl.arange(0, HEAD_DIM)
+    cols = tl.arange(0, BLOCK_N)
+
+    b64 = b.to(tl.int64)
+    q_ptrs = (
+        Q
+        + b64 * stride_qb
+        + head[:, None].to(tl.int64) * stride_qh
+        + pos[:, None] * stride_ql
+        + dims[None, :]
+    )
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    k_base = K + b64 * stride_kb + g.to(tl.int64) * stride_kg
+    v_base = V + b64 * stride_vb + g.to(tl.int64) * stride_vg
+
+    acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    no_mask = tl.full([ROWS, BLOCK_N], True, tl.int1)
+
+    # kept columns: entries [0, n_all) are visible to every row, [n_all, n_last) need the causal mask
+    bounds = Bounds + (pid_bg * tl.num_programs(0) + pid_m) * 2
+    n_all = tl.load(bounds)
+    n_last = tl.load(bounds + 1)
+    idx_base = Idx + b64 * stride_ib + g.to(tl.int64) * stride_ig
+    n_all_tiles = n_all // BLOCK_N * BLOCK_N
+    for n in range(0, n_all_tiles, BLOCK_N):
+        kv_rows = tl.load(idx_base + n + cols)
+        k = tl.load(k_base + kv_rows[:, None] * stride_kl + dims[None, :])
+        v = tl.load(v_base + kv_rows[:, None] * stride_vl + dims[None, :])
+        acc, m_i, l_i = _online_softmax_tile(q, k, v, acc, m_i, l_i, no_mask, qk_scale, False, PRECISION)
+    for n in range(n_all_tiles, n_last, BLOCK_N):
+        in_list = n + cols < n_last
+        kv_rows = tl.load(idx_base + n + cols, mask=in_list, other=0)
+        k = tl.load(k_base + kv_rows[:, None] * stride_kl + dims[None, :])
+        v = tl.load(v_base + kv_rows[:, None] * stride_vl + dims[None, :])
+        visible = in_list[None, :] & (kv_rows[None, :] <= pos[:, None] - window)
+        acc, m_i, l_i = _online_softmax_tile(q, k, v, acc, m_i, l_i, visible, qk_scale, True, PRECISION)
+
+    # window: keys [lo, p_last]; tiles inside [p_last - window + 1, p0] are visible to every row
+    start = tl.load(Start + b)
+    lo = tl.maximum(tl.maximum(p0 - window + 1, start), 0)
+    n_tiles = tl.cdiv(tl.maximum(p_last + 1 - lo, 0), BLOCK_N)
+    first_full = tl.minimum(tl.cdiv(tl.maximum(p_last - window + 1 - lo, 0), BLOCK_N), n_tiles)
+    end_full = tl.maximum(tl.minimum((p0 + 1 - lo) // BLOCK_N, n_tiles), first_full)
+    for t in range(0, first_full):
+        acc, m_i, l_i = _window_tile(
+            q,
+            k_base,
+            v_base,
+            acc,
+            m_i,
+            l_i,
+            lo + t * BLOCK_N,
+            pos,
+            window,
+            p_last,
+            stride_kl,
+            stride_vl,
+            qk_scale,
+            dims,
+            cols,
+            True,
+            PRECISION,
+        )
+    for t in range(first_full, end_full):
+        acc, m_i, l_i = _window_tile(
+            q,
+            k_base,
+            v_base,
+            acc,
+            m_i,
+            l_i,
+            lo + t * BLOCK_N,
+            pos,
+            window,
+            p_last,
+            stride_kl,
+            stride_vl,
+            qk_scale,
+            dims,
+            cols,
+            False,
+            PRECISION,
+        )
+    for t in range(end_full, n_tiles):
+        acc, m_i, l_i = _window_tile(
+            q,
+            k_base,
+            v_base,
+            acc,
+            m_i,
+            l_i,
+            lo + t * BLOCK_N,
+            pos,
+            window,
+            p_last,
+            stride_kl,
+            stride_vl,
+            qk_scale,
+            dims,
+            cols,
+            True,
+            PRECISION,
+        )
+
+    out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+    o_ptrs = (
+        Out
+        + b64 * stride_ob
+        + head[:, None].to(tl.int64) * stride_oh
+        + pos[:, None] * stride_ol
+        + dims[None, :]
+    )
+    tl.store(o_ptrs, _cast(out, Out.dtype.element_ty, PRECISION), mask=row_ok[:, None])
+
+
+@triton.jit
+def _window_tile(
+    q,
+    k_base,
+    v_base,
+    acc,
+    m_i,
+    l_i,
+    tile_lo,
+    pos,
+    window,
+    p_last,
+    stride_kl,
+    stride_vl,
+    qk_scale,
+    dims,
+    cols,
+    MASKED: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One tile of contiguous window keys starting at ``tile_lo``."""
+    keys = tile_lo + cols
+    rows_at = tl.minimum(keys, p_last)  # clamp the address; masked lanes never count
+    k = tl.load(k_base + rows_at[:, None] * stride_kl + dims[None, :])
+    v = tl.load(v_base + rows_at[:, None] * stride_vl + dims[None, :])
+    visible = (keys[None, :] <= pos[:, None]) & (keys[None, :] > pos[:, None] - window)
+    return _online_softmax_tile(q, k, v, acc, m_i, l_i, visible, qk_scale, MASKED, PRECISION)
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+@triton.jit
+def decode_split_kernel(
+    Q,
+    K,
+    V,
+    Lengths,
+    PartMax,
+    PartSum,
+    PartAcc,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kg,
+    stride_kl,
+    stride_vb,
+    stride_vg,
+    stride_vl,
+    stride_lb,
+    stride_lg,
+    n_kv,
+    keys_per_split,
+    qk_scale,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Grid (splits, B * G): one split of one KV head's cache, all its query heads at once.
+
+    Writes the split's running max, sum (log2 units) and unnormalised output per query head to
+    PartMax/PartSum (B*G, splits, GROUP_PAD) and PartAcc (B*G, splits, GROUP_PAD, d).
+    """
+    pid_s = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = pid_bg // n_kv
+    g = pid_bg % n_kv
+    b64 = b.to(tl.int64)
+    length = tl.load(Lengths + b * stride_lb + g * stride_lg)
+    lo = pid_s * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, length)
+
+    rows = tl.arange(0, GROUP_PAD)
+    dims = tl.arange(0, HEAD_DIM)
+    cols = tl.arange(0, BLOCK_N)
+    head = g * GROUP + rows
+    q = tl.load(
+        Q + b64 * stride_qb + head[:, None] * stride_qh + dims[None, :], mask=rows[:, None] < GROUP, other=0.0
+    )
+    k_base = K + b64 * stride_kb + g.to(tl.int64) * stride_kg
+    v_base = V + b64 * stride_vb + g.to(tl.int64) * stride_vg
+
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    for n in range(lo, hi, BLOCK_N):
+        keys = n + cols
+        valid = keys < hi
+        k = tl.load(k_base + keys[:, None] * stride_kl + dims[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_base + keys[:, None] * stride_vl + dims[None, :], mask=valid[:, None], other=0.0)
+        visible = tl.broadcast_to(valid[None, :], [GROUP_PAD, BLOCK_N])
+        acc, m_i, l_i = _online_softmax_tile(q, k, v, acc, m_i, l_i, visible, qk_scale, True, PRECISION)
+
+    part = pid_bg * tl.num_programs(0) + pid_s
+    tl.store(PartMax + part * GROUP_PAD + rows, m_i)
+    tl.store(PartSum + part * GROUP_PAD + rows, l_i)
+    tl.store(PartAcc + (part * GROUP_PAD + rows[:, None]) * HEAD_DIM + dims[None, :], acc)
+
+
+@triton.jit
+def decode_combine_kernel(
+    PartMax,
+    PartSum,
+    PartAcc,
+    Out,
+    stride_ob,
+    stride_oh,
+    n_kv,
+    n_splits,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Grid (B * H,): merge one query head's splits; a head with no valid key outputs 0."""
+    pid = tl.program_id(0)
+    n_heads = n_kv * GROUP
+    b = pid // n_heads
+    h = pid % n_heads
+    bg = b * n_kv + h // GROUP
+    r = h % GROUP
+    splits = tl.arange(0, SPLITS_PAD)
+    dims = tl.arange(0, HEAD_DIM)
+    ok = splits < n_splits
+    part = (bg * n_splits + splits) * GROUP_PAD + r
+    m = tl.load(PartMax + part, mask=ok, other=float("-inf"))
+    s = tl.load(PartSum + part, mask=ok, other=0.0)
+    acc = tl.load(PartAcc + part[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None], other=0.0)
+    m_all = tl.max(m, 0)
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    weight = tl.math.exp2(m - m_safe)
+    total = tl.sum(s * weight, 0)
+    out = tl.sum(acc * weight[:, None], 0)
+    out = tl.where(total > 0, out / tl.where(total > 0, total, 1.0), 0.0)
+    tl.store(
+        Out + b.to(tl.int64) * stride_ob + h * stride_oh + dims, _cast(out, Out.dtype.element_ty, PRECISION)
+    )
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+@triton.jit
+def _importance_logits(
+    Q,
+    K,
+    b,
+    g,
+    n_kv,
+    start,
+    n_cand,
+    key_lo,
+    stride_qb,
+    stride_qh,
+    stride_qo,
+    stride_kb,
+    stride_kg,
+    stride_kl,
+    scale,
+    GROUP: tl.constexpr,
+    N_OBS: tl.constexpr,
+    ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Logits (ROWS, BLOCK_N) of the group's observation queries against candidates key_lo + [0, BLOCK_N)
+    (candidate positions relative to ``start``); invalid rows/keys are -inf."""
+    rows = tl.arange(0, ROWS)
+    dims = tl.arange(0, HEAD_DIM)
+    cand = key_lo + tl.arange(0, BLOCK_N)
+    head = g * GROUP + rows // N_OBS
+    obs = rows % N_OBS
+    row_ok = rows < GROUP * N_OBS
+    key_ok = cand < n_cand
+    b64 = b.to(tl.int64)
+    q = tl.load(
+        Q + b64 * stride_qb + head[:, None] * stride_qh + obs[:, None] * stride_qo + dims[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    k = tl.load(
+        K
+        + b64 * stride_kb
+        + g.to(tl.int64) * stride_kg
+        + (start + cand)[:, None] * stride_kl
+        + dims[None, :],
+        mask=key_ok[:, None],
+        other=0.0,
+    )
+    logits = _dot(q, tl.trans(k), PRECISION) * scale
+    return tl.where(row_ok[:, None] & key_ok[None, :], logits, float("-inf")), row_ok
+
+
+@triton.jit
+def importance_partial_kernel(
+    Q,
+    K,
+    Start,
+    PartMax,
+    PartSum,
+    stride_qb,
+    stride_qh,
+    stride_qo,
+    stride_kb,
+    stride_kg,
+    stride_kl,
+    n_kv,
+    context_len,
+    window,
+    keys_per_chunk,
+    scale,
+    GROUP: tl.constexpr,
+    N_OBS: tl.constexpr,
+    ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Grid (chunks, B * G): per observation row, max and sum of exp over one chunk of candidates."""
+    pid_c = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = pid_bg // n_kv
+    g = pid_bg % n_kv
+    start = tl.load(Start + b)
+    n_cand = context_len - start - window
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    s_i = tl.zeros([ROWS], dtype=tl.float32)
+    lo = pid_c * keys_per_chunk
+    hi = tl.minimum(lo + keys_per_chunk, n_cand)
+    for n in range(lo, hi, BLOCK_N):
+        logits, row_ok = _importance_logits(
+            Q,
+            K,
+            b,
+            g,
+            n_kv,
+            start,
+            n_cand,
+            n,
+            stride_qb,
+            stride_qh,
+            stride_qo,
+            stride_kb,
+            stride_kg,
+            stride_kl,
+            scale,
+            GROUP,
+            N_OBS,
+            ROWS,
+            HEAD_DIM,
+            BLOCK_N,
+            PRECISION,
+        )
+        m_new = tl.maximum(m_i, tl.max(logits, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s_i = s_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), 1)
+        m_i = m_new
+    rows = tl.arange(0, ROWS)
+    part = (pid_bg * tl.num_programs(0) + pid_c) * ROWS + rows
+    tl.store(PartMax + part, m_i)
+    tl.store(PartSum + part, s_i)
+
+
+@triton.jit
+def importance_blocks_kernel(
+    Q,
+    K,
+    Start,
+    PartMax,
+    PartSum,
+    Importance,
+    Scores,
+    stride_qb,
+    stride_qh,
+    stride_qo,
+    stride_kb,
+    stride_kg,
+    stride_kl,
+    n_kv,
+    context_len,
+    window,
+    n_chunks,
+    block_size,
+    blocks_stride,
+    imp_stride,
+    scale,
+    alpha,
+    GROUP: tl.constexpr,
+    N_OBS: tl.constexpr,
+    ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    CHUNKS_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Grid (blocks, B * G): importance of one block's candidates, its mass, HHI and score.
+
+    importance = softmax over all candidates, averaged over the group's observation rows;
+    score = (1 - alpha) * mass * n_blocks + alpha * (1 - HHI), as ``select.rank_blocks``.
+    """
+    pid_j = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = pid_bg // n_kv
+    g = pid_bg % n_kv
+    start = tl.load(Start + b)
+    n_cand = context_len - start - window
+    n_blocks = tl.cdiv(n_cand, block_size)
+    if pid_j < n_blocks:
+        chunks = tl.arange(0, CHUNKS_PAD)
+        rows = tl.arange(0, ROWS)
+        part = (pid_bg * n_chunks + chunks[:, None]) * ROWS + rows[None, :]
+        c_ok = chunks[:, None] < n_chunks
+        m_c = tl.load(PartMax + part, mask=c_ok, other=float("-inf"))  # (CHUNKS_PAD, ROWS)
+        s_c = tl.load(PartSum + part, mask=c_ok, other=0.0)
+        m_all = tl.max(m_c, 0)
+        m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+        total = tl.sum(s_c * tl.exp(m_c - m_safe[None, :]), 0)  # (ROWS,)
+        key_lo = pid_j * block_size
+        logits, row_ok = _importance_logits(
+            Q,
+            K,
+            b,
+            g,
+            n_kv,
+            start,
+            n_cand,
+            key_lo,
+            stride_qb,
+            stride_qh,
+            stride_qo,
+            stride_kb,
+            stride_kg,
+            stride_kl,
+            scale,
+            GROUP,
+            N_OBS,
+            ROWS,
+            HEAD_DIM,
+            BLOCK_B,
+            PRECISION,
+        )
+        in_block = tl.arange(0, BLOCK_B) < block_size
+        probs = tl.exp(logits - m_safe[:, None]) / tl.where(row_ok, total, 1.0)[:, None]
+        importance = tl.sum(tl.where(row_ok[:, None], probs, 0.0), 0) / (GROUP * N_OBS)
+        importance = tl.where(in_block & (key_lo + tl.arange(0, BLOCK_B) < n_cand), importance, 0.0)
+        cand = key_lo + tl.arange(0, BLOCK_B)
+        tl.store(
+            Importance + pid_bg.to(tl.int64) * imp_stride + cand, importance, mask=in_block & (cand < n_cand)
+        )
+        mass = tl.sum(importance, 0)
+        squares = tl.sum(importance * importance, 0)
+        hhi = tl.where(mass > 0, squares / tl.maximum(mass * mass, 1e-30), 1.0)
+        score = (1.0 - alpha) * mass * n_blocks + alpha * (1.0 - hhi)
+        tl.store(Scores + pid_bg * blocks_stride + pid_j, score)
+
+
+@triton.jit
+def _descending_key(values, index):
+    """int64 keys that sort like ``values`` (float32), ties broken towards the lower index."""
+    bits = (values + 0.0).to(tl.int32, bitcast=True)  # + 0.0 turns -0.0 into +0.0
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return ordered.to(tl.int64) * 4294967296 + (4294967295 - index.to(tl.int64))
+
+
+@triton.jit
+def rank_blocks_kernel(
+    Scores,
+    Fractions,
+    Start,
+    Budgets,
+    Offsets,
+    Counts,
+    n_kv,
+    context_len,
+    window,
+    block_size,
+    blocks_stride,
+    NB_PAD: tl.constexpr,
+):
+    """Grid (B * G,): rank blocks by score, give each its rank's budget, and lay out the output.
+
+    Fractions (B, G, NB_PAD) float64: the kept fraction at each rank (``budgets.rank_fractions``).
+    Writes the budget and the first output slot of each block (in block order) and the count.
+    """
+    pid_bg = tl.program_id(0)
+    b = pid_bg // n_kv
+    start = tl.load(Start + b)
+    n_cand = context_len - start - window
+    n_blocks = tl.maximum(tl.cdiv(n_cand, block_size), 0)
+    blocks = tl.arange(0, NB_PAD)
+    ok = blocks < n_blocks
+    score = tl.load(Scores + pid_bg * blocks_stride + blocks, mask=ok, other=0.0)
+    key = tl.where(ok, _descending_key(score, blocks), -9223372036854775807)
+    ranked = tl.sort(key, descending=True)  # rank r holds the r-th best block
+    block_at_rank = (4294967295 - (ranked & 4294967295)).to(tl.int32)
+    last_len = n_cand - block_size * (n_blocks - 1)
+    length = tl.where(block_at_rank == n_blocks - 1, last_len, block_size).to(tl.float64)
+    fraction = tl.load(Fractions + pid_bg.to(tl.int64) * NB_PAD + blocks, mask=ok, other=0.0)
+    budget = tl.minimum(tl.floor(fraction * length + 0.5), length).to(tl.int64)
+    # back to block order: sort (block, budget) pairs ascending by block
+    pairs = tl.where(ok, block_at_rank.to(tl.int64) * 4294967296 + budget, 9223372036854775807)
+    by_block = tl.sort(pairs)
+    budget_of_block = tl.where(ok, by_block & 4294967295, 0)
+    offset = tl.cumsum(budget_of_block, 0) - budget_of_block
+    tl.store(Budgets + pid_bg * blocks_stride + blocks, budget_of_block, mask=ok)
+    tl.store(Offsets + pid_bg * blocks_stride + blocks, offset, mask=ok)
+    tl.store(Counts + pid_bg, tl.sum(budget_of_block, 0))
+
+
+@triton.jit
+def topk_blocks_kernel(
+    Importance,
+    Start,
+    Budgets,
+    Offsets,
+    Indices,
+    n_kv,
+    context_len,
+    window,
+    block_size,
+    blocks_stride,
+    imp_stride,
+    width,
+    BLOCK_B: tl.constexpr,
+):
+    """Grid (blocks, B * G): keep a block's top-``budget`` candidates, written ascending."""
+    pid_j = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = pid_bg // n_kv
+    start = tl.load(Start + b)
+    n_cand = context_len - start - window
+    n_blocks = tl.cdiv(n_cand, block_size)
+    if pid_j < n_blocks:
+        budget = tl.load(Budgets + pid_bg * blocks_stride + pid_j)
+        offset = tl.load(Offsets + pid_bg * blocks_stride + pid_j)
+        local = tl.arange(0, BLOCK_B)
+        cand = pid_j * block_size + local
+        ok = (local < block_size) & (cand < n_cand)
+        importance = tl.load(Importance + pid_bg.to(tl.int64) * imp_stride + cand, mask=ok, other=0.0)
+        key = tl.where(ok, _descending_key(importance, local), -9223372036854775807)
+        ranked = tl.sort(key, descending=True)
+        threshold = tl.sum(tl.where(local == budget - 1, ranked, 0), 0)
+        kept = ok & (key >= threshold) & (local * 0 + budget > 0)  # a zero budget keeps nothing
+        slot = offset + tl.cumsum(kept.to(tl.int64), 0) - 1
+        out = Indices + pid_bg.to(tl.int64) * width + slot
+        tl.store(out, (start + cand).to(tl.int64), mask=kept)

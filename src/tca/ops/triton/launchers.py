@@ -1,0 +1,380 @@
+"""Launchers of the Triton kernels: argument checks, allocation, grids and block shapes.
+
+Signatures mirror ``tca.ops.reference`` and ``tca.select`` so the dispatcher can swap them.
+Kernels need a power-of-two head dimension and K/V rows contiguous in the last dimension;
+``supported`` says whether a call can take the kernels (the dispatcher falls back otherwise).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ...budgets import rank_fractions
+from ...config import TCAConfig
+from ...select import Selection
+from . import kernels
+
+LOG2E = 1.4426950408889634
+# Rows (query position x query head) per prefill program and keys per tile: measured on the
+# H100 (benchmarks/NOTES-kernels.md); smaller tiles keep the CPU interpreter fast.
+PREFILL_ROWS = {"cuda": 128, "cpu": 32}
+PREFILL_BLOCK_N = {"cuda": 64, "cpu": 16}
+PREFILL_WARPS = 8
+PREFILL_STAGES = 3
+DECODE_BLOCK_N = {"cuda": 64, "cpu": 16}
+SELECT_BLOCK_N = {"cuda": 128, "cpu": 16}
+_fraction_cache: dict[tuple, tuple[torch.Tensor, int]] = {}
+# Tests set this: every buffer a kernel must fill starts as NaN (floats) or -7 (integers), so an
+# element no program wrote shows up instead of passing as a lucky zero.
+POISON = False
+
+
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    out = torch.empty(*shape, dtype=dtype, device=device)
+    if POISON:
+        out.fill_(float("nan") if dtype.is_floating_point else -7)
+    return out
+
+
+def supported(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Whether these tensors can take the kernels (else use the reference)."""
+    head_dim = query.shape[-1]
+    return (
+        head_dim >= 16
+        and head_dim & (head_dim - 1) == 0
+        and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and key.dtype == query.dtype
+        and query.shape[1] % key.shape[1] == 0
+    )
+
+
+def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    if not supported(query, key) or value.dtype != key.dtype or value.shape != key.shape:
+        raise ValueError(
+            f"the Triton kernels need fp16/bf16/fp32 tensors of one dtype, a power-of-two head dim >= 16 "
+            f"and H a multiple of G; got query {tuple(query.shape)} {query.dtype}, key {tuple(key.shape)} "
+            f"{key.dtype}, value {tuple(value.shape)} {value.dtype}. Use the reference backend."
+        )
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _kind(device: torch.device) -> str:
+    return "cuda" if device.type == "cuda" else "cpu"
+
+
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    # fp32 inputs get full-precision dots so the kernel matches an fp32 reference; fp16/bf16 use
+    # the tensor cores (products exact, fp32 accumulation). The CPU interpreter gets bf16 dots
+    # wrong (Triton 3.9), so there bf16 operands are upcast first: the same products.
+    if dtype == torch.float32:
+        return "ieee"
+    return "upcast" if device.type != "cuda" and dtype == torch.bfloat16 else "native"
+
+
+def _start(key_start: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+    if key_start is None:
+        return torch.zeros(batch, dtype=torch.int32, device=device)
+    return key_start.to(device=device, dtype=torch.int32)
+
+
+def sparse_prefill(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    selection: Selection,
+    local_window: int,
+    scale: float,
+    key_start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """TCA prefill attention; same contract as ``reference.sparse_prefill``. Returns (B, H, L, d)."""
+    _check(query, key, value)
+    batch, n_heads, context_len, head_dim = query.shape
+    n_kv = key.shape[1]
+    group = n_heads // n_kv
+    window = max(int(local_window), 1)
+    kind = _kind(query.device)
+    rows = max(PREFILL_ROWS[kind], triton.next_power_of_2(group))
+    positions = rows // group
+    n_qblocks = triton.cdiv(context_len, positions)
+    query, key, value = (_rows_contiguous(x) for x in (query, key, value))
+    indices = selection.indices.to(device=query.device).contiguous()
+    if indices.shape[-1] == 0:
+        indices = torch.full((batch, n_kv, 1), context_len, dtype=torch.int64, device=query.device)
+    # kept entries visible to every row of a query block, and to its last row (prefix lengths)
+    first = torch.arange(n_qblocks, device=query.device, dtype=torch.int64) * positions
+    last = torch.clamp(first + positions, max=context_len) - 1
+    thresholds = torch.stack([first, last], -1).view(1, 1, -1) - window  # (1, 1, 2 * n_qblocks)
+    bounds = torch.searchsorted(indices, thresholds.expand(batch, n_kv, -1).contiguous(), right=True)
+    bounds = bounds.to(torch.int32).contiguous()
+    out = _empty(*query.shape, dtype=query.dtype, device=query.device)
+    grid = (n_qblocks, batch * n_kv)
+    extra = {"num_warps": PREFILL_WARPS, "num_stages": PREFILL_STAGES} if kind == "cuda" else {}
+    kernels.sparse_prefill_kernel[grid](
+        query,
+        key,
+        value,
+        out,
+        indices,
+        bounds,
+        _start(key_start, batch, query.device),
+        *query.stride()[:3],
+        *key.stride()[:3],
+        *value.stride()[:3],
+        *out.stride()[:3],
+        *indices.stride()[:2],
+        n_kv,
+        context_len,
+        window,
+        scale * LOG2E,
+        GROUP=group,
+        POSITIONS=positions,
+        ROWS=rows,
+        HEAD_DIM=head_dim,
+        BLOCK_N=PREFILL_BLOCK_N[kind],
+        PRECISION=_precision(query.dtype, query.device),
+        **extra,
+    )
+    return out
+
+
+def decode(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of one new query over a compressed cache; contract of ``reference.decode_reference``.
+
+    Args:
+        query: (B, H, 1, d); key, value: (B, G, Kmax, d); lengths: (B, G) valid keys per head.
+    Returns:
+        (B, H, 1, d) in the query's dtype.
+    """
+    _check(query, key, value)
+    batch, n_heads, q_len, head_dim = query.shape
+    if q_len != 1:
+        raise ValueError(f"decode takes one query per head, got {q_len}; use sparse_prefill for more.")
+    n_kv, max_len = key.shape[1], key.shape[2]
+    group = n_heads // n_kv
+    scale = head_dim**-0.5 if scale is None else scale
+    kind = _kind(query.device)
+    block_n = DECODE_BLOCK_N[kind]
+    # flash-decoding: enough splits to fill the machine twice over, each a whole number of tiles
+    programs = 2 * _multiprocessors(query.device)
+    n_splits = max(1, min(triton.cdiv(programs, batch * n_kv), triton.cdiv(max(max_len, 1), block_n)))
+    keys_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), n_splits), block_n) * block_n
+    n_splits = triton.cdiv(max(max_len, 1), keys_per_split)
+    group_pad = max(16, triton.next_power_of_2(group))
+    query, key, value = (_rows_contiguous(x) for x in (query, key, value))
+    part_max = _empty(batch * n_kv, n_splits, group_pad, dtype=torch.float32, device=query.device)
+    part_sum = _empty(batch * n_kv, n_splits, group_pad, dtype=torch.float32, device=query.device)
+    part_acc = _empty(batch * n_kv, n_splits, group_pad, head_dim, dtype=torch.float32, device=query.device)
+    lengths = lengths.to(device=query.device, dtype=torch.int32)
+    extra = {"num_warps": 4, "num_stages": 3} if kind == "cuda" else {}
+    kernels.decode_split_kernel[(n_splits, batch * n_kv)](
+        query,
+        key,
+        value,
+        lengths,
+        part_max,
+        part_sum,
+        part_acc,
+        query.stride(0),
+        query.stride(1),
+        *key.stride()[:3],
+        *value.stride()[:3],
+        *lengths.stride(),
+        n_kv,
+        keys_per_split,
+        scale * LOG2E,
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        HEAD_DIM=head_dim,
+        BLOCK_N=block_n,
+        PRECISION=_precision(query.dtype, query.device),
+        **extra,
+    )
+    out = _empty(*query.shape, dtype=query.dtype, device=query.device)
+    kernels.decode_combine_kernel[(batch * n_heads,)](
+        part_max,
+        part_sum,
+        part_acc,
+        out,
+        out.stride(0),
+        out.stride(1),
+        n_kv,
+        n_splits,
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        HEAD_DIM=head_dim,
+        SPLITS_PAD=triton.next_power_of_2(n_splits),
+        PRECISION=_precision(query.dtype, query.device),
+    )
+    return out
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _fractions(mu: torch.Tensor, sigma: torch.Tensor, n_blocks: int, width: int, block_size: int, device):
+    """(G, width) float64 kept fraction per rank (zero past n_blocks) on ``device``, and the most
+    tokens a head can keep (every rank's budget for a full block; the partial block keeps less).
+    Cached per configuration so repeated layers cost no host-device copy."""
+    mu_cpu, sigma_cpu = mu.detach().double().cpu(), sigma.detach().double().cpu()
+    cache_key = (tuple(mu_cpu.tolist()), tuple(sigma_cpu.tolist()), n_blocks, width, block_size, str(device))
+    entry = _fraction_cache.get(cache_key)
+    if entry is None:
+        table = torch.zeros(mu_cpu.shape[0], width, dtype=torch.float64)
+        if n_blocks > 0:
+            table[:, :n_blocks] = rank_fractions(mu_cpu, sigma_cpu, n_blocks)
+        full = torch.clamp(torch.floor(table * block_size + 0.5), max=float(block_size))
+        if len(_fraction_cache) > 256:
+            _fraction_cache.clear()
+        entry = _fraction_cache.setdefault(cache_key, (table.to(device), int(full.sum(-1).max())))
+    return entry
+
+
+def select(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    config: TCAConfig,
+    scale: float,
+    key_start: torch.Tensor | None = None,
+) -> Selection:
+    """Fused selection; same contract and indices as ``tca.select.select``.
+
+    The index tensor's width is an upper bound (each rank's budget for a full block) rather
+    than the exact largest count, so it can be sized without waiting for the GPU; entries past
+    ``counts`` are padding (``context_len``) exactly as in the reference.
+    """
+    batch, n_heads, n_obs, head_dim = query.shape
+    n_kv, context_len = key.shape[1], key.shape[2]
+    if not supported(query, key):
+        raise ValueError(f"selection kernel needs a power-of-two head dim >= 16, got {head_dim}.")
+    group = n_heads // n_kv
+    window, block_size = config.effective_window, config.block_size
+    device = key.device
+    starts = [0] * batch if key_start is None else [int(s) for s in key_start.tolist()]
+    n_cands = [context_len - s - window for s in starts]
+    max_cand = max(n_cands)
+    if max_cand <= 0:
+        counts = torch.zeros(batch, n_kv, dtype=torch.int64, device=device)
+        return Selection(torch.empty(batch, n_kv, 0, dtype=torch.int64, device=device), counts, context_len)
+    n_blocks_max = triton.cdiv(max_cand, block_size)
+    nb_pad = triton.next_power_of_2(n_blocks_max)
+    entries = [
+        _fractions(mu, sigma, triton.cdiv(max(c, 0), block_size), nb_pad, block_size, device) for c in n_cands
+    ]
+    table = torch.stack([t for t, _ in entries])  # (B, G, NB_PAD)
+    width = max(bound for _, bound in entries)
+    indices = torch.full((batch, n_kv, width), context_len, dtype=torch.int64, device=device)
+    if width == 0:
+        return Selection(indices, torch.zeros(batch, n_kv, dtype=torch.int64, device=device), context_len)
+
+    kind = _kind(device)
+    query, key = _rows_contiguous(query), _rows_contiguous(key)
+    start = _start(key_start, batch, device)
+    rows = max(16, triton.next_power_of_2(group * n_obs))
+    precision = _precision(key.dtype, device)
+    block_n = SELECT_BLOCK_N[kind]
+    # a few chunks per head for the normalisers: enough programs to fill the machine
+    n_chunks = max(
+        1, min(triton.cdiv(2 * _multiprocessors(device), batch * n_kv), triton.cdiv(max_cand, block_n))
+    )
+    keys_per_chunk = triton.cdiv(triton.cdiv(max_cand, n_chunks), block_n) * block_n
+    n_chunks = triton.cdiv(max_cand, keys_per_chunk)
+    part_max = _empty(batch * n_kv, n_chunks, rows, dtype=torch.float32, device=device)
+    part_sum = _empty(batch * n_kv, n_chunks, rows, dtype=torch.float32, device=device)
+    common = (*query.stride()[:3], *key.stride()[:3])
+    kernels.importance_partial_kernel[(n_chunks, batch * n_kv)](
+        query,
+        key,
+        start,
+        part_max,
+        part_sum,
+        *common,
+        n_kv,
+        context_len,
+        window,
+        keys_per_chunk,
+        scale,
+        GROUP=group,
+        N_OBS=n_obs,
+        ROWS=rows,
+        HEAD_DIM=head_dim,
+        BLOCK_N=block_n,
+        PRECISION=precision,
+    )
+    imp_stride = n_blocks_max * block_size
+    importance = _empty(batch * n_kv, imp_stride, dtype=torch.float32, device=device)
+    scores = _empty(batch * n_kv, nb_pad, dtype=torch.float32, device=device)
+    block_b = max(16, triton.next_power_of_2(block_size))
+    kernels.importance_blocks_kernel[(n_blocks_max, batch * n_kv)](
+        query,
+        key,
+        start,
+        part_max,
+        part_sum,
+        importance,
+        scores,
+        *common,
+        n_kv,
+        context_len,
+        window,
+        n_chunks,
+        block_size,
+        nb_pad,
+        imp_stride,
+        scale,
+        config.alpha,
+        GROUP=group,
+        N_OBS=n_obs,
+        ROWS=rows,
+        HEAD_DIM=head_dim,
+        BLOCK_B=block_b,
+        CHUNKS_PAD=triton.next_power_of_2(n_chunks),
+        PRECISION=precision,
+    )
+    budgets = _empty(batch * n_kv, nb_pad, dtype=torch.int64, device=device)
+    offsets = _empty(batch * n_kv, nb_pad, dtype=torch.int64, device=device)
+    counts = _empty(batch, n_kv, dtype=torch.int64, device=device)
+    kernels.rank_blocks_kernel[(batch * n_kv,)](
+        scores,
+        table,
+        start,
+        budgets,
+        offsets,
+        counts,
+        n_kv,
+        context_len,
+        window,
+        block_size,
+        nb_pad,
+        NB_PAD=nb_pad,
+    )
+    kernels.topk_blocks_kernel[(n_blocks_max, batch * n_kv)](
+        importance,
+        start,
+        budgets,
+        offsets,
+        indices,
+        n_kv,
+        context_len,
+        window,
+        block_size,
+        nb_pad,
+        imp_stride,
+        width,
+        BLOCK_B=block_b,
+    )
+    return Selection(indices=indices, counts=counts, context_len=context_len)

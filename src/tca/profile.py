@@ -1,0 +1,156 @@
+"""Profile: the calibrated budget configuration of every (layer, KV head), saved as JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .budgets import nominal_kept
+from .config import TCAConfig
+
+FORMAT = "tca-profile/1"
+
+
+class ProfileError(ValueError):
+    """A profile file that cannot be read, or a profile that does not fit a model."""
+
+
+def model_fingerprint(model: Any) -> dict[str, Any]:
+    """What a profile must match: architecture and attention shapes of ``model`` (or its config)."""
+    config = getattr(model, "config", model)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_heads = text_config.num_attention_heads
+    return {
+        "architecture": text_config.model_type,
+        "n_layers": text_config.num_hidden_layers,
+        "n_heads": n_heads,
+        "n_kv_heads": getattr(text_config, "num_key_value_heads", None) or n_heads,
+        "head_dim": getattr(text_config, "head_dim", None) or text_config.hidden_size // n_heads,
+    }
+
+
+@dataclass
+class Profile:
+    """Budgets per (layer, KV head) and how they were obtained.
+
+    ``mu``/``sigma`` (n_layers, n_kv_heads) are each head's log-Gaussian configuration
+    (``mu = inf``: the head keeps everything). ``retained`` is the chosen configuration's
+    retained attention mass on the calibration text, ``kept_tokens`` its global tokens there,
+    ``oracle_tokens`` the fewest global tokens any selection could keep at tau.
+    """
+
+    config: TCAConfig
+    fingerprint: dict[str, Any]
+    mu: np.ndarray
+    sigma: np.ndarray
+    retained: np.ndarray
+    kept_tokens: np.ndarray
+    oracle_tokens: np.ndarray
+    calibration_tokens: int
+    text_sha256: str
+    version: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def head_config(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, sigma) of the layer's KV heads, each (n_kv_heads,) float64."""
+        return torch.from_numpy(self.mu[layer].copy()), torch.from_numpy(self.sigma[layer].copy())
+
+    def keep_ratios(self, context_len: int) -> np.ndarray:
+        """Nominal fraction of KV entries kept at ``context_len``, window included.
+
+        Returns (n_layers, n_kv_heads) floats in (0, 1].
+        """
+        window = min(self.config.effective_window, context_len)
+        kept = nominal_kept(torch.from_numpy(self.mu), torch.from_numpy(self.sigma),
+                            context_len - window, self.config.block_size)
+        return (kept.numpy() + window) / context_len
+
+    def check_fits(self, model: Any) -> None:
+        """Raise ProfileError naming every fingerprint field where ``model`` differs."""
+        actual = model_fingerprint(model)
+        wrong = [f"{k}: profile {self.fingerprint.get(k)!r}, model {v!r}" for k, v in actual.items()
+                 if self.fingerprint.get(k) != v]
+        if wrong:
+            raise ProfileError(
+                "this profile was calibrated for another model (" + "; ".join(wrong) + "). "
+                "Run tca.calibrate(model, tokenizer) for this model."
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (dense heads have ``mu: null``)."""
+        mu = [[None if math.isinf(m) else float(m) for m in row] for row in self.mu]
+        return {
+            "format": FORMAT,
+            "version": self.version,
+            "config": self.config.to_dict(),
+            "fingerprint": self.fingerprint,
+            "calibration_tokens": self.calibration_tokens,
+            "text_sha256": self.text_sha256,
+            "heads": {
+                "mu": mu,
+                "sigma": self.sigma.tolist(),
+                "retained": self.retained.tolist(),
+                "kept_tokens": self.kept_tokens.tolist(),
+                "oracle_tokens": self.oracle_tokens.tolist(),
+            },
+            "extra": self.extra,
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the profile as JSON (atomically: a crash never leaves half a file)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        """Read a profile saved by ``save``; a corrupt, truncated or foreign file is a ProfileError."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ProfileError(f"no profile at {path}; create one with `tca calibrate`.") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ProfileError(f"{path} is not a valid TCA profile ({error}); it may be truncated or "
+                               "corrupt: calibrate again with `tca calibrate`.") from None
+        return cls.from_json(data, source=str(path))
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "profile") -> Profile:
+        """Build from the dict of ``to_json``, checking every field."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ProfileError(f"{source} is not a TCA profile (format {found!r}, expected {FORMAT!r}).")
+        try:
+            config = TCAConfig.from_dict(data["config"])
+            fingerprint = dict(data["fingerprint"])
+            heads = data["heads"]
+            shape = (int(fingerprint["n_layers"]), int(fingerprint["n_kv_heads"]))
+            mu = np.array([[math.inf if m is None else m for m in row] for row in heads["mu"]], dtype=np.float64)
+            arrays = {name: np.array(heads[name], dtype=np.float64) for name in
+                      ("sigma", "retained", "kept_tokens", "oracle_tokens")}
+            profile = cls(config=config, fingerprint=fingerprint, mu=mu, sigma=arrays["sigma"],
+                          retained=arrays["retained"], kept_tokens=arrays["kept_tokens"],
+                          oracle_tokens=arrays["oracle_tokens"],
+                          calibration_tokens=int(data["calibration_tokens"]),
+                          text_sha256=str(data["text_sha256"]), version=str(data["version"]),
+                          extra=dict(data.get("extra", {})))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ProfileError(f"{source} is a damaged TCA profile ({type(error).__name__}: {error}); "
+                               "calibrate again with `tca calibrate`.") from None
+        for name in ("mu", "sigma", "retained", "kept_tokens", "oracle_tokens"):
+            array = getattr(profile, name)
+            if array.shape != shape:
+                raise ProfileError(f"{source}: heads.{name} has shape {array.shape}, expected {shape} "
+                                   "(n_layers, n_kv_heads); the file is damaged: calibrate again.")
+        if np.any(profile.mu <= 0) or np.any(profile.sigma <= 0) or np.isnan(profile.mu).any():
+            raise ProfileError(f"{source}: head configurations must have mu > 0 and sigma > 0; "
+                               "the file is damaged: calibrate again.")
+        return profile

@@ -1,0 +1,167 @@
+"""Online core-context selection (DESIGN 2.1): which keys outside the local window each KV head keeps.
+
+Per sequence and KV head: importance of every candidate key (the keys before the final local
+window) from the last query's softmax, blocks of ``block_size`` scored by mass and
+Herfindahl-Hirschman index, blocks ranked, each block given the budget of its rank, and the
+top-``budget`` tokens of each block kept. Ties are broken towards the lower index everywhere
+(stable sorts), so kernels can reproduce the reference exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .budgets import block_budgets, rank_fractions
+from .config import TCAConfig
+
+
+@dataclass
+class Selection:
+    """Kept key indices per (batch, KV head).
+
+    Attributes:
+        indices: (B, G, K) int64, ascending within a row; rows shorter than K are padded with
+            ``context_len`` (an index no query can see, so kernels need no separate mask).
+        counts: (B, G) int64, valid entries per row.
+        context_len: L, the number of keys the selection was made over.
+    """
+
+    indices: torch.Tensor
+    counts: torch.Tensor
+    context_len: int
+
+
+def candidate_importance(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Importance of each candidate key for each KV head.
+
+    Args:
+        queries: (H, n_obs, d) the observation queries (the last query by default).
+        keys: (G, n, d) the candidate keys; H must be a multiple of G (GQA).
+    Returns:
+        (G, n) float32, each row a probability distribution: the softmax over the candidates,
+        averaged over the group's query heads and the observation queries.
+    """
+    n_heads, n_obs, head_dim = queries.shape
+    n_kv = keys.shape[0]
+    group = n_heads // n_kv
+    q = queries.float().reshape(n_kv, group * n_obs, head_dim)  # (G, group*n_obs, d)
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scale  # (G, group*n_obs, n)
+    return torch.softmax(logits, dim=-1).mean(dim=1)
+
+
+def rank_blocks(importance: torch.Tensor, block_size: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block scores ``h_j = (1 - alpha) * mass_j + alpha * (1 - HHI_j)`` and the ranking they give.
+
+    ``mass_j`` is the block's importance relative to an average block (``S_j * n_blocks``,
+    decided here so both terms are of order one); ``HHI_j = sum s^2 / S_j^2`` (1 for a block
+    with no mass).
+
+    Args:
+        importance: (G, n) from ``candidate_importance``.
+    Returns:
+        order: (G, n_blocks) int64, block indices from the highest score down.
+        lengths: (n_blocks,) int64 block lengths (the last block may be partial).
+    """
+    n_kv, n = importance.shape
+    n_blocks = math.ceil(n / block_size)
+    padded = torch.nn.functional.pad(importance, (0, n_blocks * block_size - n))
+    blocks = padded.view(n_kv, n_blocks, block_size)  # (G, n_blocks, b)
+    mass = blocks.sum(-1)  # (G, n_blocks)
+    squares = blocks.square().sum(-1)
+    hhi = torch.where(mass > 0, squares / mass.square().clamp_min(1e-30), torch.ones_like(mass))
+    score = (1.0 - alpha) * mass * n_blocks + alpha * (1.0 - hhi)
+    order = torch.argsort(-score, dim=-1, stable=True)
+    lengths = torch.full((n_blocks,), block_size, dtype=torch.int64, device=importance.device)
+    lengths[-1] = n - block_size * (n_blocks - 1)
+    return order, lengths
+
+
+def keep_mask(importance: torch.Tensor, order: torch.Tensor, budgets: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Keep the top-``budget`` tokens of each block by importance.
+
+    Args:
+        importance: (G, n); order: (G, n_blocks) from ``rank_blocks``;
+        budgets: (..., G, n_blocks) int64 tokens kept by the block at each rank.
+    Returns:
+        (..., G, n) bool mask of kept candidates.
+    """
+    n_kv, n = importance.shape
+    n_blocks = order.shape[-1]
+    padded = torch.nn.functional.pad(importance, (0, n_blocks * block_size - n), value=-math.inf)
+    blocks = padded.view(n_kv, n_blocks, block_size)
+    within = torch.argsort(blocks, dim=-1, descending=True, stable=True)
+    position = torch.argsort(within, dim=-1)  # (G, n_blocks, b): rank of each token in its block
+    budget_of_block = torch.empty_like(budgets)
+    budget_of_block.scatter_(-1, order.expand_as(budgets), budgets)
+    kept = position < budget_of_block.unsqueeze(-1)  # (..., G, n_blocks, b)
+    return kept.flatten(-2)[..., :n]
+
+
+def select_sequence(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    config: TCAConfig,
+    scale: float,
+) -> list[torch.Tensor]:
+    """Selection for one sequence without padding.
+
+    Args:
+        queries: (H, n_obs, d); keys: (G, L, d); mu, sigma: (G,) the head configurations.
+    Returns:
+        G ascending int64 tensors of kept indices, all < L - effective window.
+    """
+    n_kv, context_len, _ = keys.shape
+    n_candidates = context_len - config.effective_window
+    if n_candidates <= 0:
+        return [torch.empty(0, dtype=torch.int64, device=keys.device) for _ in range(n_kv)]
+    importance = candidate_importance(queries, keys[:, :n_candidates], scale)
+    order, lengths = rank_blocks(importance, config.block_size, config.alpha)
+    fractions = rank_fractions(mu.cpu(), sigma.cpu(), order.shape[-1]).to(keys.device)  # (G, n_blocks)
+    budgets = block_budgets(fractions, lengths[order])
+    kept = keep_mask(importance, order, budgets, config.block_size)
+    return [row.nonzero().squeeze(-1) for row in kept]
+
+
+def select(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    config: TCAConfig,
+    scale: float,
+    key_start: torch.Tensor | None = None,
+) -> Selection:
+    """Kept indices for a batch (left padding allowed).
+
+    Args:
+        query: (B, H, n_obs, d) observation queries (the last ``config.observation_queries``).
+        key: (B, G, L, d) all keys of the context.
+        mu, sigma: (G,) head configurations of this layer (``mu = inf`` keeps everything).
+        key_start: (B,) first valid (non-padding) key per row; None means 0. Each sequence is
+            selected on its own valid part, so a batch equals separate batch-1 runs.
+    Returns:
+        A ``Selection`` in the batch's index space.
+    """
+    batch, n_kv, context_len, _ = key.shape
+    rows: list[list[torch.Tensor]] = []
+    for b in range(batch):
+        start = 0 if key_start is None else int(key_start[b])
+        kept = select_sequence(query[b], key[b, :, start:], mu, sigma, config, scale)
+        rows.append([indices + start for indices in kept])
+    return pack_selection(rows, context_len, key.device)
+
+
+def pack_selection(rows: list[list[torch.Tensor]], context_len: int, device: torch.device) -> Selection:
+    """Pad per-(batch, KV head) index lists into a ``Selection``."""
+    counts = torch.tensor([[len(r) for r in row] for row in rows], dtype=torch.int64, device=device)
+    width = int(counts.max()) if counts.numel() else 0
+    indices = torch.full((len(rows), len(rows[0]) if rows else 0, width), context_len, dtype=torch.int64, device=device)
+    for b, row in enumerate(rows):
+        for g, kept in enumerate(row):
+            indices[b, g, : len(kept)] = kept
+    return Selection(indices=indices, counts=counts, context_len=context_len)

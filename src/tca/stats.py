@@ -1,0 +1,92 @@
+"""RunStats: what a TCA run kept, what it computed, and what it dropped."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .select import Selection
+
+
+def pair_counts(selection: Selection, key_start: torch.Tensor, local_window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query-key pairs a TCA prefill computes, and those dense causal attention computes.
+
+    Query ``j`` computes its window ``min(w, j + 1)`` plus the kept keys ``k <= j - w``; so kept
+    key ``k`` is computed by ``max(0, n - (k - start) - w)`` queries of a row of n valid tokens.
+
+    Returns:
+        tca_pairs: (B, G) int64; dense_pairs: (B,) int64 (``n (n + 1) / 2``).
+    """
+    n = selection.context_len - key_start  # (B,) valid tokens per row
+    positions = selection.indices - key_start.view(-1, 1, 1)
+    valid = selection.indices < selection.context_len
+    global_pairs = ((n.view(-1, 1, 1) - positions - local_window).clamp_min(0) * valid).sum(-1)
+    w = torch.clamp(n, max=local_window)
+    window_pairs = w * n - w * (w - 1) // 2  # sum_j min(w, j + 1)
+    return global_pairs + window_pairs.view(-1, 1), n * (n + 1) // 2
+
+
+@dataclass
+class RunStats:
+    """Statistics of the prefills run under ``tca.apply`` (the most recent prefill per layer).
+
+    Per layer, arrays are over KV heads (batch-averaged): ``kept_counts`` kept global tokens,
+    ``kept_entries`` KV entries kept (global + window), ``context_tokens`` valid tokens;
+    ``gamma`` (n_layers, n_heads) the last query's dropped attention mass and
+    ``error_bound`` the Theorem 1 bound ``2 * gamma * max|V|`` per output element.
+    """
+
+    n_layers: int
+    n_kv_heads: int
+    n_heads: int
+    kept_counts: np.ndarray = field(init=False)
+    kept_entries: np.ndarray = field(init=False)
+    context_tokens: np.ndarray = field(init=False)
+    tca_pairs: np.ndarray = field(init=False)
+    dense_pairs: np.ndarray = field(init=False)
+    gamma: np.ndarray = field(init=False)
+    error_bound: np.ndarray = field(init=False)
+    prefills: int = 0
+
+    def __post_init__(self) -> None:
+        per_kv = (self.n_layers, self.n_kv_heads)
+        self.kept_counts = np.zeros(per_kv)
+        self.kept_entries = np.zeros(per_kv)
+        self.context_tokens = np.zeros(self.n_layers)
+        self.tca_pairs = np.zeros(self.n_layers)
+        self.dense_pairs = np.zeros(self.n_layers)
+        self.gamma = np.zeros((self.n_layers, self.n_heads))
+        self.error_bound = np.zeros((self.n_layers, self.n_heads))
+
+    def record_prefill(self, layer: int, selection: Selection, key_start: torch.Tensor, local_window: int,
+                       gamma: torch.Tensor, bound: torch.Tensor) -> None:
+        """Store one layer's prefill figures (batch-averaged)."""
+        tca_pairs, dense_pairs = pair_counts(selection, key_start, local_window)
+        n = (selection.context_len - key_start).double()
+        counts = selection.counts.double()
+        self.kept_counts[layer] = counts.mean(0).cpu().numpy()
+        self.kept_entries[layer] = (counts + n.clamp(max=local_window).view(-1, 1)).mean(0).cpu().numpy()
+        self.context_tokens[layer] = float(n.mean())
+        self.tca_pairs[layer] = float(tca_pairs.double().mean(1).sum())
+        self.dense_pairs[layer] = float(dense_pairs.double().sum())
+        self.gamma[layer] = gamma.double().mean(0).cpu().numpy()
+        self.error_bound[layer] = bound.double().mean(0).cpu().numpy()
+        if layer == 0:
+            self.prefills += 1
+
+    @property
+    def kept_fraction(self) -> float:
+        """KV entries kept after prefill over context tokens, window included; mean over layers and KV heads."""
+        return float((self.kept_entries / self.context_tokens[:, None].clip(min=1)).mean())
+
+    @property
+    def pairs_fraction(self) -> float:
+        """Query-key pairs computed over dense causal pairs (the prefill's attention cost)."""
+        return float(self.tca_pairs.sum() / max(self.dense_pairs.sum(), 1.0))
+
+    @property
+    def gamma_per_kv_head(self) -> np.ndarray:
+        """(n_layers, n_kv_heads): the largest dropped mass among each KV head's query heads."""
+        return self.gamma.reshape(self.n_layers, self.n_kv_heads, -1).max(-1)

@@ -1,0 +1,207 @@
+"""Calibration (DESIGN 2.2) on a tiny random Llama against brute force from the dense attention matrix."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from bruteforce import fresh_seed, select_head, softmax64
+from tiny_models import TINY, attention_override, tiny_llama
+
+from tca.budgets import candidate_grid
+from tca.calibrate import calibrate, measure_retention, profile_from_retention
+from tca.config import TCAConfig
+from tca.hf import ContextTooLongError, UnsupportedModelError
+
+CONFIG = TCAConfig(block_size=16, local_window=32, query_chunk=64, tau=0.8)
+CONTEXT = 301
+MARGIN = 2e-5
+
+
+def capture_qk(model, ids) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """Per layer: query (H, L, d), key (G, L, d) in float64 and the scaling, from a dense forward pass."""
+    captured = {}
+
+    def record(module, query, key, value, mask, scaling):
+        captured[module.layer_idx] = (query[0].double().numpy(), key[0].double().numpy(), scaling)
+        group = query.shape[1] // key.shape[1]
+        return torch.nn.functional.scaled_dot_product_attention(
+            query,
+            key.repeat_interleave(group, 1),
+            value.repeat_interleave(group, 1),
+            is_causal=True,
+            scale=scaling,
+        )
+
+    with torch.no_grad(), attention_override(model, "capture-qk-test", record):
+        model(input_ids=ids, use_cache=False)
+    return [captured[layer] for layer in range(len(captured))]
+
+
+def brute_retention(query: np.ndarray, key: np.ndarray, scale: float, window: int):
+    """From the full causal attention matrix A (per query head): over queries j >= w and the group's heads,
+    base[g] = mean mass inside the window (j - w, j]; values[g, k] = mean A[j, k] over k <= j - w."""
+    n_heads, context_len, _ = query.shape
+    n_kv = key.shape[0]
+    group = n_heads // n_kv
+    n_candidates = context_len - window
+    base, values = np.zeros(n_kv), np.zeros((n_kv, n_candidates))
+    for head in range(n_heads):
+        g = head // group
+        scores = query[head] @ key[g].T * scale
+        for j in range(window, context_len):
+            row = softmax64(scores[j, : j + 1])
+            base[g] += row[j - window + 1 :].sum()
+            values[g, : j - window + 1] += row[: j - window + 1]
+    rows = group * n_candidates
+    return base / rows, values / rows
+
+
+def brute_oracle(base: float, values: np.ndarray, tau: float, tolerance: float = 1e-6) -> int:
+    """Fewest candidate keys whose retained mass reaches tau (the best k keys are the k largest)."""
+    ordered = sorted(values, reverse=True)
+    for count in range(len(ordered) + 1):
+        if base + sum(ordered[:count]) >= tau - tolerance:
+            return count
+    return len(ordered)
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    seed = fresh_seed()
+    model = tiny_llama(seed)
+    ids = torch.randint(0, TINY["vocab_size"], (1, CONTEXT), generator=torch.Generator().manual_seed(seed))
+    retention = measure_retention(model, ids, CONFIG, progress=False)
+    return seed, model, ids, retention, capture_qk(model, ids)
+
+
+def test_layer_retention_equals_brute_force(calibrated):
+    seed, _, _, retention, captured = calibrated
+    window = CONFIG.effective_window
+    candidates = candidate_grid(CONFIG.candidates)
+    compared = 0
+    for layer, (query, key, scale) in enumerate(captured):
+        base, values = brute_retention(query, key, scale, window)
+        stats = retention[layer]
+        np.testing.assert_allclose(stats.base.numpy(), base, atol=1e-6, err_msg=f"seed {seed}")
+        np.testing.assert_allclose(stats.values.numpy(), values, atol=1e-7, err_msg=f"seed {seed}")
+        assert abs(base + values.sum(-1) - 1).max() < 1e-9, "every query's mass is in its window or outside"
+        observed = query[:, -1:]
+        for m, (mu, sigma) in enumerate(candidates):
+            for g in range(key.shape[0]):
+                head = select_head(
+                    observed, key, g, mu, sigma, CONFIG.block_size, CONFIG.local_window, CONFIG.alpha, scale
+                )
+                if head.margin < MARGIN:
+                    continue
+                compared += 1
+                assert int(stats.kept[m, g]) == len(head.kept), f"seed {seed}, layer {layer}, candidate {m}"
+                retained = base[g] + values[g, head.kept].sum()
+                assert float(stats.retained[m, g]) == pytest.approx(retained, abs=1e-6), f"seed {seed}"
+    assert compared >= len(candidates) * 2, f"seed {seed}: too many near ties"
+
+
+@pytest.mark.parametrize("tau", [0.3, 0.6, 0.8, 0.9, 0.97, 1.0])
+def test_choice_passes_tau_and_oracle_is_minimum(calibrated, tau):
+    seed, model, _, retention, captured = calibrated
+    config = CONFIG.replace(tau=tau)
+    profile = profile_from_retention(retention, model, config, CONTEXT, "calibration text")
+    candidates = candidate_grid(config.candidates)
+    n_candidates = CONTEXT - config.effective_window
+    for layer, (query, key, scale) in enumerate(captured):
+        base, values = brute_retention(query, key, scale, config.effective_window)
+        for g in range(key.shape[0]):
+            where = f"seed {seed}, tau {tau}, layer {layer}, head {g}"
+            oracle = brute_oracle(base[g], values[g], tau)
+            assert int(profile.oracle_tokens[layer, g]) == oracle, where
+            # brute-force choice: among candidates whose retained mass reaches tau, the fewest kept tokens
+            passing = []
+            for mu, sigma in candidates:
+                head = select_head(
+                    query[:, -1:],
+                    key,
+                    g,
+                    mu,
+                    sigma,
+                    config.block_size,
+                    config.local_window,
+                    config.alpha,
+                    scale,
+                )
+                retained = base[g] + values[g, head.kept].sum()
+                if head.margin < MARGIN or abs(retained - (tau - 1e-6)) < 1e-7:
+                    pytest.skip(f"{where}: a near tie")
+                if retained >= tau - 1e-6:
+                    passing.append((len(head.kept), mu, sigma, retained))
+            assert profile.kept_tokens[layer, g] >= profile.oracle_tokens[layer, g], where
+            if not passing:
+                assert math.isinf(profile.mu[layer, g]), (
+                    f"{where}: no candidate passes, the head must be dense"
+                )
+                assert profile.retained[layer, g] == 1.0 and profile.kept_tokens[layer, g] == n_candidates
+                continue
+            kept, mu, sigma, retained = min(passing, key=lambda p: p[0])  # first in grid order among equals
+            assert (profile.mu[layer, g], profile.sigma[layer, g]) == (mu, sigma), where
+            assert profile.kept_tokens[layer, g] == kept, where
+            assert profile.retained[layer, g] == pytest.approx(retained, abs=1e-6), where
+            assert profile.retained[layer, g] >= tau - 1e-6 and kept >= oracle, where
+
+
+def test_dense_when_nothing_passes(calibrated):
+    """With one sharp, tiny candidate and tau = 1, no candidate passes: every head is dense."""
+    _, model, _, retention, _ = calibrated
+    config = CONFIG.replace(tau=1.0, candidates=1)
+    sub = [type(r)(base=r.base, values=r.values, retained=r.retained[:1], kept=r.kept[:1]) for r in retention]
+    assert all((r.retained < 1 - 1e-6).all() for r in sub)
+    profile = profile_from_retention(sub, model, config, CONTEXT, "text")
+    assert np.isinf(profile.mu).all() and (profile.retained == 1.0).all()
+    assert (profile.kept_tokens == CONTEXT - config.effective_window).all()
+    assert (profile.keep_ratios(CONTEXT) == 1.0).all()
+
+
+def test_profile_metadata(calibrated):
+    _, model, _, retention, _ = calibrated
+    profile = profile_from_retention(retention, model, CONFIG, CONTEXT, "some text")
+    assert profile.fingerprint == {
+        "architecture": "llama",
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "head_dim": 16,
+    }
+    assert profile.calibration_tokens == CONTEXT and profile.config == CONFIG
+    assert profile.text_sha256 == hashlib.sha256(b"some text").hexdigest()
+    assert profile.mu.shape == profile.sigma.shape == (2, 2)
+
+
+class CharTokenizer:
+    """Bytes as token ids (mod the tiny vocabulary), in the transformers call convention."""
+
+    def __call__(self, text, return_tensors="pt", add_special_tokens=False):
+        return {"input_ids": torch.tensor([[b % TINY["vocab_size"] for b in text.encode()]])}
+
+
+def test_calibrate_end_to_end_with_given_text():
+    seed = fresh_seed()
+    model = tiny_llama(seed)
+    text = "".join(chr(97 + (i * 7919 + seed) % 26) for i in range(400))
+    profile = calibrate(model, CharTokenizer(), text=text, config=CONFIG, max_tokens=CONTEXT, progress=False)
+    assert profile.calibration_tokens == CONTEXT
+    assert (profile.retained >= CONFIG.tau - 1e-6).all()
+    assert (profile.kept_tokens >= profile.oracle_tokens).all()
+    with pytest.raises(ValueError, match="pass a longer text"):
+        calibrate(model, CharTokenizer(), text="short", config=CONFIG, progress=False)
+
+
+def test_calibration_errors():
+    model = tiny_llama(0, max_position_embeddings=64)
+    with pytest.raises(ContextTooLongError, match="65"):
+        measure_retention(model, torch.zeros(1, 65, dtype=torch.int64), CONFIG, progress=False)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=64))
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        measure_retention(gpt2, torch.zeros(1, 10, dtype=torch.int64), CONFIG, progress=False)

@@ -1,0 +1,266 @@
+"""Triton kernels against the PyTorch reference and an independent float64 computation.
+
+On a machine without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set
+here before the kernels are imported) at small sizes; with CUDA they run compiled, and
+``TCA_TEST_FULL=1`` adds model-sized cases (Llama-3.1-8B heads, tens of thousands of keys).
+Inputs are fresh random draws each run (the seed is in every failure message); the kernels'
+outputs and scratch buffers start as NaN / -7 (``launchers.POISON``) so unwritten elements show.
+Error criterion (flash-attention's): the kernel's error against float64 is at most twice the
+error of the reference run at the same low precision, plus a 1e-6 floor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from tca.config import TCAConfig  # noqa: E402
+from tca.ops import reference  # noqa: E402
+from tca.ops.triton import launchers  # noqa: E402
+from tca.select import Selection, select  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FULL = os.environ.get("TCA_TEST_FULL") == "1" and DEVICE.type == "cuda"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(launchers, "POISON", True)
+
+
+def fresh_generator() -> tuple[torch.Generator, int]:
+    seed = int.from_bytes(os.urandom(4), "little")
+    return torch.Generator(device="cpu").manual_seed(seed), seed
+
+
+def randn(gen: torch.Generator, *shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=gen) * scale).to(device=DEVICE, dtype=dtype)
+
+
+def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(x).all(), "non-finite output (an unwritten or NaN element)"
+    return float((x.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def random_selection(gen, batch, n_kv, context_len, window, fraction, key_start) -> Selection:
+    """Kept candidates drawn at random (each with probability ``fraction``), ascending, padded."""
+    rows = []
+    for b in range(batch):
+        start = int(key_start[b])
+        n_cand = max(context_len - start - window, 0)
+        row = []
+        for _ in range(n_kv):
+            keep = torch.rand(n_cand, generator=gen) < fraction
+            row.append((keep.nonzero().squeeze(-1) + start).to(DEVICE))
+        rows.append(row)
+    from tca.select import pack_selection
+
+    return pack_selection(rows, context_len, DEVICE)
+
+
+def prefill_fp64(q, k, v, selection, window, scale, key_start) -> torch.Tensor:
+    """Brute force in float64: explicit (L, L) visibility per (batch, KV head), query chunks."""
+    batch, n_heads, length, dim = q.shape
+    n_kv = k.shape[1]
+    group = n_heads // n_kv
+    out = torch.zeros(batch, n_heads, length, dim, dtype=torch.float64, device=q.device)
+    cols = torch.arange(length, device=q.device)
+    for b in range(batch):
+        for g in range(n_kv):
+            kept = torch.zeros(length, dtype=torch.bool, device=q.device)
+            kept[selection.indices[b, g, : selection.counts[b, g]]] = True
+            kk, vv = k[b, g].double(), v[b, g].double()
+            for lo in range(0, length, 1024):
+                rows = torch.arange(lo, min(lo + 1024, length), device=q.device)[:, None]
+                window_ok = (cols <= rows) & (cols > rows - window) & (cols >= key_start[b])
+                visible = window_ok | (kept & (cols <= rows - window))
+                qq = q[b, g * group : (g + 1) * group, lo : lo + 1024].double()
+                s = (qq @ kk.T * scale).masked_fill(~visible, -math.inf)
+                p = torch.softmax(s, -1).nan_to_num(0.0)
+                out[b, g * group : (g + 1) * group, lo : lo + 1024] = p @ vv
+    return out
+
+
+PREFILL_CASES = [
+    # (L, group, dtype, window, kept fraction, batch, padded)
+    (1, 1, "fp32", 16, 0.3, 1, False),
+    (97, 3, "bf16", 16, 0.3, 2, True),
+    (97, 4, "fp16", 1, 0.5, 1, False),
+    (200, 1, "fp16", 32, 0.2, 2, True),
+    (300, 3, "fp32", 48, 0.25, 1, False),
+    (1025, 4, "bf16", 64, 0.1, 1, False),
+]
+if FULL:
+    PREFILL_CASES += [
+        (8191, 4, "bf16", 1024, 0.1, 1, False),
+        (4097, 4, "fp16", 512, 0.2, 2, True),
+        (4097, 3, "bf16", 512, 0.05, 1, False),
+        (2049, 1, "fp32", 256, 0.3, 1, False),
+    ]
+
+
+@pytest.mark.parametrize("length,group,dtype,window,fraction,batch,padded", PREFILL_CASES)
+def test_sparse_prefill_matches_reference(length, group, dtype, window, fraction, batch, padded):
+    gen, seed = fresh_generator()
+    n_kv, dim = (8, 128) if FULL else (2, 32)
+    dt = DTYPES[dtype]
+    q = randn(gen, batch, n_kv * group, length, dim, dtype=dt)
+    k = randn(gen, batch, n_kv, length, dim, dtype=dt)
+    v = randn(gen, batch, n_kv, length, dim, dtype=dt)
+    key_start = (
+        torch.randint(0, max(length // 3, 1), (batch,), generator=gen) if padded else torch.zeros(batch)
+    )
+    key_start = key_start.long().to(DEVICE)
+    selection = random_selection(gen, batch, n_kv, length, window, fraction, key_start)
+    scale = dim**-0.5
+    exact = prefill_fp64(q, k, v, selection, window, scale, key_start)
+    low = reference.sparse_prefill(q, k, v, selection, window, scale, key_start if padded else None)
+    out = launchers.sparse_prefill(q, k, v, selection, window, scale, key_start if padded else None)
+    assert out.dtype == dt and out.shape == q.shape
+    kernel_err, ref_err = rel_error(out, exact), rel_error(low, exact)
+    assert kernel_err <= 2 * ref_err + 1e-6, (
+        f"seed {seed}: kernel {kernel_err:.3g} vs reference {ref_err:.3g}"
+    )
+
+
+def test_sparse_prefill_noncontiguous_layout():
+    """Queries and keys as transformers hands them over: (B, L, H, d) transposed to (B, H, L, d)."""
+    gen, seed = fresh_generator()
+    q = randn(gen, 1, 97, 6, 32, dtype=torch.bfloat16).transpose(1, 2)
+    k = randn(gen, 1, 97, 2, 32, dtype=torch.bfloat16).transpose(1, 2)
+    v = randn(gen, 1, 97, 2, 32, dtype=torch.bfloat16).transpose(1, 2)
+    start = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    selection = random_selection(gen, 1, 2, 97, 8, 0.4, start)
+    exact = prefill_fp64(q, k, v, selection, 8, 0.2, start)
+    low = reference.sparse_prefill(q, k, v, selection, 8, 0.2)
+    out = launchers.sparse_prefill(q, k, v, selection, 8, 0.2)
+    assert rel_error(out, exact) <= 2 * rel_error(low, exact) + 1e-6, f"seed {seed}"
+
+
+def decode_fp64(q, k, v, lengths, scale) -> torch.Tensor:
+    batch, n_heads, _, dim = q.shape
+    n_kv = k.shape[1]
+    group = n_heads // n_kv
+    out = torch.zeros(batch, n_heads, 1, dim, dtype=torch.float64, device=q.device)
+    for b in range(batch):
+        for h in range(n_heads):
+            n = int(lengths[b, h // group])
+            if n:
+                kk, vv = k[b, h // group, :n].double(), v[b, h // group, :n].double()
+                out[b, h, 0] = torch.softmax(kk @ q[b, h, 0].double() * scale, 0) @ vv
+    return out
+
+
+DECODE_CASES = [(1, 1, "fp32", 1), (97, 3, "bf16", 2), (1025, 4, "fp16", 3), (300, 4, "fp32", 2)]
+if FULL:
+    DECODE_CASES += [(13109, 4, "bf16", 1), (65537, 4, "bf16", 2), (8191, 3, "fp16", 4)]
+
+
+@pytest.mark.parametrize("max_len,group,dtype,batch", DECODE_CASES)
+def test_decode_matches_reference(max_len, group, dtype, batch):
+    gen, seed = fresh_generator()
+    n_kv, dim = (8, 128) if FULL else (2, 32)
+    dt = DTYPES[dtype]
+    q = randn(gen, batch, n_kv * group, 1, dim, dtype=dt)
+    k = randn(gen, batch, n_kv, max_len, dim, dtype=dt)
+    v = randn(gen, batch, n_kv, max_len, dim, dtype=dt)
+    lengths = torch.randint(0, max_len + 1, (batch, n_kv), generator=gen)
+    lengths[0, 0] = max_len
+    if batch * n_kv > 2:
+        lengths[-1, -1] = 0  # an empty cache gives 0
+    lengths = lengths.to(DEVICE)
+    exact = decode_fp64(q, k, v, lengths, dim**-0.5)
+    low = reference.decode_reference(q, k, v, lengths)
+    out = launchers.decode(q, k, v, lengths)
+    kernel_err, ref_err = rel_error(out, exact), rel_error(low, exact)
+    assert kernel_err <= 2 * ref_err + 1e-6, (
+        f"seed {seed}: kernel {kernel_err:.3g} vs reference {ref_err:.3g}"
+    )
+
+
+def assert_same_selection(got: Selection, want: Selection, seed: int) -> None:
+    assert torch.equal(got.counts.cpu(), want.counts.cpu()), f"seed {seed}: counts differ"
+    width = want.indices.shape[-1]
+    assert got.indices.shape[-1] >= width
+    assert torch.equal(got.indices[..., :width].cpu(), want.indices.cpu()), f"seed {seed}: indices differ"
+    assert (got.indices[..., width:] == want.context_len).all(), f"seed {seed}: padding differs"
+
+
+SELECT_CASES = [
+    # (L, group, dtype, n_obs, window, block, batch, padded)
+    (1, 1, "fp32", 1, 16, 16, 1, False),
+    (97, 3, "bf16", 1, 16, 16, 2, True),
+    (97, 4, "fp16", 2, 8, 8, 1, False),
+    (1025, 1, "bf16", 1, 64, 32, 1, False),
+    (1025, 4, "fp32", 1, 128, 16, 2, True),
+    (500, 3, "fp16", 1, 1, 20, 1, False),
+]
+if FULL:
+    SELECT_CASES += [
+        (32769, 4, "bf16", 1, 4096, 128, 1, False),
+        (8193, 3, "fp16", 1, 512, 64, 2, True),
+        (131072, 4, "bf16", 1, 4096, 128, 1, False),
+    ]
+
+
+@pytest.mark.parametrize("length,group,dtype,n_obs,window,block,batch,padded", SELECT_CASES)
+def test_select_matches_reference(length, group, dtype, n_obs, window, block, batch, padded):
+    gen, seed = fresh_generator()
+    n_kv, dim = (8, 128) if FULL else (3, 32)
+    dt = DTYPES[dtype]
+    q = randn(gen, batch, n_kv * group, n_obs, dim, dtype=dt)
+    k = randn(gen, batch, n_kv, length, dim, dtype=dt)
+    mus = [0.05, 0.3, math.inf, 0.8, 0.01, 0.2, 0.5, 0.1]
+    mu = torch.tensor(mus[:n_kv], dtype=torch.float64)
+    sigma = torch.tensor([0.3, 1.0] * (n_kv // 2) + [0.3] * (n_kv % 2), dtype=torch.float64)
+    config = TCAConfig(local_window=window, block_size=block)
+    key_start = None
+    if padded:
+        key_start = torch.randint(0, max(length // 3, 1), (batch,), generator=gen).to(DEVICE)
+    want = select(q, k, mu, sigma, config, dim**-0.5, key_start)
+    got = launchers.select(q, k, mu, sigma, config, dim**-0.5, key_start)
+    assert_same_selection(got, want, seed)
+
+
+def test_select_breaks_exact_ties_like_reference():
+    """Repeated keys and repeated blocks: equal importances and equal block scores, so only the
+    tie rule (lower index first) decides; the kernel must agree with the stable sorts."""
+    gen, seed = fresh_generator()
+    dim, block = 32, 16
+    pattern = randn(gen, 1, 2, 4, dim, dtype=torch.float32)
+    k = pattern.repeat_interleave(2, dim=2).repeat(1, 1, 20, 1)  # pairs of equal keys; equal blocks
+    k = torch.cat([k, randn(gen, 1, 2, 40, dim, dtype=torch.float32)], 2)  # (1, 2, 200, d)
+    q = randn(gen, 1, 6, 1, dim, dtype=torch.float32)
+    mu = torch.tensor([0.2, 0.5], dtype=torch.float64)
+    sigma = torch.tensor([0.3, 1.0], dtype=torch.float64)
+    config = TCAConfig(local_window=32, block_size=block)
+    want = select(q, k, mu, sigma, config, 0.2)
+    got = launchers.select(q, k, mu, sigma, config, 0.2)
+    assert_same_selection(got, want, seed)
+
+
+def test_dispatcher_routes_and_crossover():
+    import tca.ops as ops
+
+    gen, _ = fresh_generator()
+    q = randn(gen, 1, 4, 64, 32, dtype=torch.float32)
+    k = randn(gen, 1, 2, 64, 32, dtype=torch.float32)
+    lengths = torch.tensor([[10, 64]], device=DEVICE)
+    with ops.use_backend("reference"):
+        want = ops.decode(q[:, :, -1:], k, k, lengths)
+    with ops.use_backend("triton"):
+        got = ops.decode(q[:, :, -1:], k, k, lengths)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the crossover: a window covering most of the context does not pay, a small one does
+    assert not ops.sparse_pays(8192, 4096, 400)
+    assert ops.sparse_pays(131072, 4096, 6000)
+    assert ops.pairs_fraction(1000, 1000, 0) == 1.0

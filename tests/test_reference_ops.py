@@ -1,0 +1,230 @@
+"""Reference sparse prefill, dropped mass (Theorem 1) and pair counts against brute-force masked attention."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from bruteforce import causal_masks, fresh_seed, masked_attention, softmax64, visibility
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tca.config import TCAConfig
+from tca.error_bound import last_query_dropped_mass, theorem1_bound
+from tca.ops import reference
+from tca.select import Selection, select
+from tca.stats import pair_counts
+
+
+def random_case(
+    seed: int,
+    batch: int,
+    group: int,
+    n_kv: int,
+    context_len: int,
+    window: int,
+    head_dim: int,
+    keep_prob: float,
+    max_pad: int,
+):
+    """Random q/k/v, left padding and a random kept set drawn from [start, L - w) per (batch, KV head)."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    query = 2.0 * torch.randn(batch, n_kv * group, context_len, head_dim, generator=gen)
+    key = torch.randn(batch, n_kv, context_len, head_dim, generator=gen)
+    value = torch.randn(batch, n_kv, context_len, head_dim, generator=gen)
+    starts = [int(rng.integers(0, min(max_pad, context_len - 1) + 1)) for _ in range(batch)]
+    rows = [
+        [
+            sorted(i for i in range(start, context_len - window) if rng.random() < keep_prob)
+            for _ in range(n_kv)
+        ]
+        for start in starts
+    ]
+    return query, key, value, starts, rows
+
+
+def pack(rows: list[list[list[int]]], context_len: int) -> Selection:
+    """Build a Selection by hand: ascending indices padded with L."""
+    width = max((len(r) for row in rows for r in row), default=0)
+    indices = torch.full((len(rows), len(rows[0]), width), context_len, dtype=torch.int64)
+    counts = torch.zeros(len(rows), len(rows[0]), dtype=torch.int64)
+    for b, row in enumerate(rows):
+        for g, kept in enumerate(row):
+            indices[b, g, : len(kept)] = torch.tensor(kept, dtype=torch.int64)
+            counts[b, g] = len(kept)
+    return Selection(indices=indices, counts=counts, context_len=context_len)
+
+
+def brute_masks(rows, starts, context_len: int, window: int) -> np.ndarray:
+    return np.stack(
+        [
+            np.stack([visibility(context_len, kept, window, start) for kept in row])
+            for row, start in zip(rows, starts, strict=True)
+        ]
+    )
+
+
+def as64(*tensors):
+    return [t.double().numpy() for t in tensors]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    batch=st.integers(1, 3),
+    group=st.sampled_from([1, 3, 4]),
+    context_len=st.integers(1, 90),
+    window=st.integers(1, 40),
+    keep_prob=st.sampled_from([0.0, 0.2, 0.7, 1.0]),
+    max_pad=st.integers(0, 20),
+    query_chunk=st.sampled_from([1, 7, 32, 256]),
+)
+def test_sparse_prefill_equals_masked_dense(
+    seed, batch, group, context_len, window, keep_prob, max_pad, query_chunk
+):
+    query, key, value, starts, rows = random_case(
+        seed, batch, group, 2, context_len, window, 8, keep_prob, max_pad
+    )
+    selection = pack(rows, context_len)
+    scale = 8**-0.5
+    out = reference.sparse_prefill(
+        query, key, value, selection, window, scale, torch.tensor(starts), query_chunk
+    )
+    expected = masked_attention(
+        *as64(query, key, value), brute_masks(rows, starts, context_len, window), scale
+    )
+    assert out.dtype == query.dtype and out.shape == query.shape
+    np.testing.assert_allclose(out.double().numpy(), expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("context_len", "window", "group"), [(97, 13, 3), (130, 1, 4), (65, 64, 1), (33, 100, 2)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sparse_prefill_low_precision(context_len, window, group, dtype):
+    """Low-precision inputs: the error is within twice the rounding of the exact answer to that dtype."""
+    seed = fresh_seed()
+    query, key, value, starts, rows = random_case(seed, 2, group, 2, context_len, window, 16, 0.3, 10)
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    selection = pack(rows, context_len)
+    out = reference.sparse_prefill(query, key, value, selection, window, 0.25, torch.tensor(starts), 32)
+    assert out.dtype == dtype
+    expected = masked_attention(
+        *as64(query, key, value), brute_masks(rows, starts, context_len, window), 0.25
+    )
+    own_rounding = np.abs(torch.from_numpy(expected).to(dtype).double().numpy() - expected).max()
+    error = np.abs(out.double().numpy() - expected).max()
+    assert error <= 2 * own_rounding + 1e-5, f"seed {seed}: error {error}, rounding {own_rounding}"
+
+
+def dense64(query, key, value, scale, starts):
+    masks = np.stack(
+        [np.stack([visibility(query.shape[2], [], query.shape[2] + 1, s)] * key.shape[1]) for s in starts]
+    )
+    return masked_attention(*as64(query, key, value), masks, scale)
+
+
+@pytest.mark.parametrize(("context_len", "window"), [(1, 1), (50, 7), (129, 16), (64, 64), (64, 80)])
+@pytest.mark.parametrize("group", [1, 3])
+def test_everything_kept_or_short_context_equals_dense(context_len, window, group):
+    """Keeping every candidate, or a context within the window, is exactly dense causal attention."""
+    seed = fresh_seed()
+    query, key, value, starts, _ = random_case(seed, 2, group, 2, context_len, window, 8, 0.0, 5)
+    scale = 8**-0.5
+    mu = torch.full((2,), math.inf, dtype=torch.float64)
+    config = TCAConfig(block_size=8, local_window=window)
+    key_start = torch.tensor(starts)
+    selection = select(
+        query[:, :, -1:], key, mu, torch.ones(2, dtype=torch.float64), config, scale, key_start
+    )
+    out = reference.sparse_prefill(query, key, value, selection, window, scale, key_start, 16)
+    expected = dense64(query, key, value, scale, starts)
+    np.testing.assert_allclose(out.double().numpy(), expected, atol=2e-5, rtol=1e-5)
+    plain = reference.dense_causal(query, key, value, scale, key_start)
+    np.testing.assert_allclose(plain.double().numpy(), expected, atol=2e-5, rtol=1e-5)
+    # and against torch's own SDPA (no padding)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        query.double(),
+        key.double().repeat_interleave(group, 1),
+        value.double().repeat_interleave(group, 1),
+        is_causal=True,
+        scale=scale,
+    )
+    unpadded = select(query[:, :, -1:], key, mu, torch.ones(2, dtype=torch.float64), config, scale)
+    alone = reference.sparse_prefill(query, key, value, unpadded, window, scale)
+    np.testing.assert_allclose(alone.double().numpy(), sdpa.numpy(), atol=2e-5, rtol=1e-5)
+
+
+def brute_gamma(
+    query_last: np.ndarray, key: np.ndarray, rows, starts, window: int, scale: float
+) -> np.ndarray:
+    """Dense last-query mass outside (kept keys + the window [L - w, L)), per (batch, head)."""
+    batch, n_heads, _ = query_last.shape
+    n_kv, context_len = key.shape[1], key.shape[2]
+    group = n_heads // n_kv
+    gamma = np.zeros((batch, n_heads))
+    for b in range(batch):
+        for head in range(n_heads):
+            kv = head // group
+            start = starts[b]
+            probs = softmax64(key[b, kv, start:] @ query_last[b, head] * scale)
+            attended = set(rows[b][kv]) | set(range(context_len - window, context_len))
+            gamma[b, head] = sum(p for i, p in enumerate(probs, start) if i not in attended)
+    return gamma
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    batch=st.integers(1, 2),
+    group=st.sampled_from([1, 3, 4]),
+    context_len=st.integers(1, 120),
+    window=st.integers(1, 40),
+    keep_prob=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+    value_scale=st.sampled_from([0.01, 1.0, 100.0]),
+)
+def test_dropped_mass_and_theorem1_bound(seed, batch, group, context_len, window, keep_prob, value_scale):
+    query, key, value, starts, rows = random_case(
+        seed, batch, group, 2, context_len, window, 8, keep_prob, 15
+    )
+    value = value * value_scale
+    selection = pack(rows, context_len)
+    scale = 8**-0.5
+    key_start = torch.tensor(starts)
+    gamma = last_query_dropped_mass(query[:, :, -1], key, selection, window, scale, key_start)
+    expected = brute_gamma(*as64(query[:, :, -1], key), rows, starts, window, scale)
+    np.testing.assert_allclose(gamma.double().numpy(), expected, atol=1e-5)
+    bound = theorem1_bound(gamma, value)
+    v_max = np.abs(value.double().numpy()).max(axis=(-1, -2)).repeat(group, axis=1)  # (B, H)
+    np.testing.assert_allclose(bound.double().numpy(), 2 * gamma.double().numpy() * v_max, rtol=1e-6)
+    # the real error of the last query's output never exceeds 2 * gamma * max|V| (per element)
+    sparse = masked_attention(*as64(query, key, value), brute_masks(rows, starts, context_len, window), scale)
+    dense = dense64(query, key, value, scale, starts)
+    real = np.abs(sparse[:, :, -1] - dense[:, :, -1]).max(-1)  # (B, H)
+    assert (real <= 2 * expected * v_max * (1 + 1e-9) + 1e-12).all()
+    tca_out = reference.sparse_prefill(query, key, value, selection, window, scale, key_start)
+    tca_real = np.abs(tca_out[:, :, -1].double().numpy() - dense[:, :, -1]).max(-1)
+    slack = 1e-5 * np.abs(value.double().numpy()).max()
+    assert (tca_real <= bound.double().numpy() + slack).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    batch=st.integers(1, 3),
+    context_len=st.integers(1, 80),
+    window=st.integers(1, 30),
+    keep_prob=st.sampled_from([0.0, 0.3, 1.0]),
+    max_pad=st.integers(0, 30),
+)
+def test_pair_counts_equal_visible_pairs(seed, batch, context_len, window, keep_prob, max_pad):
+    _, _, _, starts, rows = random_case(seed, batch, 1, 3, context_len, window, 2, keep_prob, max_pad)
+    tca_pairs, dense_pairs = pair_counts(pack(rows, context_len), torch.tensor(starts), window)
+    masks = brute_masks(rows, starts, context_len, window)
+    assert tca_pairs.tolist() == masks.sum(axis=(-1, -2)).tolist()
+    dense = [int(visibility(context_len, [], context_len + 1, s).sum()) for s in starts]
+    assert dense_pairs.tolist() == dense
+    assert causal_masks(1, 1, context_len)[0, 0].sum() == context_len * (context_len + 1) // 2

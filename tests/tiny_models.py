@@ -1,0 +1,70 @@
+"""Tiny random-weight transformers models and an attention hook, for tests (no ``tca`` import)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+TINY = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+)
+
+
+def tiny_llama(seed: int, sharpen: float = 12.0, **changes) -> LlamaForCausalLM:
+    """A 2-layer, 4-head, 2-KV-head Llama in float32, eval mode, eager attention.
+
+    ``sharpen`` scales the query/key projections so attention is peaked (random init is near uniform),
+    which makes selection decisions matter.
+    """
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, **changes}, attn_implementation="eager")).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(sharpen)
+            layer.self_attn.k_proj.weight.mul_(sharpen)
+    return model
+
+
+@contextlib.contextmanager
+def attention_override(model: torch.nn.Module, name: str, function: Callable) -> Iterator[None]:
+    """Inside the block, ``model``'s attention runs ``function(module, query, key, value, mask, scaling)``.
+
+    ``function`` returns the attention output (B, H, L, d); the mask is transformers' boolean SDPA mask.
+    """
+
+    def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        out = function(module, query, key, value, attention_mask, scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(name, forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def left_padded(
+    prompts: list[torch.Tensor], pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask and position_ids (B, L) for left-padded prompts."""
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.int64)
+    mask = torch.zeros(len(prompts), length, dtype=torch.int64)
+    for b, prompt in enumerate(prompts):
+        ids[b, length - len(prompt) :] = prompt
+        mask[b, length - len(prompt) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    return ids, mask, positions
