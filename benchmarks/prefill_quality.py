@@ -28,7 +28,9 @@ from tca.models import load_model
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--windows", type=int, default=4, help="prose windows per length")
     parser.add_argument("--frontier", action="store_true", help="sweep local windows and taus")
@@ -47,8 +49,11 @@ def head_spread(profile, lengths):
     spread = {}
     for length in lengths:
         ratios = profile.keep_ratios(length)
-        spread[str(length)] = {"min": float(ratios.min()), "median": float(np.median(ratios)),
-                               "max": float(ratios.max())}
+        spread[str(length)] = {
+            "min": float(ratios.min()),
+            "median": float(np.median(ratios)),
+            "max": float(ratios.max()),
+        }
     return spread
 
 
@@ -56,12 +61,19 @@ def main() -> None:
     args = parse_args()
     model, tokenizer = load_model("smollm2", dtype=getattr(torch, args.dtype), device=args.device)
     default = TCAConfig.for_model(model)
-    configs = [default] if not args.frontier else [
-        TCAConfig.for_model(model).replace(local_window=w, block_size=min(128, max(16, w // 8)))
-        for w in args.local_windows
-    ]
+    configs = (
+        [default]
+        if not args.frontier
+        else [
+            TCAConfig.for_model(model).replace(local_window=w, block_size=min(128, max(16, w // 8)))
+            for w in args.local_windows
+        ]
+    )
     taus = [default.tau] if not args.frontier else args.taus
-    windows = {n: prose_windows(tokenizer, texts.evaluation_texts(), n, args.windows, args.seed) for n in args.lengths}
+    windows = {
+        n: prose_windows(tokenizer, texts.evaluation_texts(), n, args.windows, args.seed)
+        for n in args.lengths
+    }
     dense = {n: [score_window(model, w) for w in tqdm(ws, desc=f"dense {n}")] for n, ws in windows.items()}
     calibration = texts.calibration_text()
     rows = []
@@ -69,17 +81,32 @@ def main() -> None:
         ids = calibration_ids(tokenizer, calibration, config, args.calibration_tokens)
         retention = measure_retention(model, ids, config)
         for tau in taus:
-            profile = profile_from_retention(retention, model, config.replace(tau=tau), ids.shape[-1], calibration)
+            profile = profile_from_retention(
+                retention, model, config.replace(tau=tau), ids.shape[-1], calibration
+            )
             for length in args.lengths:
                 result = evaluate_profile(model, profile, windows[length], dense[length])
-                row = {"local_window": config.local_window, "block_size": config.block_size, "tau": tau,
-                       "length": length, **result, "head_keep_ratios": head_spread(profile, [length]),
-                       "is_default": config == default and tau == default.tau}
+                row = {
+                    "local_window": config.local_window,
+                    "block_size": config.block_size,
+                    "tau": tau,
+                    "length": length,
+                    **result,
+                    "head_keep_ratios": head_spread(profile, [length]),
+                    "is_default": config == default and tau == default.tau,
+                }
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "head_keep_ratios"}), flush=True)
-    out = {**provenance(args.device), "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised)",
-           "dtype": args.dtype, "texts": sorted(texts.evaluation_texts()), "windows_per_length": args.windows,
-           "calibration_tokens": args.calibration_tokens, "default_config": default.to_dict(), "rows": rows}
+    out = {
+        **provenance(args.device),
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised)",
+        "dtype": args.dtype,
+        "texts": sorted(texts.evaluation_texts()),
+        "windows_per_length": args.windows,
+        "calibration_tokens": args.calibration_tokens,
+        "default_config": default.to_dict(),
+        "rows": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")

@@ -61,7 +61,9 @@ def _expected_min(mu: torch.Tensor, sigma: torch.Tensor, c: torch.Tensor) -> tor
     """E[min(X, c)] for X ~ LogNormal(ln mu, sigma): the integral of P[X > x] over [0, c]."""
     log_c = torch.log(c.clamp_min(1e-300))
     partial = mu * torch.exp(sigma**2 / 2) * _normal_cdf((log_c - torch.log(mu) - sigma**2) / sigma)
-    return torch.where(c > 0, partial + c * (1 - _normal_cdf((log_c - torch.log(mu)) / sigma)), torch.zeros_like(partial))
+    return torch.where(
+        c > 0, partial + c * (1 - _normal_cdf((log_c - torch.log(mu)) / sigma)), torch.zeros_like(partial)
+    )
 
 
 def block_budgets(fractions: torch.Tensor, block_lengths: torch.Tensor) -> torch.Tensor:

@@ -89,8 +89,13 @@ def window_and_outside_mass(query: torch.Tensor, key: torch.Tensor, window: int,
     return base, outside, group * n_candidates
 
 
-def layer_retention(query: torch.Tensor, key: torch.Tensor, config: TCAConfig, scale: float,
-                    candidates: list[tuple[float, float]]) -> LayerRetention:
+def layer_retention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    config: TCAConfig,
+    scale: float,
+    candidates: list[tuple[float, float]],
+) -> LayerRetention:
     """Retention of every candidate for one layer of one sequence (query (H, L, d), key (G, L, d))."""
     window = config.effective_window
     base, outside, rows = window_and_outside_mass(query, key, window, scale, config.query_chunk)
@@ -115,7 +120,10 @@ def choose_heads(retention: list[LayerRetention], candidates: list[tuple[float, 
     passing candidate keeps everything (``mu = inf``; retained 1).
     """
     n_layers, n_kv = len(retention), retention[0].base.shape[0]
-    out = {name: np.zeros((n_layers, n_kv)) for name in ("mu", "sigma", "retained", "kept_tokens", "oracle_tokens")}
+    out = {
+        name: np.zeros((n_layers, n_kv))
+        for name in ("mu", "sigma", "retained", "kept_tokens", "oracle_tokens")
+    }
     for layer, stats in enumerate(retention):
         passing = stats.retained >= tau - TOLERANCE  # (M, G)
         cost = torch.where(passing, stats.kept.double(), torch.full_like(stats.kept.double(), math.inf))
@@ -127,14 +135,15 @@ def choose_heads(retention: list[LayerRetention], candidates: list[tuple[float, 
                 retained, kept = float(stats.retained[choice, head]), float(stats.kept[choice, head])
             else:
                 (mu, sigma), retained, kept = DENSE, 1.0, float(stats.values.shape[-1])
-            for name, value in zip(("mu", "sigma", "retained", "kept_tokens"), (mu, sigma, retained, kept)):
-                out[name][layer, head] = value
+            out["mu"][layer, head], out["sigma"][layer, head] = mu, sigma
+            out["retained"][layer, head], out["kept_tokens"][layer, head] = retained, kept
         out["oracle_tokens"][layer] = stats.oracle_tokens(tau)
     return out
 
 
-def measure_retention(model: torch.nn.Module, input_ids: torch.Tensor, config: TCAConfig,
-                      progress: bool = True) -> list[LayerRetention]:
+def measure_retention(
+    model: torch.nn.Module, input_ids: torch.Tensor, config: TCAConfig, progress: bool = True
+) -> list[LayerRetention]:
     """One dense forward pass over ``input_ids`` (1, L), scoring every candidate in every layer."""
     check_supported(model)
     check_context(model, input_ids.shape[-1])
@@ -169,8 +178,14 @@ def calibration_ids(tokenizer: Any, text: str, config: TCAConfig, max_tokens: in
     return ids
 
 
-def calibrate(model: torch.nn.Module, tokenizer: Any, text: str | None = None, config: TCAConfig | None = None,
-              max_tokens: int = 4096, progress: bool = True) -> Profile:
+def calibrate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    text: str | None = None,
+    config: TCAConfig | None = None,
+    max_tokens: int = 4096,
+    progress: bool = True,
+) -> Profile:
     """Calibrate per-head budgets for ``model`` with one forward pass (DESIGN 2.2).
 
     Args:
@@ -189,9 +204,16 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, text: str | None = None, c
     return profile_from_retention(retention, model, config, ids.shape[-1], text)
 
 
-def profile_from_retention(retention: list[LayerRetention], model: Any, config: TCAConfig, tokens: int,
-                           text: str) -> Profile:
+def profile_from_retention(
+    retention: list[LayerRetention], model: Any, config: TCAConfig, tokens: int, text: str
+) -> Profile:
     """Threshold measured retention at ``config.tau`` into a Profile (cheap: no forward pass)."""
     heads = choose_heads(retention, candidate_grid(config.candidates), config.tau)
-    return Profile(config=config, fingerprint=model_fingerprint(model), calibration_tokens=tokens,
-                   text_sha256=hashlib.sha256(text.encode()).hexdigest(), version=__version__, **heads)
+    return Profile(
+        config=config,
+        fingerprint=model_fingerprint(model),
+        calibration_tokens=tokens,
+        text_sha256=hashlib.sha256(text.encode()).hexdigest(),
+        version=__version__,
+        **heads,
+    )

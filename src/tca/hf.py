@@ -45,7 +45,8 @@ def check_supported(model: Any) -> None:
     architecture = model_fingerprint(model)["architecture"]
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
-            f"architecture {architecture!r} is not supported; TCA serves {', '.join(SUPPORTED_ARCHITECTURES)}."
+            f"architecture {architecture!r} is not supported; "
+            f"TCA serves {', '.join(SUPPORTED_ARCHITECTURES)}."
         )
 
 
@@ -74,8 +75,9 @@ def key_start_from_mask(attention_mask: torch.Tensor | None, key_len: int) -> to
 def _tca_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     handler = _HANDLERS.get(module)
     if handler is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     return handler(module, query, key, value, attention_mask, scaling, **kwargs)
 
 
@@ -124,7 +126,9 @@ class TCARun:
     def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
         """Attention for one layer: TCA for a prefill, dense over the cache otherwise."""
         if query.shape[2] != key.shape[2]:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, scaling=scaling, **kwargs
+            )
         return self.prefill(module.layer_idx, query, key, value, attention_mask, scaling)
 
     def prefill(self, layer, query, key, value, attention_mask, scaling):
@@ -137,9 +141,14 @@ class TCARun:
         window = self.config.effective_window
         observed = query[:, :, -self.config.observation_queries :]
         selection = select(observed, key, mu, sigma, self.config, scale, key_start)
-        start = key_start if key_start is not None else torch.zeros(key.shape[0], dtype=torch.int64,
-                                                                    device=key.device)
-        out = ops.sparse_prefill(query, key, value, selection, window, scale, key_start, self.config.query_chunk)
+        start = (
+            key_start
+            if key_start is not None
+            else torch.zeros(key.shape[0], dtype=torch.int64, device=key.device)
+        )
+        out = ops.sparse_prefill(
+            query, key, value, selection, window, scale, key_start, self.config.query_chunk
+        )
         gamma = last_query_dropped_mass(query[:, :, -1], key, selection, window, scale, key_start)
         self.stats.record_prefill(layer, selection, start, window, gamma, theorem1_bound(gamma, value))
         return out.transpose(1, 2).contiguous(), None

@@ -29,7 +29,9 @@ def bundled_gguf(name: str) -> Path:
     return path
 
 
-def load_model(name: str = "smollm2", dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Any, Any]:
+def load_model(
+    name: str = "smollm2", dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)``.
 
     Args:
@@ -47,7 +49,9 @@ def load_model(name: str = "smollm2", dtype: torch.dtype = torch.float32, device
     elif Path(name).is_dir():
         kwargs, source = {}, name
     else:
-        raise ValueError(f"unknown model {name!r}: pass one of {sorted(BUNDLED)} or a local checkpoint directory.")
+        raise ValueError(
+            f"unknown model {name!r}: pass one of {sorted(BUNDLED)} or a local checkpoint directory."
+        )
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).to(device)
     model.eval()

@@ -67,15 +67,22 @@ class Profile:
         Returns (n_layers, n_kv_heads) floats in (0, 1].
         """
         window = min(self.config.effective_window, context_len)
-        kept = nominal_kept(torch.from_numpy(self.mu), torch.from_numpy(self.sigma),
-                            context_len - window, self.config.block_size)
+        kept = nominal_kept(
+            torch.from_numpy(self.mu),
+            torch.from_numpy(self.sigma),
+            context_len - window,
+            self.config.block_size,
+        )
         return (kept.numpy() + window) / context_len
 
     def check_fits(self, model: Any) -> None:
         """Raise ProfileError naming every fingerprint field where ``model`` differs."""
         actual = model_fingerprint(model)
-        wrong = [f"{k}: profile {self.fingerprint.get(k)!r}, model {v!r}" for k, v in actual.items()
-                 if self.fingerprint.get(k) != v]
+        wrong = [
+            f"{k}: profile {self.fingerprint.get(k)!r}, model {v!r}"
+            for k, v in actual.items()
+            if self.fingerprint.get(k) != v
+        ]
         if wrong:
             raise ProfileError(
                 "this profile was calibrated for another model (" + "; ".join(wrong) + "). "
@@ -118,8 +125,10 @@ class Profile:
         except FileNotFoundError:
             raise ProfileError(f"no profile at {path}; create one with `tca calibrate`.") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ProfileError(f"{path} is not a valid TCA profile ({error}); it may be truncated or "
-                               "corrupt: calibrate again with `tca calibrate`.") from None
+            raise ProfileError(
+                f"{path} is not a valid TCA profile ({error}); it may be truncated or "
+                "corrupt: calibrate again with `tca calibrate`."
+            ) from None
         return cls.from_json(data, source=str(path))
 
     @classmethod
@@ -133,24 +142,41 @@ class Profile:
             fingerprint = dict(data["fingerprint"])
             heads = data["heads"]
             shape = (int(fingerprint["n_layers"]), int(fingerprint["n_kv_heads"]))
-            mu = np.array([[math.inf if m is None else m for m in row] for row in heads["mu"]], dtype=np.float64)
-            arrays = {name: np.array(heads[name], dtype=np.float64) for name in
-                      ("sigma", "retained", "kept_tokens", "oracle_tokens")}
-            profile = cls(config=config, fingerprint=fingerprint, mu=mu, sigma=arrays["sigma"],
-                          retained=arrays["retained"], kept_tokens=arrays["kept_tokens"],
-                          oracle_tokens=arrays["oracle_tokens"],
-                          calibration_tokens=int(data["calibration_tokens"]),
-                          text_sha256=str(data["text_sha256"]), version=str(data["version"]),
-                          extra=dict(data.get("extra", {})))
+            mu = np.array(
+                [[math.inf if m is None else m for m in row] for row in heads["mu"]], dtype=np.float64
+            )
+            arrays = {
+                name: np.array(heads[name], dtype=np.float64)
+                for name in ("sigma", "retained", "kept_tokens", "oracle_tokens")
+            }
+            profile = cls(
+                config=config,
+                fingerprint=fingerprint,
+                mu=mu,
+                sigma=arrays["sigma"],
+                retained=arrays["retained"],
+                kept_tokens=arrays["kept_tokens"],
+                oracle_tokens=arrays["oracle_tokens"],
+                calibration_tokens=int(data["calibration_tokens"]),
+                text_sha256=str(data["text_sha256"]),
+                version=str(data["version"]),
+                extra=dict(data.get("extra", {})),
+            )
         except (KeyError, TypeError, ValueError) as error:
-            raise ProfileError(f"{source} is a damaged TCA profile ({type(error).__name__}: {error}); "
-                               "calibrate again with `tca calibrate`.") from None
+            raise ProfileError(
+                f"{source} is a damaged TCA profile ({type(error).__name__}: {error}); "
+                "calibrate again with `tca calibrate`."
+            ) from None
         for name in ("mu", "sigma", "retained", "kept_tokens", "oracle_tokens"):
             array = getattr(profile, name)
             if array.shape != shape:
-                raise ProfileError(f"{source}: heads.{name} has shape {array.shape}, expected {shape} "
-                                   "(n_layers, n_kv_heads); the file is damaged: calibrate again.")
+                raise ProfileError(
+                    f"{source}: heads.{name} has shape {array.shape}, expected {shape} "
+                    "(n_layers, n_kv_heads); the file is damaged: calibrate again."
+                )
         if np.any(profile.mu <= 0) or np.any(profile.sigma <= 0) or np.isnan(profile.mu).any():
-            raise ProfileError(f"{source}: head configurations must have mu > 0 and sigma > 0; "
-                               "the file is damaged: calibrate again.")
+            raise ProfileError(
+                f"{source}: head configurations must have mu > 0 and sigma > 0; "
+                "the file is damaged: calibrate again."
+            )
         return profile

@@ -79,7 +79,9 @@ def rank_blocks(importance: torch.Tensor, block_size: int, alpha: float) -> tupl
     return order, lengths
 
 
-def keep_mask(importance: torch.Tensor, order: torch.Tensor, budgets: torch.Tensor, block_size: int) -> torch.Tensor:
+def keep_mask(
+    importance: torch.Tensor, order: torch.Tensor, budgets: torch.Tensor, block_size: int
+) -> torch.Tensor:
     """Keep the top-``budget`` tokens of each block by importance.
 
     Args:
@@ -160,7 +162,9 @@ def pack_selection(rows: list[list[torch.Tensor]], context_len: int, device: tor
     """Pad per-(batch, KV head) index lists into a ``Selection``."""
     counts = torch.tensor([[len(r) for r in row] for row in rows], dtype=torch.int64, device=device)
     width = int(counts.max()) if counts.numel() else 0
-    indices = torch.full((len(rows), len(rows[0]) if rows else 0, width), context_len, dtype=torch.int64, device=device)
+    indices = torch.full(
+        (len(rows), len(rows[0]) if rows else 0, width), context_len, dtype=torch.int64, device=device
+    )
     for b, row in enumerate(rows):
         for g, kept in enumerate(row):
             indices[b, g, : len(kept)] = kept

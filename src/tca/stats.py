@@ -10,7 +10,9 @@ import torch
 from .select import Selection
 
 
-def pair_counts(selection: Selection, key_start: torch.Tensor, local_window: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_counts(
+    selection: Selection, key_start: torch.Tensor, local_window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Query-key pairs a TCA prefill computes, and those dense causal attention computes.
 
     Query ``j`` computes its window ``min(w, j + 1)`` plus the kept keys ``k <= j - w``; so kept
@@ -60,8 +62,15 @@ class RunStats:
         self.gamma = np.zeros((self.n_layers, self.n_heads))
         self.error_bound = np.zeros((self.n_layers, self.n_heads))
 
-    def record_prefill(self, layer: int, selection: Selection, key_start: torch.Tensor, local_window: int,
-                       gamma: torch.Tensor, bound: torch.Tensor) -> None:
+    def record_prefill(
+        self,
+        layer: int,
+        selection: Selection,
+        key_start: torch.Tensor,
+        local_window: int,
+        gamma: torch.Tensor,
+        bound: torch.Tensor,
+    ) -> None:
         """Store one layer's prefill figures (batch-averaged)."""
         tca_pairs, dense_pairs = pair_counts(selection, key_start, local_window)
         n = (selection.context_len - key_start).double()
@@ -78,7 +87,7 @@ class RunStats:
 
     @property
     def kept_fraction(self) -> float:
-        """KV entries kept after prefill over context tokens, window included; mean over layers and KV heads."""
+        """KV entries kept after prefill / context tokens (window included), mean over layers, KV heads."""
         return float((self.kept_entries / self.context_tokens[:, None].clip(min=1)).mean())
 
     @property

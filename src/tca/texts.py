@@ -34,4 +34,6 @@ def calibration_text() -> str:
 
 def evaluation_texts(kind: str = "prose") -> dict[str, str]:
     """Bundled evaluation texts of one kind ('prose', 'docs' or 'code'), never the calibration text."""
-    return {e["file"]: read_text(e["file"]) for e in manifest() if e["role"] == "evaluation" and e["kind"] == kind}
+    return {
+        e["file"]: read_text(e["file"]) for e in manifest() if e["role"] == "evaluation" and e["kind"] == kind
+    }

@@ -42,7 +42,9 @@ def score_window(model, input_ids: torch.Tensor, chunk: int = 512) -> WindowScor
 def prose_windows(tokenizer, texts: dict[str, str], length: int, count: int, seed: int) -> list[torch.Tensor]:
     """``count`` windows of ``length`` tokens from real texts, one text after another, at seeded offsets."""
     rng = random.Random(seed)
-    tokenized = {name: tokenizer(text, add_special_tokens=False)["input_ids"] for name, text in sorted(texts.items())}
+    tokenized = {
+        name: tokenizer(text, add_special_tokens=False)["input_ids"] for name, text in sorted(texts.items())
+    }
     names = [n for n, ids in tokenized.items() if len(ids) >= length]
     if not names:
         raise ValueError(f"no text has {length} tokens")
@@ -65,8 +67,11 @@ def compare(dense: WindowScores, sparse: WindowScores) -> dict[str, float]:
         out[f"tca_nll_q{q + 1}"] = float(sparse.nll[idx].sum())
         out[f"tokens_q{q + 1}"] = len(idx)
     half = np.arange(n // 2, n)
-    out.update(dense_nll_half=float(dense.nll[half].sum()), tca_nll_half=float(sparse.nll[half].sum()),
-               tokens_half=len(half))
+    out.update(
+        dense_nll_half=float(dense.nll[half].sum()),
+        tca_nll_half=float(sparse.nll[half].sum()),
+        tokens_half=len(half),
+    )
     return out
 
 
@@ -77,7 +82,7 @@ def evaluate_profile(model, profile: Profile, windows: list[torch.Tensor], dense
     windows: exp of the mean NLL difference), and the mean kept and pairs fractions.
     """
     rows, kept, pairs = [], [], []
-    for ids, dense_scores in zip(windows, dense):
+    for ids, dense_scores in zip(windows, dense, strict=True):
         with apply(model, profile) as run:
             sparse = score_window(model, ids)
         rows.append(compare(dense_scores, sparse))
@@ -93,8 +98,9 @@ def evaluate_profile(model, profile: Profile, windows: list[torch.Tensor], dense
         "kl_last_max": float(np.max([r["kl_last"] for r in rows])),
         "ppl_ratio_second_half": ratio("half"),
         "ppl_ratio_by_quarter": [ratio(f"q{q}") for q in range(1, 5)],
-        "dense_ppl_second_half": float(np.exp(sum(r["dense_nll_half"] for r in rows)
-                                              / sum(r["tokens_half"] for r in rows))),
+        "dense_ppl_second_half": float(
+            np.exp(sum(r["dense_nll_half"] for r in rows) / sum(r["tokens_half"] for r in rows))
+        ),
         "kept_fraction": float(np.mean(kept)),
         "pairs_fraction": float(np.mean(pairs)),
         "windows": len(rows),
