@@ -284,7 +284,7 @@ def test_rank_fractions(mu, sigma, n_blocks, factor):
     equal_blocks = block_budgets(fractions, torch.full((n_blocks,), 128))
     assert (equal_blocks[1:] <= equal_blocks[:-1]).all()
     larger = rank_fractions(mu_t * factor, sigma_t, n_blocks)
-    assert (larger >= fractions).all(), "a larger mu keeps at least as much at every rank"
+    assert (larger >= fractions - 1e-12).all(), "a larger mu keeps at least as much at every rank"
     budgets = block_budgets(larger, torch.full((n_blocks,), 17))
     assert (block_budgets(fractions, torch.full((n_blocks,), 17)) <= budgets).all()
 

@@ -49,7 +49,7 @@ def rank_fractions(mu: torch.Tensor, sigma: torch.Tensor, n_blocks: int) -> torc
     finite_mu = torch.where(torch.isinf(mu), torch.ones_like(mu), mu)
     area = _expected_min(finite_mu, sigma, edges)  # (..., n_blocks + 1)
     fractions = (area[..., 1:] - area[..., :-1]) * n_blocks
-    fractions = fractions.clamp(0.0, 1.0)
+    fractions = torch.cummin(fractions.clamp(0.0, 1.0), dim=-1).values  # exact monotonicity despite rounding
     return torch.where(torch.isinf(mu), torch.ones_like(fractions), fractions)
 
 

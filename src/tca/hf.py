@@ -9,6 +9,7 @@ finds the run that owns the calling attention module.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,7 +20,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import ops
+from .cache import HeadStore, TCACache, TCACacheLayer, mean_keep_fraction
 from .error_bound import last_query_dropped_mass, theorem1_bound
+from .ops import reference
 from .profile import Profile, model_fingerprint
 from .select import select
 from .stats import RunStats
@@ -112,55 +115,193 @@ def check_context(model: torch.nn.Module, context_len: int) -> None:
 
 
 class TCARun:
-    """The state of one ``tca.apply``: profile, configuration and statistics."""
+    """The state of one ``tca.apply``: profile, configuration, the compressed cache and statistics.
 
-    def __init__(self, model: torch.nn.Module, profile: Profile):
+    ``cache`` is the ``TCACache`` that ``generate`` uses (a new one per call unless one is passed
+    as ``past_key_values``; ``new_cache()`` makes one to reuse across turns).
+    """
+
+    def __init__(self, model: torch.nn.Module, profile: Profile, keep_history: bool = True):
         check_supported(model)
         profile.check_fits(model)
         self.model = model
         self.profile = profile
         self.config = profile.config
-        fingerprint = profile.fingerprint
-        self.stats = RunStats(fingerprint["n_layers"], fingerprint["n_kv_heads"], fingerprint["n_heads"])
+        self.keep_history = keep_history
+        self.fingerprint = profile.fingerprint
+        self.group = self.fingerprint["n_heads"] // self.fingerprint["n_kv_heads"]
+        self.stats = RunStats(
+            self.fingerprint["n_layers"], self.fingerprint["n_kv_heads"], self.fingerprint["n_heads"]
+        )
+        self.cache: TCACache | None = None
+        self.decode_keep = [
+            [round(self.config.block_size * mean_keep_fraction(m, s)) for m, s in zip(mu, sigma, strict=True)]
+            for mu, sigma in zip(profile.mu.tolist(), profile.sigma.tolist(), strict=True)
+        ]
+
+    def new_cache(self) -> TCACache:
+        """A fresh compressed cache, made the run's current one."""
+        self.cache = TCACache(self.fingerprint["n_layers"], self.keep_history)
+        return self.cache
 
     def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
-        """Attention for one layer: TCA for a prefill, dense over the cache otherwise."""
-        if query.shape[2] != key.shape[2]:
-            return sdpa_attention_forward(
-                module, query, key, value, attention_mask, scaling=scaling, **kwargs
-            )
-        return self.prefill(module.layer_idx, query, key, value, attention_mask, scaling)
+        """Attention for one layer call (the AttentionInterface signature). Returns ((B, Lq, H, d), None)."""
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        layer_idx = module.layer_idx
+        layer = self._cache_layer(layer_idx, key)
+        if layer is not None:
+            check_context(self.model, layer.seen + key.shape[2])
+        key_start = key_start_from_mask(
+            attention_mask, attention_mask.shape[-1] if attention_mask is not None else 0
+        )
+        if layer is None:
+            if query.shape[2] != key.shape[2]:  # decode over someone else's (dense) cache
+                return sdpa_attention_forward(
+                    module, query, key, value, attention_mask, scaling=scaling, **kwargs
+                )
+            out, _ = self.prefill(layer_idx, query, key, value, key_start, scale)
+        elif layer.seen == 0:
+            out, selection = self.prefill(layer_idx, query, key, value, key_start, scale)
+            self._store(layer, key, value, selection, key_start)
+            layer.remember(key, value)
+        elif query.shape[2] == 1:
+            out = self._decode(layer, layer_idx, query, key, value, scale)
+        else:
+            out = self._new_turn(layer, layer_idx, query, key, value, key_start, scale)
+        if layer is not None:
+            layer.seen += key.shape[2]
+            layer.pending = 0
+            self._compress(layer, layer_idx, query, scale)
+            if layer_idx == self.fingerprint["n_layers"] - 1:
+                self.stats.record_cache(self.cache)
+        return out.transpose(1, 2).contiguous(), None
 
-    def prefill(self, layer, query, key, value, attention_mask, scaling):
-        """TCA prefill: select, attend sparsely, record statistics. Returns ((B, L, H, d), None)."""
+    def _cache_layer(self, layer_idx: int, key: torch.Tensor) -> TCACacheLayer | None:
+        """The compressed-cache layer this call belongs to, or None when no TCA cache is in use."""
+        if self.cache is None:
+            return None
+        layer = self.cache.layers[layer_idx]
+        return layer if layer.pending == key.shape[2] and layer.pending > 0 else None
+
+    def prefill(self, layer, query, key, value, key_start, scale):
+        """TCA prefill of the whole context (or of a new turn's queries over ``key``): select,
+        attend sparsely, record statistics. Returns ((B, H, Lq, d), Selection)."""
         context_len = key.shape[2]
         check_context(self.model, context_len)
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        key_start = key_start_from_mask(attention_mask, context_len)
         mu, sigma = self.profile.head_config(layer)
         window = self.config.effective_window
         observed = query[:, :, -self.config.observation_queries :]
         selection = select(observed, key, mu, sigma, self.config, scale, key_start)
+        if query.shape[2] == context_len:
+            out = ops.sparse_prefill(
+                query, key, value, selection, window, scale, key_start, self.config.query_chunk
+            )
+        else:
+            out = reference.sparse_prefill(
+                query, key, value, selection, window, scale, key_start, self.config.query_chunk
+            )
+        gamma = last_query_dropped_mass(query[:, :, -1], key, selection, window, scale, key_start)
         start = (
             key_start
             if key_start is not None
             else torch.zeros(key.shape[0], dtype=torch.int64, device=key.device)
         )
-        out = ops.sparse_prefill(
-            query, key, value, selection, window, scale, key_start, self.config.query_chunk
-        )
-        gamma = last_query_dropped_mass(query[:, :, -1], key, selection, window, scale, key_start)
         self.stats.record_prefill(layer, selection, start, window, gamma, theorem1_bound(gamma, value))
-        return out.transpose(1, 2).contiguous(), None
+        return out, selection
+
+    def _store(self, layer: TCACacheLayer, key, value, selection, key_start) -> None:
+        """Fill the layer's cache with each head's kept tokens plus the window (true positions)."""
+        batch, n_kv, context_len, _ = key.shape
+        window = self.config.effective_window
+        layer.heads = []
+        for g in range(n_kv):
+            rows = []
+            for b in range(batch):
+                first = 0 if key_start is None else int(key_start[b])
+                kept = selection.indices[b, g, : int(selection.counts[b, g])]
+                recent = torch.arange(max(context_len - window, first), context_len, device=key.device)
+                rows.append(torch.cat([kept, recent]))
+            lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64, device=key.device)
+            indices = torch.full(
+                (batch, int(lengths.max())), context_len, dtype=torch.int64, device=key.device
+            )
+            for b, row in enumerate(rows):
+                indices[b, : len(row)] = row
+            layer.heads.append(HeadStore.gather(key[:, g], value[:, g], indices, lengths))
+        layer.boundary = max(context_len - window, 0)
+
+    def _decode(self, layer: TCACacheLayer, layer_idx: int, query, key, value, scale) -> torch.Tensor:
+        """One new token: append it to every head, attend over each head's entries. (B, H, 1, d)."""
+        outs = []
+        for g, head in enumerate(layer.heads):
+            head.extend(key[:, g], value[:, g], layer.seen)
+            q = query[:, g * self.group : (g + 1) * self.group]
+            outs.append(ops.decode(q, head.keys[:, None], head.values[:, None], head.lengths[:, None], scale))
+        layer.remember(key, value)
+        return torch.cat(outs, dim=1)
+
+    def _new_turn(self, layer: TCACacheLayer, layer_idx: int, query, key, value, key_start, scale):
+        """A prefill onto a non-empty cache: select again from the whole host history when it is
+        kept, else attend to the stored entries plus the new tokens (causal). (B, H, n, d)."""
+        if layer.history is not None:
+            full_key = torch.cat([layer.history[0].to(key.device, key.dtype), key], dim=2)
+            full_value = torch.cat([layer.history[1].to(value.device, value.dtype), value], dim=2)
+            out, selection = self.prefill(layer_idx, query, full_key, full_value, key_start, scale)
+            self._store(layer, full_key, full_value, selection, key_start)
+            layer.remember(key, value)
+            return out
+        outs = []
+        for g, head in enumerate(layer.heads):
+            q = query[:, g * self.group : (g + 1) * self.group]
+            outs.append(
+                reference.attend_after_cache(
+                    q, head.keys, head.values, head.lengths, key[:, g], value[:, g], scale
+                )
+            )
+            head.extend(key[:, g], value[:, g], layer.seen)
+        return torch.cat(outs, dim=1)
+
+    def _compress(self, layer: TCACacheLayer, layer_idx: int, query, scale) -> None:
+        """Cut every block that has left the window to its head's budget (DESIGN 2.4)."""
+        block, window = self.config.block_size, self.config.effective_window
+        while layer.seen - window - layer.boundary >= block:
+            for g, head in enumerate(layer.heads):
+                keep = self.decode_keep[layer_idx][g]
+                if keep < block:
+                    q = query[:, g * self.group : (g + 1) * self.group, -1]
+                    head.compress_block(layer.boundary, block, keep, q, scale)
+            layer.boundary += block
+
+
+def _generate_with_cache(run: TCARun, generate: Callable) -> Callable:
+    """``model.generate`` that uses the run's compressed cache unless the caller passes a cache."""
+    # transformers >= 5.2x calls it ``cache`` (``past_key_values`` is deprecated there); 5.17 knows only the old name
+    name = "cache" if "cache" in inspect.signature(type(run.model).forward).parameters else "past_key_values"
+
+    def tca_generate(*args, **kwargs):
+        given = kwargs.get("past_key_values", kwargs.get("cache"))
+        if given is None:
+            kwargs[name] = run.new_cache()
+        elif isinstance(given, TCACache):
+            run.cache = given
+        return generate(*args, **kwargs)
+
+    return tca_generate
 
 
 @contextlib.contextmanager
-def apply(model: torch.nn.Module, profile: Profile) -> Iterator[TCARun]:
-    """Run ``model``'s forward passes with TCA attention inside the block.
+def apply(model: torch.nn.Module, profile: Profile, keep_history: bool = True) -> Iterator[TCARun]:
+    """Run ``model`` with TCA attention inside the block.
 
-    Yields the ``TCARun``, whose ``stats`` fill as the model runs. Everything is restored on
-    exit, also after an exception.
+    Prefill uses TCA sparse attention; ``model.generate`` also uses a compressed per-head KV
+    cache (``run.cache``). ``keep_history`` keeps every token's K/V on the host so that a new
+    turn re-selects from the whole conversation. Yields the ``TCARun``, whose ``stats`` fill as
+    the model runs. Everything is restored on exit, also after an exception.
     """
-    run = TCARun(model, profile)
+    run = TCARun(model, profile, keep_history)
     with attention_handler(model, ATTENTION_NAME, run):
-        yield run
+        model.generate = _generate_with_cache(run, type(model).generate.__get__(model))
+        try:
+            yield run
+        finally:
+            del model.generate

@@ -37,7 +37,10 @@ class RunStats:
     Per layer, arrays are over KV heads (batch-averaged): ``kept_counts`` kept global tokens,
     ``kept_entries`` KV entries kept (global + window), ``context_tokens`` valid tokens;
     ``gamma`` (n_layers, n_heads) the last query's dropped attention mass and
-    ``error_bound`` the Theorem 1 bound ``2 * gamma * max|V|`` per output element.
+    ``error_bound`` the Theorem 1 bound ``2 * gamma * max|V|`` per output element. After a
+    generation with the compressed cache: ``kv_bytes`` (what the device cache holds, all layers),
+    ``dense_kv_bytes`` (a dense cache for the same tokens) and ``host_kv_bytes`` (history kept on
+    the host for multi-turn re-selection).
     """
 
     n_layers: int
@@ -51,6 +54,9 @@ class RunStats:
     gamma: np.ndarray = field(init=False)
     error_bound: np.ndarray = field(init=False)
     prefills: int = 0
+    kv_bytes: int = 0
+    dense_kv_bytes: int = 0
+    host_kv_bytes: int = 0
 
     def __post_init__(self) -> None:
         per_kv = (self.n_layers, self.n_kv_heads)
@@ -84,6 +90,12 @@ class RunStats:
         self.error_bound[layer] = bound.double().mean(0).cpu().numpy()
         if layer == 0:
             self.prefills += 1
+
+    def record_cache(self, cache) -> None:
+        """Store the compressed cache's sizes: device bytes, dense-equivalent bytes, host history bytes."""
+        self.kv_bytes = cache.kv_bytes
+        self.dense_kv_bytes = cache.dense_kv_bytes()
+        self.host_kv_bytes = cache.host_kv_bytes
 
     @property
     def kept_fraction(self) -> float:

@@ -37,29 +37,32 @@ def sparse_prefill(
     """TCA prefill attention.
 
     Args:
-        query: (B, H, L, d); key, value: (B, G, L, d) with H a multiple of G.
+        query: (B, H, Lq, d), the last Lq positions of the context (Lq = L for a whole prefill,
+            fewer for a new turn over a history); key, value: (B, G, L, d), H a multiple of G.
         selection: kept indices (B, G, K), padded with L.
         local_window: effective window w >= 1 (each query sees keys ``(j - w, j]``).
         key_start: (B,) first valid key per row (left padding); queries before it output 0.
     Returns:
-        (B, H, L, d) in the query's dtype; computed in float32.
+        (B, H, Lq, d) in the query's dtype; computed in float32.
     """
-    batch, n_heads, context_len, head_dim = query.shape
-    n_kv = key.shape[1]
+    batch, n_heads, q_len, head_dim = query.shape
+    n_kv, context_len = key.shape[1], key.shape[2]
+    offset = context_len - q_len
     group = n_heads // n_kv
     start = torch.zeros(batch, dtype=torch.int64, device=query.device) if key_start is None else key_start
-    q = query.float().view(batch, n_kv, group, context_len, head_dim)
+    q = query.float().view(batch, n_kv, group, q_len, head_dim)
     k, v = key.float(), value.float()
     kept = selection.indices.clamp_max(context_len - 1)
     gather = kept.unsqueeze(-1).expand(-1, -1, -1, head_dim)
     k_kept = torch.gather(k, 2, gather).unsqueeze(2)  # (B, G, 1, K, d)
     v_kept = torch.gather(v, 2, gather).unsqueeze(2)
     kept_pos = selection.indices.view(batch, n_kv, 1, 1, -1)  # (B, G, 1, 1, K)
-    out = torch.empty(batch, n_kv, group, context_len, head_dim, device=query.device)
-    for lo in range(0, context_len, query_chunk):
-        hi = min(lo + query_chunk, context_len)
+    out = torch.empty(batch, n_kv, group, q_len, head_dim, device=query.device)
+    for q_lo in range(0, q_len, query_chunk):
+        q_hi = min(q_lo + query_chunk, q_len)
+        lo, hi = q_lo + offset, q_hi + offset  # key positions of this chunk's queries
         rows = torch.arange(lo, hi, device=query.device).view(1, 1, 1, -1, 1)  # (1,1,1,C,1)
-        q_chunk = q[:, :, :, lo:hi]  # (B, G, group, C, d)
+        q_chunk = q[:, :, :, q_lo:q_hi]  # (B, G, group, C, d)
         kept_visible = kept_pos <= rows - local_window
         kept_scores = torch.matmul(q_chunk, k_kept.transpose(-1, -2)) * scale  # (B, G, group, C, K)
         w_lo = max(0, lo - local_window + 1)
@@ -75,8 +78,8 @@ def sparse_prefill(
         values = torch.cat(
             [v_kept.expand(-1, -1, group, -1, -1), v[:, :, None, w_lo:hi].expand(-1, -1, group, -1, -1)], 3
         )
-        out[:, :, :, lo:hi] = _masked_softmax_combine(scores, visible, values)
-    return out.view(batch, n_heads, context_len, head_dim).to(query.dtype)
+        out[:, :, :, q_lo:q_hi] = _masked_softmax_combine(scores, visible, values)
+    return out.view(batch, n_heads, q_len, head_dim).to(query.dtype)
 
 
 def dense_causal(
@@ -132,3 +135,32 @@ def decode_reference(
     values = value.float().unsqueeze(2).expand(-1, -1, group, -1, -1)
     out = _masked_softmax_combine(scores, visible.expand_as(scores), values)
     return out.view(batch, n_heads, 1, head_dim).to(query.dtype)
+
+
+def attend_after_cache(
+    query: torch.Tensor,
+    cached_key: torch.Tensor,
+    cached_value: torch.Tensor,
+    lengths: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """New tokens of one KV head attending to its cached entries (all earlier) and, causally, to each other.
+
+    Args:
+        query: (B, group, n, d); cached_key, cached_value: (B, C, d) valid up to ``lengths`` (B,);
+        key, value: (B, n, d) the new tokens' states.
+    Returns:
+        (B, group, n, d) in the query's dtype.
+    """
+    n, capacity = query.shape[2], cached_key.shape[1]
+    keys = torch.cat([cached_key, key], dim=1).float().unsqueeze(1)  # (B, 1, C + n, d)
+    values = torch.cat([cached_value, value], dim=1).float().unsqueeze(1)
+    scores = torch.matmul(query.float(), keys.transpose(-1, -2)) * scale  # (B, group, n, C + n)
+    cols = torch.arange(capacity + n, device=query.device).view(1, 1, 1, -1)
+    rows = torch.arange(n, device=query.device).view(1, 1, -1, 1)
+    cached = cols < lengths.view(-1, 1, 1, 1)
+    new = (cols >= capacity) & (cols - capacity <= rows)
+    out = _masked_softmax_combine(scores, cached | new, values.expand(-1, query.shape[1], -1, -1))
+    return out.to(query.dtype)

@@ -1,0 +1,190 @@
+"""A compressed KV cache (DESIGN 2.3-2.4): each KV head stores only what it keeps, at its true length.
+
+Per layer and KV head, the cache holds (B, capacity, d) keys and values and a (B,) length: after
+prefill the selected tokens plus the window, with their true positions (keys are stored after
+RoPE, so positions stay right). Decode appends; each time ``block_size`` tokens have left the
+window, that block is cut to the head's budget by the current query's importance. Heads of one
+layer have different lengths; nothing is padded to the longest head.
+
+Multi-turn: with ``keep_history=True`` (default) every token's K/V is also kept on the host, and
+a new turn (a prefill onto a non-empty cache) selects again from the whole history with the new
+turn's last query, so a needle that turn 1 dropped can come back for turn 2. The cost is host
+memory (dense) and one gather per layer per turn; ``host_kv_bytes`` reports it.
+
+The attention itself is done by ``TCARun`` (``hf.py``): ``update`` only hands the new states
+over; the run reads and writes the per-head storage through this class's methods.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class HeadStore:
+    """Keys/values of one (layer, KV head): (B, capacity, d) with a (B,) valid length."""
+
+    def __init__(
+        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor
+    ):
+        self.keys, self.values, self.positions, self.lengths = keys, values, positions, lengths
+
+    @classmethod
+    def gather(cls, key: torch.Tensor, value: torch.Tensor, indices: torch.Tensor, lengths: torch.Tensor):
+        """Store ``key[b, indices[b, :lengths[b]]]`` (key, value: (B, L, d); indices (B, N) ascending)."""
+        safe = indices.clamp_max(key.shape[1] - 1)
+        expand = safe.unsqueeze(-1).expand(-1, -1, key.shape[-1])
+        return cls(torch.gather(key, 1, expand), torch.gather(value, 1, expand), indices, lengths)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for keys and values."""
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def extend(self, key: torch.Tensor, value: torch.Tensor, first_position: int) -> None:
+        """Write n tokens per row (key, value: (B, n, d)) after each row's last entry."""
+        batch, n, _ = key.shape
+        needed = int(self.lengths.max()) + n - self.keys.shape[1]
+        if needed > 0:
+            self._grow(max(needed, 16, self.keys.shape[1] // 8))
+        slots = self.lengths.view(-1, 1) + torch.arange(n, device=key.device).view(1, -1)  # (B, n)
+        rows = torch.arange(batch, device=key.device).view(-1, 1)
+        self.keys[rows, slots] = key
+        self.values[rows, slots] = value
+        self.positions[rows, slots] = first_position + torch.arange(n, device=key.device).view(1, -1)
+        self.lengths += n
+
+    def _grow(self, extra: int) -> None:
+        pad = (0, 0, 0, extra)
+        self.keys = torch.nn.functional.pad(self.keys, pad)
+        self.values = torch.nn.functional.pad(self.values, pad)
+        self.positions = torch.nn.functional.pad(self.positions, (0, extra), value=-1)
+
+    def compress_block(
+        self, block_start: int, block: int, keep: int, query: torch.Tensor, scale: float
+    ) -> None:
+        """Cut each row's entries at positions [block_start, block_start + block) to their ``keep``
+        most important for ``query`` (B, group, d) (softmax within the block, averaged over the group)."""
+        for row in range(self.keys.shape[0]):
+            length = int(self.lengths[row])
+            positions = self.positions[row, :length]
+            lo = int(torch.searchsorted(positions, block_start))
+            hi = int(torch.searchsorted(positions, block_start + block))
+            if hi - lo <= keep:
+                continue
+            logits = torch.matmul(query[row].float(), self.keys[row, lo:hi].float().T) * scale  # (group, n)
+            importance = torch.softmax(logits, -1).mean(0)
+            top = torch.topk(importance, keep, sorted=False).indices.sort().values + lo
+            order = torch.cat([top, torch.arange(hi, length, device=top.device)])
+            for tensor in (self.keys, self.values, self.positions):
+                tensor[row, lo : lo + len(order)] = tensor[row, order].clone()
+            self.lengths[row] = lo + len(order)
+
+
+class TCACacheLayer(CacheLayerMixin):
+    """One layer of the compressed cache. ``update`` only passes the new states through."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, keep_history: bool = True):
+        super().__init__()
+        self.keep_history = keep_history
+        self.heads: list[HeadStore] = []
+        self.seen = 0  # tokens processed (index space, padding included)
+        self.boundary = 0  # positions >= boundary are not compressed yet (the window and what just left it)
+        self.pending = 0  # length of the states handed over by the last update
+        self.history: tuple[torch.Tensor, torch.Tensor] | None = None  # host (B, G, seen, d) keys, values
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Hand the new (B, G, n, d) states to the attention call unchanged."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.pending = key_states.shape[-2]
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.heads, self.seen, self.boundary, self.pending, self.history = [], 0, 0, 0, None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("the TCA cache cannot be cropped (assisted decoding is not supported).")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the device cache of this layer holds."""
+        return sum(head.nbytes for head in self.heads)
+
+    @property
+    def host_nbytes(self) -> int:
+        """Bytes of the host history of this layer."""
+        if self.history is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self.history)
+
+    def remember(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Append (B, G, n, d) states to the host history (when kept)."""
+        if not self.keep_history:
+            return
+        key, value = key.to("cpu", copy=True), value.to("cpu", copy=True)
+        if self.history is None:
+            self.history = (key, value)
+        else:
+            self.history = (torch.cat([self.history[0], key], 2), torch.cat([self.history[1], value], 2))
+
+
+class TCACache(Cache):
+    """The compressed cache for ``model.generate`` under ``tca.apply`` (one ``TCACacheLayer`` per layer)."""
+
+    def __init__(self, n_layers: int, keep_history: bool = True):
+        super().__init__(layers=[TCACacheLayer(keep_history) for _ in range(n_layers)])
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes the device cache holds over all layers (keys and values, allocated)."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def host_kv_bytes(self) -> int:
+        """Bytes of host history kept for multi-turn re-selection."""
+        return sum(layer.host_nbytes for layer in self.layers)
+
+    def dense_kv_bytes(self) -> int:
+        """Bytes a dense cache would hold for the same tokens (every head, the batch's padding included)."""
+        total = 0
+        for layer in self.layers:
+            if layer.heads:
+                head = layer.heads[0]
+                n_kv = len(layer.heads)
+                total += (
+                    2
+                    * head.keys.shape[0]
+                    * n_kv
+                    * layer.seen
+                    * head.keys.shape[-1]
+                    * head.keys.element_size()
+                )
+        return total
+
+
+def mean_keep_fraction(mu: float, sigma: float) -> float:
+    """Fraction of a block a head keeps on average: E[min(X, 1)], X ~ LogNormal(ln mu, sigma)."""
+    if math.isinf(mu):
+        return 1.0
+    from .budgets import rank_fractions
+
+    return float(rank_fractions(torch.tensor(mu), torch.tensor(sigma), 1)[0])
