@@ -37,6 +37,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--local-windows", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--taus", type=float, nargs="+", default=[0.8, 0.9, 0.95, 0.99])
     parser.add_argument("--calibration-tokens", type=int, default=4096)
+    parser.add_argument("--observation-queries", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)
@@ -60,13 +61,13 @@ def head_spread(profile, lengths):
 def main() -> None:
     args = parse_args()
     model, tokenizer = load_model("smollm2", dtype=getattr(torch, args.dtype), device=args.device)
-    default = TCAConfig.for_model(model)
+    overrides = {} if args.observation_queries is None else {"observation_queries": args.observation_queries}
+    default = TCAConfig.for_model(model, **overrides)
     configs = (
         [default]
         if not args.frontier
         else [
-            TCAConfig.for_model(model).replace(local_window=w, block_size=min(128, max(16, w // 8)))
-            for w in args.local_windows
+            default.replace(local_window=w, block_size=min(128, max(16, w // 8))) for w in args.local_windows
         ]
     )
     taus = [default.tau] if not args.frontier else args.taus

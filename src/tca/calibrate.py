@@ -79,8 +79,8 @@ def window_and_outside_mass(query: torch.Tensor, key: torch.Tensor, window: int,
     for lo in range(window, context_len, chunk):
         hi = min(lo + chunk, context_len)
         scores = torch.matmul(q[:, :, lo:hi], k[:, None, :hi].transpose(-1, -2)) * scale  # (G, group, C, hi)
-        rows = torch.arange(lo, hi).view(-1, 1)
-        cols = torch.arange(hi).view(1, -1)
+        rows = torch.arange(lo, hi, device=query.device).view(-1, 1)
+        cols = torch.arange(hi, device=query.device).view(1, -1)
         probs = torch.softmax(scores.masked_fill(cols > rows, float("-inf")), dim=-1)
         in_window = cols > rows - window
         base += (probs * in_window).sum((1, 2, 3)).double().cpu()

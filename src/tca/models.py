@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +32,65 @@ def bundled_gguf(name: str) -> Path:
     return path
 
 
+def cache_dir() -> Path:
+    """Where tca caches files: ``$TCA_CACHE_DIR``, else ``$XDG_CACHE_HOME/tca``, else ``~/.cache/tca``."""
+    if os.environ.get("TCA_CACHE_DIR"):
+        return Path(os.environ["TCA_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "tca"
+
+
+def cached_model_dir(gguf: Path) -> Path:
+    """The de-quantised checkpoint cached for one GGUF file (keyed by its name and size)."""
+    return cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
+
+
+def _write_model_cache(model: Any, tokenizer: Any, target: Path) -> None:
+    """Save a de-quantised GGUF model as a safetensors checkpoint at ``target``, atomically.
+
+    transformers refuses to save a model loaded from GGUF (it is marked quantized although its
+    weights are plain tensors), so the mark is lifted while saving. A cache that cannot be written
+    (read-only or full disk) is a warning, never an error.
+    """
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    quantizer = getattr(model, "hf_quantizer", None)
+    try:
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        config_path = tmp / "config.json"
+        config = json.loads(config_path.read_text())
+        config.pop("quantization_config", None)
+        config_path.write_text(json.dumps(config, indent=2))
+        tmp.replace(target)
+    except OSError as error:
+        warnings.warn(f"could not cache the de-quantised model at {target}: {error}", stacklevel=3)
+    finally:
+        model.hf_quantizer = quantizer
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_bundled(name: str, dtype: torch.dtype, cache: bool) -> tuple[Any, Any]:
+    """A bundled GGUF model: from the safetensors cache when there, else de-quantised (then cached)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = bundled_gguf(name)
+    cached = cached_model_dir(gguf)
+    if cache and (cached / "config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(cached)
+        return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype), tokenizer
+    source, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    # de-quantise to float32 so the cache holds the GGUF's values exactly, whatever dtype is asked
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    if cache:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        _write_model_cache(model, tokenizer, cached)
+    return model.to(dtype), tokenizer
+
+
 def load_model(
-    name: str = "smollm2", dtype: torch.dtype = torch.float32, device: str = "cpu"
+    name: str = "smollm2", dtype: torch.dtype = torch.float32, device: str = "cpu", cache: bool = True
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)``.
 
@@ -39,20 +99,21 @@ def load_model(
             download) or the path of a local Hugging Face checkpoint directory.
         dtype: parameter dtype (the GGUF is de-quantised to it).
         device: where the model goes.
+        cache: for a bundled model, keep the de-quantised weights as safetensors under
+            ``cache_dir()`` (about 0.5 GB for SmolLM2) so that later loads take a few seconds
+            instead of ~30 s; the cached weights are identical to the GGUF's.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name in BUNDLED:
-        gguf = bundled_gguf(name)
-        kwargs = {"gguf_file": gguf.name}
-        source = str(gguf.parent)
+        model, tokenizer = _load_bundled(name, dtype, cache)
     elif Path(name).is_dir():
-        kwargs, source = {}, name
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     else:
         raise ValueError(
             f"unknown model {name!r}: pass one of {sorted(BUNDLED)} or a local checkpoint directory."
         )
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).to(device)
+    model = model.to(device)
     model.eval()
     return model, tokenizer

@@ -2,6 +2,10 @@
 
 ``TCA_BACKEND`` (``auto`` | ``reference`` | ``triton``) or ``use_backend(...)`` overrides the
 choice; ``auto`` takes the kernels on a CUDA device when Triton imports, the reference elsewhere.
+Entries: ``select`` (online selection), ``sparse_prefill`` (with the measured crossover to dense
+attention on the Triton backend), ``decode`` (one query over a compressed per-head cache).
+Shapes the kernels do not take (head dim not a power of two >= 16, other dtypes) fall back to
+the reference.
 """
 
 from __future__ import annotations
@@ -49,11 +53,12 @@ def use_backend(name: str) -> Iterator[None]:
         _override = previous
 
 
-# Sparse pays only when it skips enough pairs: the kernel runs at about this fraction of dense
-# SDPA's pair rate (measured on the H100, benchmarks/NOTES-kernels.md), so above this
-# pairs_fraction the dispatcher runs dense causal attention instead (the same function: the
-# kept set plus the window never exceeds the causal past).
-DENSE_CROSSOVER = 0.7
+# Sparse pays only when it skips enough pairs: the kernel runs at about `efficiency` of dense
+# SDPA's pair rate, so it wins when pairs_fraction < efficiency. Per head dim, the lowest
+# efficiency measured on the H100 (benchmarks/NOTES-kernels.md); past it the dispatcher runs
+# dense causal attention instead.
+DENSE_CROSSOVER = {128: 0.55, 64: 0.45}
+DEFAULT_CROSSOVER = 0.45
 
 
 def pairs_fraction(context_len: int, local_window: int, kept: int) -> float:
@@ -68,9 +73,10 @@ def pairs_fraction(context_len: int, local_window: int, kept: int) -> float:
     return min(1.0, (window_pairs + kept_pairs) / dense)
 
 
-def sparse_pays(context_len: int, local_window: int, kept: int) -> bool:
+def sparse_pays(context_len: int, local_window: int, kept: int, head_dim: int = 128) -> bool:
     """Whether the sparse kernel beats dense attention for this shape (the measured crossover)."""
-    return pairs_fraction(context_len, local_window, kept) < DENSE_CROSSOVER
+    threshold = DENSE_CROSSOVER.get(head_dim, DEFAULT_CROSSOVER)
+    return pairs_fraction(context_len, local_window, kept) < threshold
 
 
 def sparse_prefill(query, key, value, selection, local_window, scale, key_start=None, query_chunk=256):
@@ -84,7 +90,7 @@ def sparse_prefill(query, key, value, selection, local_window, scale, key_start=
         from .triton import launchers
 
         if launchers.supported(query, key):
-            if not sparse_pays(query.shape[2], local_window, selection.indices.shape[-1]):
+            if not sparse_pays(query.shape[2], local_window, selection.indices.shape[-1], query.shape[-1]):
                 return dense_prefill(query, key, value, selection, local_window, scale, key_start)
             return launchers.sparse_prefill(query, key, value, selection, local_window, scale, key_start)
     return reference.sparse_prefill(query, key, value, selection, local_window, scale, key_start, query_chunk)

@@ -18,12 +18,16 @@ from . import kernels
 LOG2E = 1.4426950408889634
 # Rows (query position x query head) per prefill program and keys per tile: measured on the
 # H100 (benchmarks/NOTES-kernels.md); smaller tiles keep the CPU interpreter fast.
-PREFILL_ROWS = {"cuda": 128, "cpu": 32}
-PREFILL_BLOCK_N = {"cuda": 64, "cpu": 16}
+# "fp32" (full-precision dots, no tensor-core fast path) gets small tiles to stay out of spills.
+PREFILL_ROWS = {"cuda": 128, "cpu": 64, "fp32": 64}
+PREFILL_BLOCK_N = {"cuda": 128, "cpu": 32, "fp32": 32}
 PREFILL_WARPS = 8
-PREFILL_STAGES = 3
+PREFILL_STAGES = 2
 DECODE_BLOCK_N = {"cuda": 64, "cpu": 16}
-SELECT_BLOCK_N = {"cuda": 128, "cpu": 16}
+DECODE_PROGRAMS_PER_SM = 2
+DECODE_WARPS = 4
+DECODE_STAGES = 3
+SELECT_BLOCK_N = {"cuda": 128, "cpu": 64}
 _fraction_cache: dict[tuple, tuple[torch.Tensor, int]] = {}
 # Tests set this: every buffer a kernel must fill starts as NaN (floats) or -7 (integers), so an
 # element no program wrote shows up instead of passing as a lucky zero.
@@ -97,7 +101,8 @@ def sparse_prefill(
     group = n_heads // n_kv
     window = max(int(local_window), 1)
     kind = _kind(query.device)
-    rows = max(PREFILL_ROWS[kind], triton.next_power_of_2(group))
+    tiles = "fp32" if kind == "cuda" and query.dtype == torch.float32 else kind
+    rows = max(PREFILL_ROWS[tiles], triton.next_power_of_2(group))
     positions = rows // group
     n_qblocks = triton.cdiv(context_len, positions)
     query, key, value = (_rows_contiguous(x) for x in (query, key, value))
@@ -112,7 +117,11 @@ def sparse_prefill(
     bounds = bounds.to(torch.int32).contiguous()
     out = _empty(*query.shape, dtype=query.dtype, device=query.device)
     grid = (n_qblocks, batch * n_kv)
-    extra = {"num_warps": PREFILL_WARPS, "num_stages": PREFILL_STAGES} if kind == "cuda" else {}
+    extra = (
+        {"num_warps": PREFILL_WARPS if tiles == "cuda" else 4, "num_stages": PREFILL_STAGES}
+        if kind == "cuda"
+        else {}
+    )
     kernels.sparse_prefill_kernel[grid](
         query,
         key,
@@ -134,7 +143,7 @@ def sparse_prefill(
         POSITIONS=positions,
         ROWS=rows,
         HEAD_DIM=head_dim,
-        BLOCK_N=PREFILL_BLOCK_N[kind],
+        BLOCK_N=PREFILL_BLOCK_N[tiles],
         PRECISION=_precision(query.dtype, query.device),
         **extra,
     )
@@ -165,7 +174,7 @@ def decode(
     kind = _kind(query.device)
     block_n = DECODE_BLOCK_N[kind]
     # flash-decoding: enough splits to fill the machine twice over, each a whole number of tiles
-    programs = 2 * _multiprocessors(query.device)
+    programs = DECODE_PROGRAMS_PER_SM * _multiprocessors(query.device)
     n_splits = max(1, min(triton.cdiv(programs, batch * n_kv), triton.cdiv(max(max_len, 1), block_n)))
     keys_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), n_splits), block_n) * block_n
     n_splits = triton.cdiv(max(max_len, 1), keys_per_split)
@@ -175,7 +184,7 @@ def decode(
     part_sum = _empty(batch * n_kv, n_splits, group_pad, dtype=torch.float32, device=query.device)
     part_acc = _empty(batch * n_kv, n_splits, group_pad, head_dim, dtype=torch.float32, device=query.device)
     lengths = lengths.to(device=query.device, dtype=torch.int32)
-    extra = {"num_warps": 4, "num_stages": 3} if kind == "cuda" else {}
+    extra = {"num_warps": DECODE_WARPS, "num_stages": DECODE_STAGES} if kind == "cuda" else {}
     kernels.decode_split_kernel[(n_splits, batch * n_kv)](
         query,
         key,
