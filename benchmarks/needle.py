@@ -66,10 +66,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=3, help="samples per task and length")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument(
-        "--observation-queries",
-        type=int,
-        default=None,
-        help="when calibrating here: queries that score importance (default: TCAConfig's)",
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="when calibrating here: TCAConfig fields to change, e.g. tau=0.95 pool_kernel=7",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -80,9 +81,7 @@ def main() -> None:
         from tca.calibrate import calibrate
         from tca.config import TCAConfig
 
-        overrides = (
-            {} if args.observation_queries is None else {"observation_queries": args.observation_queries}
-        )
+        overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
         calibrate(model, tokenizer, config=TCAConfig.for_model(model, **overrides)).save(args.profile)
     profile = Profile.load(args.profile)
     prose = texts.evaluation_texts()

@@ -94,8 +94,18 @@ def pip_download(spec: str, cache: Path) -> Path:
     found = sorted(cache.glob(f"{name}-*.tar.gz"))
     if not found:
         _run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             "-d", str(cache), spec],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-d",
+                str(cache),
+                spec,
+            ],
             cwd=cache,
         )
         found = sorted(cache.glob(f"{name}-*.tar.gz"))
@@ -108,16 +118,17 @@ def deb_member(deb: Path, member: str) -> bytes:
     assert data[:8] == b"!<arch>\n", f"{deb} is not an ar archive"
     pos = 8
     while pos < len(data):
-        header = data[pos:pos + 60]
+        header = data[pos : pos + 60]
         name = header[:16].decode().strip().rstrip("/")
         size = int(header[48:58].decode().strip())
-        body = data[pos + 60:pos + 60 + size]
+        body = data[pos + 60 : pos + 60 + size]
         pos += 60 + size + (size & 1)
         if not name.startswith("data.tar"):
             continue
         if name.endswith(".zst"):  # not used by Debian bookworm; fall back to the system tool
-            out = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], check=True,
-                                 capture_output=True).stdout
+            out = subprocess.run(
+                ["dpkg-deb", "--fsys-tarfile", str(deb)], check=True, capture_output=True
+            ).stdout
             body, name = out, "data.tar"
         with tarfile.open(fileobj=io.BytesIO(body), mode="r:*") as tar:
             f = tar.extractfile("." + member)
@@ -148,7 +159,7 @@ class _RReader:
         return v
 
     def raw(self, n: int) -> bytes:
-        v = self.b[self.p:self.p + n]
+        v = self.b[self.p : self.p + n]
         self.p += n
         return v
 
@@ -230,7 +241,7 @@ def r_lazyload(rdb: bytes, rdx: bytes) -> dict:
     _, offsets, var_attrs = variables
 
     def blob(off: int, length: int) -> bytes:
-        chunk = rdb[off:off + length]
+        chunk = rdb[off : off + length]
         kind = chunk[4:5]
         if kind == b"Z":
             return zlib.decompress(chunk[5:])
@@ -274,11 +285,12 @@ def strip_gutenberg(text: str) -> str:
     """Cut a Project Gutenberg header/footer if present (START/END markers)."""
     m = re.search(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", text, re.M)
     if m:
-        text = text[m.end():]
-    m = re.search(r"^(\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg)",
-                  text, re.M | re.I)
+        text = text[m.end() :]
+    m = re.search(
+        r"^(\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg)", text, re.M | re.I
+    )
     if m:
-        text = text[:m.start()]
+        text = text[: m.start()]
     return text
 
 
@@ -331,9 +343,22 @@ def clean_text_file(text: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 TUTORIAL_ORDER = [
-    "appetite", "interpreter", "introduction", "controlflow", "datastructures", "modules",
-    "inputoutput", "errors", "classes", "stdlib", "stdlib2", "venv", "whatnow", "interactive",
-    "floatingpoint", "appendix",
+    "appetite",
+    "interpreter",
+    "introduction",
+    "controlflow",
+    "datastructures",
+    "modules",
+    "inputoutput",
+    "errors",
+    "classes",
+    "stdlib",
+    "stdlib2",
+    "venv",
+    "whatnow",
+    "interactive",
+    "floatingpoint",
+    "appendix",
 ]
 PYDOC = "/usr/share/doc/python3.11/html/_sources/tutorial/{}.rst.txt"
 RLIB = "/usr/lib/R/site-library"
@@ -344,36 +369,58 @@ def build(cache: Path) -> list[tuple[dict, str]]:
 
     # 1. Pride and Prejudice -- calibration text
     deb, ver = apt_download("r-cran-janeaustenr", cache)
-    austen = r_lazyload(deb_member(deb, f"{RLIB}/janeaustenr/data/Rdata.rdb"),
-                        deb_member(deb, f"{RLIB}/janeaustenr/data/Rdata.rdx"))
+    austen = r_lazyload(
+        deb_member(deb, f"{RLIB}/janeaustenr/data/Rdata.rdb"),
+        deb_member(deb, f"{RLIB}/janeaustenr/data/Rdata.rdx"),
+    )
     text = truncate_at_chapter(clean_prose("\n".join(austen["prideprejudice"])), PROSE_MAX_BYTES)
-    out.append(({
-        "file": "austen_pride_and_prejudice.txt", "title": "Pride and Prejudice",
-        "author": "Jane Austen", "year": 1813, "kind": "prose", "role": "calibration",
-        "excerpt": "opening chapters (cut at a chapter boundary)",
-        "source": f"Debian package r-cran-janeaustenr {ver}, R dataset `prideprejudice` in "
-                  f"{RLIB}/janeaustenr/data/Rdata.rdb; originally Project Gutenberg eBook #1342",
-        "licence": PG_LICENCE.format(n=1342) + " Packaging (janeaustenr R package) is MIT.",
-    }, text))
+    out.append(
+        (
+            {
+                "file": "austen_pride_and_prejudice.txt",
+                "title": "Pride and Prejudice",
+                "author": "Jane Austen",
+                "year": 1813,
+                "kind": "prose",
+                "role": "calibration",
+                "excerpt": "opening chapters (cut at a chapter boundary)",
+                "source": f"Debian package r-cran-janeaustenr {ver}, R dataset `prideprejudice` in "
+                f"{RLIB}/janeaustenr/data/Rdata.rdb; originally Project Gutenberg eBook #1342",
+                "licence": PG_LICENCE.format(n=1342) + " Packaging (janeaustenr R package) is MIT.",
+            },
+            text,
+        )
+    )
 
     # 2. Moby-Dick
     deb, ver = apt_download("r-cran-tokenizers", cache)
-    tok = r_lazyload(deb_member(deb, f"{RLIB}/tokenizers/data/Rdata.rdb"),
-                     deb_member(deb, f"{RLIB}/tokenizers/data/Rdata.rdx"))
+    tok = r_lazyload(
+        deb_member(deb, f"{RLIB}/tokenizers/data/Rdata.rdb"),
+        deb_member(deb, f"{RLIB}/tokenizers/data/Rdata.rdx"),
+    )
     moby = tok["mobydick"]
     moby = (moby[1] if isinstance(moby, tuple) else moby)[0]
     moby = strip_gutenberg(moby)
-    moby = moby[moby.index("CHAPTER 1. Loomings"):]  # skip transcriber's notes + extracts
+    moby = moby[moby.index("CHAPTER 1. Loomings") :]  # skip transcriber's notes + extracts
     text = clean_prose("MOBY-DICK; OR, THE WHALE\n\nBy Herman Melville\n\n" + moby)
     text = truncate_at_chapter(text, PROSE_MAX_BYTES)
-    out.append(({
-        "file": "melville_moby_dick.txt", "title": "Moby-Dick; or, The Whale",
-        "author": "Herman Melville", "year": 1851, "kind": "prose", "role": "evaluation",
-        "excerpt": "from chapter 1 (etymology and extracts omitted), cut at a chapter boundary",
-        "source": f"Debian package r-cran-tokenizers {ver}, R dataset `mobydick` in "
-                  f"{RLIB}/tokenizers/data/Rdata.rdb; originally Project Gutenberg eBook #2701",
-        "licence": PG_LICENCE.format(n=2701) + " Packaging (tokenizers R package) is MIT.",
-    }, text))
+    out.append(
+        (
+            {
+                "file": "melville_moby_dick.txt",
+                "title": "Moby-Dick; or, The Whale",
+                "author": "Herman Melville",
+                "year": 1851,
+                "kind": "prose",
+                "role": "evaluation",
+                "excerpt": "from chapter 1 (etymology and extracts omitted), cut at a chapter boundary",
+                "source": f"Debian package r-cran-tokenizers {ver}, R dataset `mobydick` in "
+                f"{RLIB}/tokenizers/data/Rdata.rdb; originally Project Gutenberg eBook #2701",
+                "licence": PG_LICENCE.format(n=2701) + " Packaging (tokenizers R package) is MIT.",
+            },
+            text,
+        )
+    )
 
     # 3 + 4. The War of the Worlds, Great Expectations
     deb, ver = apt_download("r-cran-tidytext", cache)
@@ -384,54 +431,90 @@ def build(cache: Path) -> list[tuple[dict, str]]:
     ]:
         full = clean_prose("\n".join(tidytext_book(books, gid)))
         text = truncate_at_chapter(full, PROSE_MAX_BYTES)
-        out.append(({
-            "file": fname, "title": title, "author": author, "year": year, "kind": "prose",
-            "role": "evaluation",
-            "excerpt": "complete" if text == full else "opening chapters (cut at a chapter boundary)",
-            "source": f"Debian package r-cran-tidytext {ver}, data frame `books` in "
-                      f"{RLIB}/tidytext/extdata/books.rda (gutenberg_id {gid}); "
-                      f"originally Project Gutenberg eBook #{gid}",
-            "licence": PG_LICENCE.format(n=gid) + " Packaging (tidytext R package) is MIT.",
-        }, text))
+        out.append(
+            (
+                {
+                    "file": fname,
+                    "title": title,
+                    "author": author,
+                    "year": year,
+                    "kind": "prose",
+                    "role": "evaluation",
+                    "excerpt": "complete" if text == full else "opening chapters (cut at a chapter boundary)",
+                    "source": f"Debian package r-cran-tidytext {ver}, data frame `books` in "
+                    f"{RLIB}/tidytext/extdata/books.rda (gutenberg_id {gid}); "
+                    f"originally Project Gutenberg eBook #{gid}",
+                    "licence": PG_LICENCE.format(n=gid) + " Packaging (tidytext R package) is MIT.",
+                },
+                text,
+            )
+        )
 
     # 5. Alice's Adventures in Wonderland
     sdist = pip_download("brotli==1.2.1", cache)
     raw = sdist_member(sdist, f"{sdist.name[:-7]}/tests/testdata/alice29.txt").decode("latin-1")
     text = clean_prose(raw)
-    out.append(({
-        "file": "carroll_alice_in_wonderland.txt", "title": "Alice's Adventures in Wonderland",
-        "author": "Lewis Carroll", "year": 1865, "kind": "prose", "role": "evaluation",
-        "excerpt": "complete (Millennium Fulcrum Edition 2.9)",
-        "source": f"PyPI sdist {sdist.name}, tests/testdata/alice29.txt (Canterbury corpus); "
-                  "originally Project Gutenberg eBook #11",
-        "licence": PG_LICENCE.format(n=11) + " Packaging (brotli) is MIT.",
-    }, text))
+    out.append(
+        (
+            {
+                "file": "carroll_alice_in_wonderland.txt",
+                "title": "Alice's Adventures in Wonderland",
+                "author": "Lewis Carroll",
+                "year": 1865,
+                "kind": "prose",
+                "role": "evaluation",
+                "excerpt": "complete (Millennium Fulcrum Edition 2.9)",
+                "source": f"PyPI sdist {sdist.name}, tests/testdata/alice29.txt (Canterbury corpus); "
+                "originally Project Gutenberg eBook #11",
+                "licence": PG_LICENCE.format(n=11) + " Packaging (brotli) is MIT.",
+            },
+            text,
+        )
+    )
 
     # 6. Python tutorial (docs) and 7. CPython _pyio.py (code)
     deb, ver = apt_download("python3.11-doc", cache)
     parts = [deb_member(deb, PYDOC.format(p)).decode() for p in TUTORIAL_ORDER]
     text = clean_text_file("\n\n".join(parts))
-    out.append(({
-        "file": "python_tutorial.rst.txt", "title": "The Python Tutorial (Python 3.11)",
-        "author": "Python Software Foundation and contributors", "year": 2023, "kind": "docs",
-        "role": "evaluation", "excerpt": "complete tutorial, reStructuredText sources concatenated",
-        "source": f"Debian package python3.11-doc {ver}, "
-                  f"{PYDOC.format('*')} ({len(TUTORIAL_ORDER)} chapters in tutorial order)",
-        "licence": "PSF License Agreement for Python 3.11 (see PSF-LICENSE.txt); code examples "
-                   "additionally under the Zero-Clause BSD licence. Copyright (c) 2001-2023 "
-                   "Python Software Foundation; All Rights Reserved.",
-    }, text))
+    out.append(
+        (
+            {
+                "file": "python_tutorial.rst.txt",
+                "title": "The Python Tutorial (Python 3.11)",
+                "author": "Python Software Foundation and contributors",
+                "year": 2023,
+                "kind": "docs",
+                "role": "evaluation",
+                "excerpt": "complete tutorial, reStructuredText sources concatenated",
+                "source": f"Debian package python3.11-doc {ver}, "
+                f"{PYDOC.format('*')} ({len(TUTORIAL_ORDER)} chapters in tutorial order)",
+                "licence": "PSF License Agreement for Python 3.11 (see PSF-LICENSE.txt); code examples "
+                "additionally under the Zero-Clause BSD licence. Copyright (c) 2001-2023 "
+                "Python Software Foundation; All Rights Reserved.",
+            },
+            text,
+        )
+    )
 
     deb, ver = apt_download("libpython3.11-stdlib", cache)
     text = clean_text_file(deb_member(deb, "/usr/lib/python3.11/_pyio.py").decode())
-    out.append(({
-        "file": "cpython_pyio.py.txt", "title": "_pyio.py: pure-Python implementation of the io module",
-        "author": "Python Software Foundation and contributors", "year": 2023, "kind": "code",
-        "role": "evaluation", "excerpt": "complete module",
-        "source": f"Debian package libpython3.11-stdlib {ver}, /usr/lib/python3.11/_pyio.py",
-        "licence": "PSF License Agreement for Python 3.11 (see PSF-LICENSE.txt). "
-                   "Copyright (c) 2001-2023 Python Software Foundation; All Rights Reserved.",
-    }, text))
+    out.append(
+        (
+            {
+                "file": "cpython_pyio.py.txt",
+                "title": "_pyio.py: pure-Python implementation of the io module",
+                "author": "Python Software Foundation and contributors",
+                "year": 2023,
+                "kind": "code",
+                "role": "evaluation",
+                "excerpt": "complete module",
+                "source": f"Debian package libpython3.11-stdlib {ver}, /usr/lib/python3.11/_pyio.py",
+                "licence": "PSF License Agreement for Python 3.11 (see PSF-LICENSE.txt). "
+                "Copyright (c) 2001-2023 Python Software Foundation; All Rights Reserved.",
+            },
+            text,
+        )
+    )
     psf = deb_member(deb, "/usr/lib/python3.11/LICENSE.txt").decode()
     out.append(({"file": "PSF-LICENSE.txt", "_aux": True}, clean_text_file(psf)))
     return out
@@ -491,8 +574,10 @@ def write(out_dir: Path, items: list[tuple[dict, str]]) -> list[dict]:
         print(f"{meta['file']:36s} {len(text):8d} chars  {meta['role']}", file=sys.stderr)
 
     def line(e: dict) -> str:
-        return (f"- `{e['file']}`: *{e['title']}* by {e['author']} ({e['year']}), {e['excerpt']}. "
-                f"Role: {e['role']}. Source: {e['source']}.")
+        return (
+            f"- `{e['file']}`: *{e['title']}* by {e['author']} ({e['year']}), {e['excerpt']}. "
+            f"Role: {e['role']}. Source: {e['source']}."
+        )
 
     prose = "\n".join(line(e) for e in manifest if e["kind"] == "prose")
     psf = "\n".join(line(e) for e in manifest if e["kind"] != "prose")
@@ -502,8 +587,9 @@ def write(out_dir: Path, items: list[tuple[dict, str]]) -> list[dict]:
         "default_calibration": next(e["file"] for e in manifest if e["role"] == "calibration"),
         "files": manifest,
     }
-    (out_dir / "MANIFEST.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n",
-                                           encoding="utf-8")
+    (out_dir / "MANIFEST.json").write_text(
+        json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     return manifest
 
 
@@ -511,8 +597,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--cache", type=Path, help="directory for downloaded archives (kept)")
-    ap.add_argument("--check", action="store_true",
-                    help="rebuild into a temporary directory and compare with --out")
+    ap.add_argument(
+        "--check", action="store_true", help="rebuild into a temporary directory and compare with --out"
+    )
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="tca-texts-"))

@@ -68,8 +68,9 @@ class BruteTCA:
         for b, start in enumerate(self.starts):
             row = []
             for g in range(n_kv):
+                observed = min(config.observation_queries, context_len - start)  # never a padding query
                 head = select_head(
-                    q[b, :, -1:],
+                    q[b, :, context_len - observed :],
                     k[b, :, start:],
                     g,
                     self.profile.mu[layer, g],

@@ -89,7 +89,7 @@ def test_layer_retention_equals_brute_force(calibrated):
         np.testing.assert_allclose(stats.base.numpy(), base, atol=1e-6, err_msg=f"seed {seed}")
         np.testing.assert_allclose(stats.values.numpy(), values, atol=1e-7, err_msg=f"seed {seed}")
         assert abs(base + values.sum(-1) - 1).max() < 1e-9, "every query's mass is in its window or outside"
-        observed = query[:, -1:]
+        observed = query[:, -CONFIG.observation_queries :]
         for m, (mu, sigma) in enumerate(candidates):
             for g in range(key.shape[0]):
                 head = select_head(
@@ -121,7 +121,7 @@ def test_choice_passes_tau_and_oracle_is_minimum(calibrated, tau):
             passing = []
             for mu, sigma in candidates:
                 head = select_head(
-                    query[:, -1:],
+                    query[:, -CONFIG.observation_queries :],
                     key,
                     g,
                     mu,

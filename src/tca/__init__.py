@@ -21,6 +21,8 @@ _EXPORTS = {
     "ContextTooLongError": "hf",
     "UnsupportedModelError": "hf",
     "apply": "hf",
+    "patch": "hf",
+    "unpatch": "hf",
     "load_model": "models",
     "Profile": "profile",
     "ProfileError": "profile",

@@ -63,11 +63,12 @@ class HeadStore:
         self.positions = torch.nn.functional.pad(self.positions, (0, extra), value=-1)
 
     def compress_block(
-        self, block_start: int, block: int, keep: int, query: torch.Tensor, scale: float
+        self, block_start: int, block: int, keep: int, query: torch.Tensor, scale: float, rows=None
     ) -> None:
         """Cut each row's entries at positions [block_start, block_start + block) to their ``keep``
-        most important for ``query`` (B, group, d) (softmax within the block, averaged over the group)."""
-        for row in range(self.keys.shape[0]):
+        most important for ``query`` (B, group, d) (softmax within the block, averaged over the group).
+        ``rows``: the rows to cut (None: all)."""
+        for row in range(self.keys.shape[0]) if rows is None else rows:
             length = int(self.lengths[row])
             positions = self.positions[row, :length]
             lo = int(torch.searchsorted(positions, block_start))
@@ -94,7 +95,8 @@ class TCACacheLayer(CacheLayerMixin):
         self.keep_history = keep_history
         self.heads: list[HeadStore] = []
         self.seen = 0  # tokens processed (index space, padding included)
-        self.boundary = 0  # positions >= boundary are not compressed yet (the window and what just left it)
+        # per row: positions >= boundary[row] are not compressed yet (the window and what just left it)
+        self.boundary: list[int] = []
         self.pending = 0  # length of the states handed over by the last update
         self.history: tuple[torch.Tensor, torch.Tensor] | None = None  # host (B, G, seen, d) keys, values
 
@@ -119,7 +121,7 @@ class TCACacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.heads, self.seen, self.boundary, self.pending, self.history = [], 0, 0, 0, None
+        self.heads, self.seen, self.boundary, self.pending, self.history = [], 0, [], 0, None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("the TCA cache cannot be cropped (assisted decoding is not supported).")

@@ -102,7 +102,7 @@ def layer_retention(
     base, values = base / rows, outside / rows
     n_candidates = key.shape[1] - window
     observed = query[:, -config.observation_queries :]
-    importance = candidate_importance(observed, key[:, :n_candidates], scale)
+    importance = candidate_importance(observed, key[:, :n_candidates], scale, config.pool_kernel)
     order, lengths = rank_blocks(importance, config.block_size, config.alpha)
     mu = torch.tensor([c[0] for c in candidates], dtype=torch.float64).view(-1, 1)
     sigma = torch.tensor([c[1] for c in candidates], dtype=torch.float64).view(-1, 1)

@@ -24,7 +24,6 @@ from .cache import HeadStore, TCACache, TCACacheLayer, mean_keep_fraction
 from .error_bound import last_query_dropped_mass, theorem1_bound
 from .ops import reference
 from .profile import Profile, model_fingerprint
-from .select import select
 from .stats import RunStats
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -191,7 +190,7 @@ class TCARun:
         mu, sigma = self.profile.head_config(layer)
         window = self.config.effective_window
         observed = query[:, :, -self.config.observation_queries :]
-        selection = select(observed, key, mu, sigma, self.config, scale, key_start)
+        selection = ops.select(observed, key, mu, sigma, self.config, scale, key_start)
         if query.shape[2] == context_len:
             out = ops.sparse_prefill(
                 query, key, value, selection, window, scale, key_start, self.config.query_chunk
@@ -228,7 +227,10 @@ class TCARun:
             for b, row in enumerate(rows):
                 indices[b, : len(row)] = row
             layer.heads.append(HeadStore.gather(key[:, g], value[:, g], indices, lengths))
-        layer.boundary = max(context_len - window, 0)
+        # per row: a left-padded row's blocks start at its own first valid token, as when it runs alone
+        layer.boundary = [
+            max(context_len - window, 0 if key_start is None else int(key_start[b])) for b in range(batch)
+        ]
 
     def _decode(self, layer: TCACacheLayer, layer_idx: int, query, key, value, scale) -> torch.Tensor:
         """One new token: append it to every head, attend over each head's entries. (B, H, 1, d)."""
@@ -264,18 +266,20 @@ class TCARun:
     def _compress(self, layer: TCACacheLayer, layer_idx: int, query, scale) -> None:
         """Cut every block that has left the window to its head's budget (DESIGN 2.4)."""
         block, window = self.config.block_size, self.config.effective_window
-        while layer.seen - window - layer.boundary >= block:
-            for g, head in enumerate(layer.heads):
-                keep = self.decode_keep[layer_idx][g]
-                if keep < block:
-                    q = query[:, g * self.group : (g + 1) * self.group, -1]
-                    head.compress_block(layer.boundary, block, keep, q, scale)
-            layer.boundary += block
+        for row, start in enumerate(layer.boundary):
+            while layer.seen - window - start >= block:
+                for g, head in enumerate(layer.heads):
+                    keep = self.decode_keep[layer_idx][g]
+                    if keep < block:
+                        q = query[:, g * self.group : (g + 1) * self.group, -1]
+                        head.compress_block(start, block, keep, q, scale, rows=[row])
+                start += block
+            layer.boundary[row] = start
 
 
 def _generate_with_cache(run: TCARun, generate: Callable) -> Callable:
-    """``model.generate`` that uses the run's compressed cache unless the caller passes a cache."""
-    # transformers >= 5.2x calls it ``cache`` (``past_key_values`` is deprecated there); 5.17 knows only the old name
+    """``model.generate`` using the run's compressed cache unless the caller passes a cache."""
+    # newer transformers call it ``cache`` (``past_key_values`` deprecated); 5.17 knows only the old name
     name = "cache" if "cache" in inspect.signature(type(run.model).forward).parameters else "past_key_values"
 
     def tca_generate(*args, **kwargs):
@@ -305,3 +309,24 @@ def apply(model: torch.nn.Module, profile: Profile, keep_history: bool = True) -
             yield run
         finally:
             del model.generate
+
+
+_PATCHED: weakref.WeakKeyDictionary[torch.nn.Module, contextlib.ExitStack] = weakref.WeakKeyDictionary()
+
+
+def patch(model: torch.nn.Module, profile: Profile, keep_history: bool = True) -> TCARun:
+    """``apply`` without a ``with``: TCA stays on until ``unpatch(model)``. Returns the run."""
+    if model in _PATCHED:
+        raise RuntimeError("this model is already patched with TCA; call tca.unpatch(model) first.")
+    stack = contextlib.ExitStack()
+    run = stack.enter_context(apply(model, profile, keep_history))
+    _PATCHED[model] = stack
+    return run
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    """Undo ``patch``: the model is as it was before (parameters are never touched)."""
+    stack = _PATCHED.pop(model, None)
+    if stack is None:
+        raise RuntimeError("this model is not patched with TCA (tca.patch was not called on it).")
+    stack.close()

@@ -34,7 +34,9 @@ class Selection:
     context_len: int
 
 
-def candidate_importance(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+def candidate_importance(
+    queries: torch.Tensor, keys: torch.Tensor, scale: float, pool_kernel: int = 1
+) -> torch.Tensor:
     """Importance of each candidate key for each KV head.
 
     Args:
@@ -42,14 +44,20 @@ def candidate_importance(queries: torch.Tensor, keys: torch.Tensor, scale: float
         keys: (G, n, d) the candidate keys; H must be a multiple of G (GQA).
     Returns:
         (G, n) float32, each row a probability distribution: the softmax over the candidates,
-        averaged over the group's query heads and the observation queries.
+        averaged over the group's query heads and the observation queries; with
+        ``pool_kernel > 1``, max-pooled over that many neighbours and renormalised.
     """
     n_heads, n_obs, head_dim = queries.shape
     n_kv = keys.shape[0]
     group = n_heads // n_kv
     q = queries.float().reshape(n_kv, group * n_obs, head_dim)  # (G, group*n_obs, d)
     logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scale  # (G, group*n_obs, n)
-    return torch.softmax(logits, dim=-1).mean(dim=1)
+    importance = torch.softmax(logits, dim=-1).mean(dim=1)
+    if pool_kernel > 1:
+        pooled = torch.nn.functional.max_pool1d(importance.unsqueeze(0), pool_kernel, 1, pool_kernel // 2)[0]
+        importance = pooled[:, : importance.shape[-1]]
+        importance = importance / importance.sum(-1, keepdim=True)
+    return importance
 
 
 def rank_blocks(importance: torch.Tensor, block_size: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +129,7 @@ def select_sequence(
     n_candidates = context_len - config.effective_window
     if n_candidates <= 0:
         return [torch.empty(0, dtype=torch.int64, device=keys.device) for _ in range(n_kv)]
-    importance = candidate_importance(queries, keys[:, :n_candidates], scale)
+    importance = candidate_importance(queries, keys[:, :n_candidates], scale, config.pool_kernel)
     order, lengths = rank_blocks(importance, config.block_size, config.alpha)
     fractions = rank_fractions(mu.cpu(), sigma.cpu(), order.shape[-1]).to(keys.device)  # (G, n_blocks)
     budgets = block_budgets(fractions, lengths[order])
@@ -153,7 +161,8 @@ def select(
     rows: list[list[torch.Tensor]] = []
     for b in range(batch):
         start = 0 if key_start is None else int(key_start[b])
-        kept = select_sequence(query[b], key[b, :, start:], mu, sigma, config, scale)
+        observed = query[b, :, max(0, query.shape[2] - (context_len - start)) :]  # padding never observes
+        kept = select_sequence(observed, key[b, :, start:], mu, sigma, config, scale)
         rows.append([indices + start for indices in kept])
     return pack_selection(rows, context_len, key.device)
 

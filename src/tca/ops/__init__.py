@@ -127,7 +127,7 @@ def select(query, key, mu, sigma, config, scale, key_start=None):
     if backend_for(key.device) == "triton":
         from .triton import launchers
 
-        if launchers.supported(query, key):
+        if launchers.supported(query, key) and config.pool_kernel == 1:
             return launchers.select(query, key, mu, sigma, config, scale, key_start)
     from ..select import select as reference_select
 

@@ -1,0 +1,812 @@
+"""``model.generate`` under ``tca.apply`` / ``tca.patch``: the compressed cache (DESIGN 2.3-2.4).
+
+Tiny random-weight models of the four supported families. Each test checks the library against
+something computed independently of it: a dense ``generate`` / ``DynamicCache`` of the same model,
+or brute force in float64 written from DESIGN 2.1-2.4 (``bruteforce.py``). A ``Recorder`` stands
+between transformers and the run, so every attention call's inputs, output and the cache before
+and after it can be compared with the brute-force state of the cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from bruteforce import fresh_seed, rank_fraction, round_half_up, select_head, softmax64, visibility
+from tiny_models import TINY, left_padded, tiny_llama
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LogitsProcessor,
+    LogitsProcessorList,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from tca import hf
+from tca.config import TCAConfig
+from tca.hf import ContextTooLongError, UnsupportedModelError, apply, patch, unpatch
+from tca.profile import Profile, ProfileError
+
+CONFIG = TCAConfig(block_size=16, local_window=32, query_chunk=64)
+MARGIN = 2e-5  # selection gaps below this may flip between float32 and float64: such draws are skipped
+FAMILIES = {
+    "llama": (LlamaConfig, {}),
+    "qwen2": (Qwen2Config, {}),
+    "mistral": (MistralConfig, {"sliding_window": None}),
+    "qwen3": (Qwen3Config, {"head_dim": 16}),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# logits of TCA and dense generate (same dtype, same prefix) differ by the dtype's rounding only
+LOGIT_ATOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+# ---- models, profiles, inputs -----------------------------------------------------------------------------
+
+
+def tiny_model(family: str, seed: int, dtype: torch.dtype = torch.float32, sharpen: float = 12.0, **changes):
+    """A 2-layer, 4-head, 2-KV-head model of ``family`` (transformers' default attention), eval mode.
+
+    Queries and keys are scaled by ``sharpen`` so attention is peaked and selection decisions matter
+    (Qwen3 normalises q and k, which would undo a scaled projection: its norms' weights are scaled
+    instead, less, or its softmax becomes one-hot and float32 importances tie at 0).
+    """
+    torch.manual_seed(seed)
+    config_class, extra = FAMILIES[family]
+    model = AutoModelForCausalLM.from_config(config_class(**{**TINY, **extra, **changes})).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attention = layer.self_attn
+            if hasattr(attention, "q_norm"):  # unit-RMS q and k: scores as peaked as the others' at sqrt/2
+                attention.q_norm.weight.mul_(sharpen**0.5 / 2)
+                attention.k_norm.weight.mul_(sharpen**0.5 / 2)
+            else:
+                attention.q_proj.weight.mul_(sharpen)
+                attention.k_proj.weight.mul_(sharpen)
+    return model.to(dtype)
+
+
+def fingerprint(model) -> dict:
+    config = model.config
+    n_heads = config.num_attention_heads
+    return {
+        "architecture": config.model_type,
+        "n_layers": config.num_hidden_layers,
+        "n_heads": n_heads,
+        "n_kv_heads": config.num_key_value_heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // n_heads,
+    }
+
+
+def make_profile(model, mu: np.ndarray, sigma: np.ndarray, config: TCAConfig = CONFIG) -> Profile:
+    zeros = np.zeros_like(mu)
+    return Profile(
+        config=config,
+        fingerprint=fingerprint(model),
+        mu=mu,
+        sigma=sigma,
+        retained=zeros + 1,
+        kept_tokens=zeros,
+        oracle_tokens=zeros,
+        calibration_tokens=0,
+        text_sha256="",
+        version="test",
+    )
+
+
+def sparse_profile(model, seed: int, first_layer_dense: bool = False, config: TCAConfig = CONFIG) -> Profile:
+    """Random sparse budgets; the last layer's last KV head is dense (mu = inf)."""
+    rng = np.random.default_rng(seed)
+    shape = (model.config.num_hidden_layers, model.config.num_key_value_heads)
+    mu = rng.uniform(0.05, 0.5, shape)
+    mu[-1, -1] = math.inf
+    if first_layer_dense:
+        mu[0] = math.inf
+    return make_profile(model, mu, rng.choice([0.3, 1.0], shape), config)
+
+
+def random_ids(seed: int, length: int, batch: int = 1) -> torch.Tensor:
+    return torch.randint(
+        1, TINY["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def greedy(model, ids: torch.Tensor, new_tokens: int, attention_mask=None, **kwargs):
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens (EOS cannot stop it), logits returned."""
+    with torch.no_grad():
+        return model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids) if attention_mask is None else attention_mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **kwargs,
+        )
+
+
+def output_cache(output):
+    """The cache a model output or a generate result carries (``cache`` in newer transformers)."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
+def dense_layer_keys(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """(B, G, L, d) keys of every layer from a dense forward's ``DynamicCache``."""
+    with torch.no_grad():
+        cache = output_cache(model(input_ids=ids, use_cache=True))
+    return [layer.keys for layer in cache.layers]
+
+
+def decode_keep(mu: float, sigma: float, block: int) -> int:
+    """Tokens a head keeps of a block leaving the window: block * E[min(X, 1)] (integrated numerically)."""
+    return round_half_up(block * rank_fraction(0, 1, mu, sigma))
+
+
+def assert_same_greedy(model, prompt_len: int, dense, tca, atol: float) -> int | None:
+    """TCA's greedy tokens equal dense ones, and its logits dense's, step by step (batch 1).
+
+    Where dense's two best logits are within the dtype's rounding (a near tie that rounding alone
+    decides), the sequences may part; from there TCA's logits are compared with a dense forward
+    over TCA's own tokens. A token that differs where dense had a clear margin fails.
+    Returns the step where the sequences parted (None: identical).
+    """
+    parted = None
+    for step, (d, t) in enumerate(zip(dense.logits, tca.logits, strict=True)):
+        torch.testing.assert_close(
+            t.float(), d.float(), atol=atol, rtol=0, msg=lambda m, s=step: f"step {s}: {m}"
+        )
+        d_token, t_token = dense.sequences[0, prompt_len + step], tca.sequences[0, prompt_len + step]
+        if d_token != t_token:
+            top = d[0].float().topk(2).values
+            gap = float(top[0] - top[1])
+            assert gap <= 2 * atol, (
+                f"step {step}: TCA chose {t_token}, dense {d_token} with a clear margin {gap}"
+            )
+            print(f"near tie at step {step} (gap {gap:.2e}): the sequences part there")
+            parted = step
+            break
+    if parted is not None:
+        with torch.no_grad():
+            forced = model(input_ids=tca.sequences[:, :-1], use_cache=False).logits
+        for step in range(parted, len(tca.logits)):
+            torch.testing.assert_close(
+                tca.logits[step].float(),
+                forced[:, prompt_len - 1 + step].float(),
+                atol=atol,
+                rtol=0,
+                msg=lambda m, s=step: f"teacher-forced step {s}: {m}",
+            )
+    assert torch.equal(tca.sequences[0, :prompt_len], dense.sequences[0, :prompt_len])
+    return parted
+
+
+# ---- observing the run ------------------------------------------------------------------------------------
+
+
+def entries(layer) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """[KV head][row] -> (positions, keys, values) of the valid stored entries (copies)."""
+    if layer is None:
+        return []
+    return [
+        [
+            (head.positions[b, :n].clone(), head.keys[b, :n].clone(), head.values[b, :n].clone())
+            for b, n in enumerate(head.lengths.tolist())
+        ]
+        for head in layer.heads
+    ]
+
+
+@dataclass
+class Call:
+    layer: int
+    query: torch.Tensor  # (B, H, n, d) the queries handed to attention
+    key: torch.Tensor  # (B, G, n, d) the new tokens' keys handed over (after RoPE)
+    value: torch.Tensor
+    scale: float
+    out: torch.Tensor  # (B, n, H, d) what the run returned
+    seen: int  # tokens the layer had seen before the call
+    before: list  # entries() before the call
+    after: list  # entries() after it
+
+
+class Recorder:
+    """Sits in the attention registry in place of the run: calls it and records every layer call."""
+
+    def __init__(self, model, run):
+        self.run, self.calls = run, []
+        for layer in model.model.layers:
+            hf._HANDLERS[layer.self_attn] = self
+
+    def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
+        cache = self.run.cache
+        layer = None if cache is None else cache.layers[module.layer_idx]
+        seen, before = (0 if layer is None else layer.seen), entries(layer)
+        out, weights = self.run(module, query, key, value, attention_mask, scaling, **kwargs)
+        self.calls.append(
+            Call(
+                module.layer_idx,
+                query.clone(),
+                key.clone(),
+                value.clone(),
+                scaling,
+                out.clone(),
+                seen,
+                before,
+                entries(layer),
+            )
+        )
+        return out, weights
+
+    def layer_calls(self, layer: int) -> list[Call]:
+        return [call for call in self.calls if call.layer == layer]
+
+
+# ---- brute force ------------------------------------------------------------------------------------------
+
+
+class BruteHead:
+    """What one (layer, KV head, row) of the cache must hold, by DESIGN 2.3-2.4, kept with plain lists."""
+
+    def __init__(self, positions: list[int], keys: torch.Tensor, values: torch.Tensor, boundary: int):
+        self.positions, self.keys, self.values, self.boundary = list(positions), keys, values, boundary
+        self.margin = math.inf
+
+    def append(self, first: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.positions += list(range(first, first + len(keys)))
+        self.keys, self.values = torch.cat([self.keys, keys]), torch.cat([self.values, values])
+
+    def compress(self, seen: int, config: TCAConfig, keep: int, queries: np.ndarray, scale: float) -> None:
+        """Cut every block of ``block_size`` positions that has left the window to its ``keep`` entries
+        most important for ``queries`` (group, d): softmax within the block, averaged over the group."""
+        block, window = config.block_size, config.effective_window
+        while seen - window - self.boundary >= block:
+            inside = [i for i, p in enumerate(self.positions) if self.boundary <= p < self.boundary + block]
+            if keep < len(inside):
+                keys = self.keys[inside].double().numpy()
+                importance = np.mean([softmax64(keys @ q * scale) for q in queries], axis=0)
+                order = sorted(range(len(inside)), key=lambda i: (-importance[i], i))
+                last_in, first_out = importance[order[keep - 1]] if keep else 1.0, importance[order[keep]]
+                self.margin = min(self.margin, (last_in - first_out) / last_in)
+                dropped = {inside[i] for i in order[keep:]}
+                kept = [i for i in range(len(self.positions)) if i not in dropped]
+                self.positions = [self.positions[i] for i in kept]
+                self.keys, self.values = self.keys[kept], self.values[kept]
+            self.boundary += block
+
+    def attend(
+        self, queries: np.ndarray, new_keys: np.ndarray, new_values: np.ndarray, scale: float
+    ) -> np.ndarray:
+        """Outputs (group, n, d) of n new queries over the stored entries plus the new tokens, causal."""
+        keys = np.concatenate([self.keys.double().numpy(), new_keys])
+        values = np.concatenate([self.values.double().numpy(), new_values])
+        stored, n = len(self.positions), len(new_keys)
+        out = np.zeros((queries.shape[0], n, keys.shape[-1]))
+        for h in range(queries.shape[0]):
+            for j in range(n):
+                visible = stored + j + 1
+                out[h, j] = softmax64(keys[:visible] @ queries[h, j] * scale) @ values[:visible]
+        return out
+
+    def assert_equals(self, stored: tuple[torch.Tensor, torch.Tensor, torch.Tensor], where: str) -> None:
+        positions, keys, values = stored
+        assert positions.tolist() == self.positions, where
+        assert torch.equal(keys, self.keys) and torch.equal(values, self.values), where
+
+
+def brute_prefill(call: Call, profile: Profile, row: int = 0, start: int = 0):
+    """Selection by brute force (DESIGN 2.1) over the keys of one prefill call.
+
+    Returns, per KV head, the kept positions (absolute), the positions the cache must hold (kept +
+    window), and the smallest decision margin.
+    """
+    config, layer = profile.config, call.layer
+    context_len, window = call.key.shape[2], config.effective_window
+    # the last ``observation_queries`` queries score importance (never a padding query)
+    n_obs = min(config.observation_queries, call.query.shape[2], context_len - start)
+    q = call.query[row, :, -n_obs:].double().numpy()
+    k = call.key[row, :, start:].double().numpy()
+    kept, stored, margin = [], [], math.inf
+    for g in range(k.shape[0]):
+        head = select_head(
+            q,
+            k,
+            g,
+            profile.mu[layer, g],
+            profile.sigma[layer, g],
+            config.block_size,
+            config.local_window,
+            config.alpha,
+            call.scale,
+        )
+        margin = min(margin, head.margin)
+        kept.append([i + start for i in head.kept])
+        stored.append(kept[-1] + list(range(max(context_len - window, start), context_len)))
+    return kept, stored, margin
+
+
+def skip_near_ties(margin: float) -> None:
+    if margin < MARGIN:
+        pytest.skip(f"a near tie ({margin:.1e}) that float32 may break either way")
+
+
+# ---- 1. within the window, generate equals dense ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_within_window_equals_dense(family, dtype):
+    seed = fresh_seed()
+    # milder sharpening: bf16/fp16 rounding of q.k grows with the scores' magnitude
+    model = tiny_model(family, seed, dtype, sharpen=4.0)
+    prompt_len, new_tokens = 14, 19  # the cache sees 32 tokens: the window, no compression possible
+    ids = random_ids(seed, prompt_len)
+    dense = greedy(model, ids, new_tokens)
+    with apply(model, sparse_profile(model, seed)) as run:
+        out = greedy(model, ids, new_tokens)
+    assert_same_greedy(model, prompt_len, dense, out, LOGIT_ATOL[dtype])
+    dense_keys = [layer.keys for layer in output_cache(dense).layers]
+    seen = prompt_len + new_tokens - 1
+    for l, layer in enumerate(run.cache.layers):
+        assert layer.seen == seen
+        for g, head in enumerate(layer.heads):
+            assert head.lengths.tolist() == [seen], "nothing may be dropped inside the window"
+            assert head.positions[0, :seen].tolist() == list(range(seen))
+            assert head.keys.dtype == dtype
+            # the same keys as dense up to the step where a near tie parted the sequences
+            same = int((out.sequences[0, :seen] == dense.sequences[0, :seen]).cumprod(0).sum())
+            expected = dense_keys[l][0, g, :same].float()
+            low_precision = dtype != torch.float32 and l > 0  # upstream rounding, ~2 ulps of the largest key
+            torch.testing.assert_close(
+                head.keys[0, :same].float(),
+                expected,
+                atol=2**-6 * float(expected.abs().max()) if low_precision else 1e-5,
+                rtol=1e-5,
+            )
+    assert run.stats.kept_fraction == pytest.approx(1.0)
+
+
+# ---- 2. the cache after prefill, and decode, against brute force ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "family, first_layer_dense",
+    [("llama", False), ("llama", True), ("qwen2", False), ("mistral", False), ("qwen3", True)],
+)
+def test_prefill_cache_and_decode_equal_brute_force(family, first_layer_dense):
+    seed = fresh_seed()
+    model = tiny_model(family, seed)
+    profile = sparse_profile(model, seed, first_layer_dense)
+    config, prompt_len, new_tokens = profile.config, 150, 40
+    ids = random_ids(seed, prompt_len)
+    dense_keys = dense_layer_keys(model, ids)
+    with apply(model, profile) as run:
+        recorder = Recorder(model, run)
+        greedy(model, ids, new_tokens)
+    n_layers, n_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    group = model.config.num_attention_heads // n_kv
+    window = config.effective_window
+    for l in range(n_layers):
+        prefill, *decode = recorder.layer_calls(l)
+        assert prefill.query.shape[2] == prefill.key.shape[2] == prompt_len and prefill.seen == 0
+        kept, stored, margin = brute_prefill(prefill, profile)
+        skip_near_ties(margin)
+        heads = []
+        for g in range(n_kv):
+            where = f"seed {seed}, layer {l}, KV head {g}, after prefill"
+            positions = stored[g]
+            heads.append(
+                BruteHead(
+                    positions,
+                    prefill.key[0, g, positions],
+                    prefill.value[0, g, positions],
+                    prompt_len - window,
+                )
+            )
+            heads[g].assert_equals(prefill.after[g][0], where)
+            # RoPE: the stored keys are the dense model's keys at the kept positions
+            if l == 0 or first_layer_dense:
+                torch.testing.assert_close(
+                    prefill.after[g][0][1], dense_keys[l][0, g, positions], atol=1e-5, rtol=1e-5, msg=where
+                )
+            if not math.isinf(profile.mu[l, g]):
+                assert len(kept[g]) < prompt_len - window, f"{where}: a sparse head should drop tokens"
+        # decode: attention over exactly the stored entries plus the new token; blocks compressed
+        assert len(decode) == new_tokens - 1
+        for step, call in enumerate(decode):
+            assert call.query.shape[2] == 1 and call.seen == prompt_len + step
+            for g, head in enumerate(heads):
+                where = f"seed {seed}, layer {l}, KV head {g}, decode step {step}"
+                head.assert_equals(call.before[g][0], where + " (before)")
+                queries = call.query[0, g * group : (g + 1) * group].double().numpy()  # (group, 1, d)
+                expected = head.attend(
+                    queries, call.key[0, g].double().numpy(), call.value[0, g].double().numpy(), call.scale
+                )
+                got = call.out[0, 0, g * group : (g + 1) * group].double().numpy()
+                np.testing.assert_allclose(got, expected[:, 0], atol=2e-5, err_msg=where)
+                head.append(call.seen, call.key[0, g], call.value[0, g])
+                keep = decode_keep(profile.mu[l, g], profile.sigma[l, g], config.block_size)
+                head.compress(call.seen + 1, config, keep, queries[:, -1], call.scale)
+                skip_near_ties(head.margin)
+                head.assert_equals(call.after[g][0], where + " (after)")
+        total = prompt_len + new_tokens - 1
+        assert all(head.boundary > prompt_len - window for head in heads), "decode should have compressed"
+        sparse = [g for g in range(n_kv) if not math.isinf(profile.mu[l, g])]
+        assert all(len(heads[g].positions) < len(stored[g]) + total - prompt_len for g in sparse)
+
+
+# ---- 3. a long generation keeps the cache bounded ---------------------------------------------------------
+
+
+class CacheSizes(LogitsProcessor):
+    """Called after every forward of ``generate``: records the run's ``kv_bytes`` and head lengths."""
+
+    def __init__(self, run):
+        self.run, self.kv_bytes, self.lengths = run, [], []
+
+    def __call__(self, input_ids, scores):
+        self.kv_bytes.append(self.run.stats.kv_bytes)
+        self.lengths.append([[h.lengths.tolist() for h in layer.heads] for layer in self.run.cache.layers])
+        return scores
+
+
+def test_thousand_tokens_keep_the_cache_bounded():
+    seed = fresh_seed()
+    model = tiny_llama(seed)
+    config = TCAConfig(block_size=64, local_window=128, query_chunk=128)
+    rng = np.random.default_rng(seed)
+    profile = make_profile(model, rng.uniform(0.01, 0.04, (2, 2)), np.full((2, 2), 0.3), config)
+    prompt_len, new_tokens = 300, 1000
+    ids = random_ids(seed, prompt_len)
+    with apply(model, profile) as run:
+        sizes = CacheSizes(run)
+        out = greedy(model, ids, new_tokens, logits_processor=LogitsProcessorList([sizes]))
+    assert out.sequences.shape[1] == prompt_len + new_tokens
+    head_dim, element = 16, 4
+    block, window = config.block_size, config.effective_window
+    bound = 2 * 2 * 1 * (block + window) * 2 * head_dim * element  # layers * KV heads * batch * entries * K,V
+    after_prefill = sizes.kv_bytes[0]
+    growth = [b - after_prefill for b in sizes.kv_bytes]
+    print(f"kv_bytes after prefill {after_prefill}, largest growth {max(growth)}, bound {bound}")
+    assert max(growth) <= bound, "the cache grew by more than one block plus window per head"
+    # exact accounting: prefill entries + each compressed block's budget + what has not left yet
+    seen = prompt_len + new_tokens - 1
+    blocks = (seen - window - (prompt_len - window)) // block
+    for l in range(2):
+        for g in range(2):
+            prefill_entries = sizes.lengths[0][l][g][0]
+            keep = decode_keep(profile.mu[l, g], profile.sigma[l, g], block)
+            assert 0 < keep < block
+            expected = (
+                prefill_entries - window + blocks * keep + (seen - (prompt_len - window) - blocks * block)
+            )
+            assert sizes.lengths[-1][l][g] == [expected], f"layer {l}, KV head {g}"
+            assert expected < seen / 4, "compression should keep the cache far below the tokens seen"
+    assert run.cache.layers[0].seen == seen
+    assert run.stats.kv_bytes < run.stats.dense_kv_bytes / 4
+
+
+# ---- 4. a left-padded batch equals batch-1 runs -----------------------------------------------------------
+
+
+def test_left_padded_batch_generate_equals_separate_runs():
+    seed = fresh_seed()
+    model = tiny_llama(seed)
+    profile = sparse_profile(model, seed)
+    # one prompt shorter than the window: its decode compression must still align as when alone
+    prompts = [random_ids(seed, 150)[0], random_ids(seed + 1, 197)[0], random_ids(seed + 2, 20)[0]]
+    new_tokens = 60
+    ids, mask, _ = left_padded(prompts)
+    with apply(model, profile) as run:
+        batched = greedy(model, ids, new_tokens, attention_mask=mask)
+        batch_cache = run.cache
+        alone, alone_caches = [], []
+        for prompt in prompts:
+            alone.append(greedy(model, prompt.unsqueeze(0), new_tokens))
+            alone_caches.append(run.cache)
+    width = ids.shape[1]
+    for b, (prompt, single) in enumerate(zip(prompts, alone, strict=True)):
+        pad = width - len(prompt)
+        for step in range(new_tokens):
+            where = f"seed {seed}, row {b}, step {step}"
+            torch.testing.assert_close(
+                batched.logits[step][b],
+                single.logits[step][0],
+                atol=1e-4,
+                rtol=1e-4,
+                msg=lambda m, w=where: f"{w}: {m}",
+            )
+            if batched.sequences[b, width + step] != single.sequences[0, len(prompt) + step]:
+                top = single.logits[step][0].topk(2).values
+                assert float(top[0] - top[1]) < 2e-4, f"{where}: tokens differ with a clear margin"
+                print(f"{where}: near tie, the sequences part here")
+                break
+        else:
+            for l in range(2):
+                for g in range(2):
+                    together = batch_cache.layers[l].heads[g]
+                    apart = alone_caches[b].layers[l].heads[g]
+                    n, m = int(together.lengths[b]), int(apart.lengths[0])
+                    where = f"seed {seed}, row {b}, layer {l}, KV head {g}"
+                    assert (together.positions[b, :n] - pad).tolist() == apart.positions[0, :m].tolist(), (
+                        where
+                    )
+                    torch.testing.assert_close(together.keys[b, :n], apart.keys[0, :m], atol=1e-5, rtol=1e-5)
+                    torch.testing.assert_close(
+                        together.values[b, :n], apart.values[0, :m], atol=1e-5, rtol=1e-5
+                    )
+            assert alone_caches[b].layers[0].seen < len(prompt) + new_tokens, "positions are per row"
+    short = alone_caches[2].layers[0]
+    assert short.heads[0].lengths[0] < short.seen, "the short prompt's decode should have compressed"
+
+
+# ---- 5. multi-turn ----------------------------------------------------------------------------------------
+
+
+# newer transformers call generate's cache argument ``cache``; 5.17 knows only ``past_key_values``
+CACHE_KWARG = (
+    "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+)
+
+
+def two_turns(model, profile, seed: int, keep_history: bool):
+    """Turn 1: a 120-token prompt, 8 new tokens; turn 2: its output + 30 new tokens, 6 new tokens,
+    on the same ``run.new_cache()``. Returns (run, recorder, turn-1 output, turn-2 ids)."""
+    ids1 = random_ids(seed, 120)
+    with apply(model, profile, keep_history=keep_history) as run:
+        recorder = Recorder(model, run)
+        cache = run.new_cache()
+        out1 = greedy(model, ids1, 8, **{CACHE_KWARG: cache})
+        ids2 = torch.cat([out1.sequences, random_ids(seed + 1, 30)], dim=1)
+        greedy(model, ids2, 6, **{CACHE_KWARG: cache})
+        assert run.cache is cache
+    return run, recorder, out1, ids2
+
+
+def new_turn_calls(recorder: Recorder, n_layers: int) -> list[Call]:
+    calls = [call for call in recorder.calls if call.seen > 0 and call.query.shape[2] > 1]
+    assert [call.layer for call in calls] == list(range(n_layers)), "one new-turn prefill per layer"
+    return calls
+
+
+def test_multi_turn_reselects_from_host_history():
+    seed = fresh_seed()
+    model = tiny_llama(seed)
+    profile = sparse_profile(model, seed)
+    run, recorder, out1, ids2 = two_turns(model, profile, seed, keep_history=True)
+    window, full_len = profile.config.effective_window, ids2.shape[1]
+    reentered = 0
+    for call in new_turn_calls(recorder, 2):
+        l = call.layer
+        earlier = [c for c in recorder.layer_calls(l) if c.seen < call.seen]
+        history_k = torch.cat([c.key for c in earlier] + [call.key], dim=2)  # every token the layer saw
+        history_v = torch.cat([c.value for c in earlier] + [call.value], dim=2)
+        assert history_k.shape[2] == full_len and call.seen == out1.sequences.shape[1] - 1
+        full = Call(l, call.query, history_k, history_v, call.scale, call.out, 0, [], [])
+        kept, stored, margin = brute_prefill(full, profile)
+        skip_near_ties(margin)
+        visible = {g: visibility(full_len, kept[g], window) for g in range(2)}
+        for g in range(2):
+            where = f"seed {seed}, layer {l}, KV head {g}, turn 2"
+            BruteHead(stored[g], history_k[0, g, stored[g]], history_v[0, g, stored[g]], 0).assert_equals(
+                call.after[g][0], where
+            )
+            turn1 = set(call.before[g][0][0].tolist())
+            reentered += len([p for p in kept[g] if p < call.seen and p not in turn1])
+            # the new queries attend to the re-selected tokens plus their windows (DESIGN 2.3)
+            k, v = history_k[0, g].double().numpy(), history_v[0, g].double().numpy()
+            for h in range(2 * g, 2 * g + 2):
+                q = call.query[0, h].double().numpy()
+                for j in range(q.shape[0]):
+                    seen = visible[g][call.seen + j]
+                    expected = softmax64(k[seen] @ q[j] * call.scale) @ v[seen]
+                    np.testing.assert_allclose(
+                        call.out[0, j, h].double().numpy(), expected, atol=2e-5, err_msg=where
+                    )
+        # the host history is every token's K/V, in order
+        layer = run.cache.layers[l]
+        assert torch.equal(layer.history[0][:, :, :full_len], history_k)
+    print(f"{reentered} entries dropped in turn 1 came back in turn 2")
+    assert reentered > 0, "a new turn should bring back some entries turn 1 had dropped"
+    assert run.stats.host_kv_bytes == run.cache.host_kv_bytes > 0
+    # layer 0 (keys and last query depend on the tokens only) stores what one prefill over the whole
+    # conversation stores
+    with apply(model, profile) as fresh:
+        greedy(model, ids2, 1)
+    turn2 = new_turn_calls(recorder, 2)[0]
+    for g in range(2):
+        head = fresh.cache.layers[0].heads[g]
+        n = int(head.lengths[0])
+        assert head.positions[0, :n].tolist() == turn2.after[g][0][0].tolist()
+        torch.testing.assert_close(head.keys[0, :n], turn2.after[g][0][1], atol=1e-5, rtol=1e-5)
+
+
+def test_multi_turn_without_history_attends_to_stored_entries():
+    seed = fresh_seed()
+    model = tiny_llama(seed)
+    profile = sparse_profile(model, seed)
+    config = profile.config
+    run, recorder, out1, ids2 = two_turns(model, profile, seed, keep_history=False)
+    assert all(layer.history is None for layer in run.cache.layers)
+    assert run.stats.host_kv_bytes == 0
+    for call in new_turn_calls(recorder, 2):
+        l = call.layer
+        # the boundary of compression as it stood after turn 1 (prefill, then whole blocks)
+        first_boundary = 120 - config.effective_window
+        blocks = (call.seen - config.effective_window - first_boundary) // config.block_size
+        boundary = first_boundary + blocks * config.block_size
+        for g in range(2):
+            where = f"seed {seed}, layer {l}, KV head {g}, turn 2 without history"
+            positions, keys, values = call.before[g][0]
+            head = BruteHead(positions.tolist(), keys, values, boundary)
+            queries = call.query[0, 2 * g : 2 * g + 2].double().numpy()  # (group, n, d)
+            expected = head.attend(
+                queries, call.key[0, g].double().numpy(), call.value[0, g].double().numpy(), call.scale
+            )
+            got = call.out[0, :, 2 * g : 2 * g + 2].double().numpy().transpose(1, 0, 2)
+            np.testing.assert_allclose(got, expected, atol=2e-5, err_msg=where)
+            head.append(call.seen, call.key[0, g], call.value[0, g])
+            keep = decode_keep(profile.mu[l, g], profile.sigma[l, g], config.block_size)
+            head.compress(call.seen + call.key.shape[2], config, keep, queries[:, -1], call.scale)
+            skip_near_ties(head.margin)
+            head.assert_equals(call.after[g][0], where)
+
+
+# ---- 6. patch / unpatch / apply restore the model ---------------------------------------------------------
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    state.update({f"buffer:{name}": b.detach().clone() for name, b in model.named_buffers()})
+    return state
+
+
+def assert_restored(model, before: dict[str, torch.Tensor], implementation: str) -> None:
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    for name, tensor in before.items():
+        assert torch.equal(tensor, after[name]) and tensor.dtype == after[name].dtype, name
+    assert model.config._attn_implementation == implementation
+    assert "generate" not in model.__dict__
+    assert all(layer.self_attn not in hf._HANDLERS for layer in model.model.layers)
+
+
+def test_patch_unpatch_leave_the_model_bit_identical():
+    seed = fresh_seed()
+    model = tiny_llama(seed)
+    profile = sparse_profile(model, seed)
+    ids = random_ids(seed, 120)
+    dense = greedy(model, ids, 20)
+    before, implementation = snapshot(model), model.config._attn_implementation
+    run = patch(model, profile)
+    assert model.config._attn_implementation == "tca" and "generate" in model.__dict__
+    out = greedy(model, ids, 20)
+    assert run.cache is not None and run.cache.layers[0].seen == 139 and run.stats.kv_bytes > 0
+    assert not all(torch.equal(a, b) for a, b in zip(out.logits, dense.logits, strict=True))
+    with pytest.raises(RuntimeError, match="already patched"):
+        patch(model, profile)
+    unpatch(model)
+    assert_restored(model, before, implementation)
+    again = greedy(model, ids, 20)
+    assert torch.equal(again.sequences, dense.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(again.logits, dense.logits, strict=True))
+    with pytest.raises(RuntimeError, match="not patched"):
+        unpatch(model)
+    # a patch that fails leaves nothing behind, and the model can be patched afterwards
+    wrong = make_profile(tiny_llama(seed, num_hidden_layers=3), np.full((3, 2), 0.2), np.ones((3, 2)))
+    with pytest.raises(ProfileError):
+        patch(model, wrong)
+    assert_restored(model, before, implementation)
+    with pytest.raises(RuntimeError, match="not patched"):
+        unpatch(model)
+    patch(model, profile)
+    unpatch(model)
+    assert_restored(model, before, implementation)
+
+
+def test_apply_restores_after_an_exception():
+    seed = fresh_seed()
+    model = tiny_llama(seed, max_position_embeddings=140)
+    profile = sparse_profile(model, seed)
+    ids = random_ids(seed, 120)
+    dense = greedy(model, ids, 10)
+    before, implementation = snapshot(model), model.config._attn_implementation
+    with pytest.raises(RuntimeError, match="boom"), apply(model, profile):
+        greedy(model, ids, 10)
+        raise RuntimeError("boom")
+    assert_restored(model, before, implementation)
+    with pytest.raises(ContextTooLongError), apply(model, profile):  # raised inside generate by TCA
+        greedy(model, ids, 30)
+    assert_restored(model, before, implementation)
+    assert torch.equal(greedy(model, ids, 10).sequences, dense.sequences)
+
+
+# ---- 7. bad inputs ----------------------------------------------------------------------------------------
+
+
+def test_unsupported_architecture_names_it_and_the_supported_ones():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=50, n_positions=64))
+    profile = make_profile(tiny_llama(0), np.full((2, 2), 0.2), np.ones((2, 2)))
+    for enter in (lambda: apply(gpt2, profile).__enter__(), lambda: patch(gpt2, profile)):
+        with pytest.raises(UnsupportedModelError, match="'gpt2'") as error:
+            enter()
+        for name in ("llama", "mistral", "qwen2", "qwen3"):
+            assert name in str(error.value)
+        assert gpt2.config._attn_implementation != "tca" and "generate" not in gpt2.__dict__
+
+
+@pytest.mark.parametrize("prompt_len", [60, 65])
+def test_context_beyond_the_limit_in_generate_raises(prompt_len):
+    model = tiny_llama(1, max_position_embeddings=64)
+    profile = sparse_profile(model, 1)
+    ids = random_ids(1, prompt_len)
+    with pytest.raises(ContextTooLongError, match="65 tokens .* 64"), apply(model, profile):
+        greedy(model, ids, 10)  # a 60-token prompt reaches 65 tokens at its 6th decode step
+    assert model.config._attn_implementation == "eager" and "generate" not in model.__dict__
+    with apply(model, profile) as run:
+        greedy(model, random_ids(1, 60), 5)  # 64 tokens: exactly the limit is fine
+    assert run.cache.layers[0].seen == 64
+
+
+def test_right_padding_in_generate_raises():
+    model = tiny_llama(2)
+    ids, mask, _ = left_padded([random_ids(2, 50)[0], random_ids(3, 40)[0]])
+    right = torch.zeros_like(ids)
+    right_mask = torch.zeros_like(mask)
+    right[0], right_mask[0] = ids[0], 1
+    right[1, :40], right_mask[1, :40] = ids[1, 10:], 1
+    with pytest.raises(ValueError, match="left padding"), apply(model, sparse_profile(model, 2)):
+        greedy(model, right, 4, attention_mask=right_mask)
+    assert model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize(
+    "family, changes, field",
+    [
+        ("qwen2", {}, "architecture: profile 'llama', model 'qwen2'"),
+        ("llama", {"num_key_value_heads": 4}, "n_kv_heads: profile 2, model 4"),
+        ("llama", {"num_hidden_layers": 3}, "n_layers: profile 2, model 3"),
+        ("llama", {"hidden_size": 128}, "head_dim: profile 16, model 32"),
+    ],
+)
+def test_profile_for_another_model_names_the_field(family, changes, field):
+    profile = make_profile(tiny_llama(0), np.full((2, 2), 0.2), np.ones((2, 2)))
+    model = tiny_model(family, 0, **changes)
+    implementation = model.config._attn_implementation
+    with pytest.raises(ProfileError, match=field), apply(model, profile):
+        pass
+    with pytest.raises(ProfileError, match=field):
+        patch(model, profile)
+    assert model.config._attn_implementation == implementation and "generate" not in model.__dict__
+
+
+# ---- 8. run.stats: bytes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_stats_bytes_match_the_stored_tensors_and_a_dense_cache(dtype):
+    seed = fresh_seed()
+    model = tiny_llama(seed).to(dtype)
+    profile = sparse_profile(model, seed)
+    ids, mask, _ = left_padded([random_ids(seed, 150)[0], random_ids(seed + 1, 90)[0]])
+    dense = greedy(model, ids, 40, attention_mask=mask)
+    dense_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in output_cache(dense).layers)
+    with apply(model, profile) as run:
+        greedy(model, ids, 40, attention_mask=mask)
+    stored = sum(head.keys.nbytes + head.values.nbytes for layer in run.cache.layers for head in layer.heads)
+    assert run.stats.kv_bytes == stored
+    assert run.stats.dense_kv_bytes == dense_bytes
+    assert run.stats.host_kv_bytes == dense_bytes  # the host history keeps every token, padding included
+    assert run.stats.kv_bytes < run.stats.dense_kv_bytes
+    valid = sum(int(head.lengths.sum()) for layer in run.cache.layers for head in layer.heads)
+    assert valid * 2 * 16 * torch.empty(0, dtype=dtype).element_size() <= run.stats.kv_bytes
