@@ -77,7 +77,9 @@ class HeadStore:
                 continue
             logits = torch.matmul(query[row].float(), self.keys[row, lo:hi].float().T) * scale  # (group, n)
             importance = torch.softmax(logits, -1).mean(0)
-            top = torch.topk(importance, keep, sorted=False).indices.sort().values + lo
+            top = (
+                torch.argsort(importance, descending=True, stable=True)[:keep].sort().values + lo
+            )  # ties: lower index
             order = torch.cat([top, torch.arange(hi, length, device=top.device)])
             for tensor in (self.keys, self.values, self.positions):
                 tensor[row, lo : lo + len(order)] = tensor[row, order].clone()
