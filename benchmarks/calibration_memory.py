@@ -59,6 +59,8 @@ def main() -> None:
     config = TCAConfig.for_model(model)
     text = texts.calibration_text()
     heads = model.config.num_attention_heads
+    # warm-up: the first forward of a process allocates buffers that later ones reuse
+    calibrate(model, tokenizer, text, config, max_tokens=1024, progress=False)
     rows = []
     for length in args.lengths:
         peak, seconds = peak_rss_during(

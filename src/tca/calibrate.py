@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import __version__
 from .budgets import DENSE, block_budgets, candidate_grid, rank_fractions
 from .config import TCAConfig
 from .hf import CALIBRATION_NAME, attention_handler, check_context, check_supported
+from .ops.reference import dense_causal
 from .profile import Profile, model_fingerprint
 from .select import candidate_importance, keep_mask, rank_blocks
 
@@ -156,7 +156,9 @@ def measure_retention(
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         retention[module.layer_idx] = layer_retention(query[0], key[0], config, scale, candidates)
         bar.update(1)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        # the layer's own output, streamed too: CPU SDPA with a mask would form L x L per head
+        out = dense_causal(query, key, value, scale, query_chunk=config.query_chunk)
+        return out.transpose(1, 2).contiguous(), None
 
     try:
         with torch.no_grad(), attention_handler(model, CALIBRATION_NAME, record):

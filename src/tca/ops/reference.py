@@ -88,12 +88,28 @@ def dense_causal(
     value: torch.Tensor,
     scale: float,
     key_start: torch.Tensor | None = None,
+    query_chunk: int | None = None,
 ) -> torch.Tensor:
     """Dense causal attention with GQA and left padding; (B, H, Lq, d), float32 math.
 
-    The queries are the last Lq positions of the Lk keys.
+    The queries are the last Lq positions of the Lk keys. ``query_chunk`` streams the queries so
+    memory is O(chunk * Lk) rather than O(Lq * Lk).
     """
-    batch, n_heads, q_len, head_dim = query.shape
+    q_len = query.shape[2]
+    chunk = query_chunk or q_len
+    if q_len > chunk:
+        parts = [
+            dense_causal(
+                query[:, :, lo : lo + chunk],
+                key[:, :, : key.shape[2] - q_len + lo + chunk],
+                value[:, :, : key.shape[2] - q_len + lo + chunk],
+                scale,
+                key_start,
+            )
+            for lo in range(0, q_len, chunk)
+        ]
+        return torch.cat(parts, dim=2)
+    batch, n_heads, _, head_dim = query.shape
     n_kv, k_len = key.shape[1], key.shape[2]
     group = n_heads // n_kv
     q = query.float().view(batch, n_kv, group, q_len, head_dim)
