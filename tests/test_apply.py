@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from bruteforce import fresh_seed, masked_attention, select_head, softmax64, visibility
-from tiny_models import TINY, attention_override, left_padded, tiny_llama
+from tiny_models import TINY, attention_override, build_profile, left_padded, tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from tca.config import TCAConfig
@@ -21,19 +21,7 @@ FINGERPRINT = {"architecture": "llama", "n_layers": 2, "n_heads": 4, "n_kv_heads
 
 
 def make_profile(mu: np.ndarray, sigma: np.ndarray, config: TCAConfig = CONFIG) -> Profile:
-    zeros = np.zeros_like(mu)
-    return Profile(
-        config=config,
-        fingerprint=dict(FINGERPRINT),
-        mu=mu,
-        sigma=sigma,
-        retained=zeros + 1,
-        kept_tokens=zeros,
-        oracle_tokens=zeros,
-        calibration_tokens=0,
-        text_sha256="",
-        version="test",
-    )
+    return build_profile(FINGERPRINT, mu, sigma, config)
 
 
 def sparse_profile(seed: int) -> Profile:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from bruteforce import fresh_seed, rank_fraction, round_half_up, select_head, softmax64, visibility
-from tiny_models import TINY, left_padded, tiny_llama
+from tiny_models import TINY, build_profile, left_padded, tiny_llama
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -96,19 +96,7 @@ def fingerprint(model) -> dict:
 
 
 def make_profile(model, mu: np.ndarray, sigma: np.ndarray, config: TCAConfig = CONFIG) -> Profile:
-    zeros = np.zeros_like(mu)
-    return Profile(
-        config=config,
-        fingerprint=fingerprint(model),
-        mu=mu,
-        sigma=sigma,
-        retained=zeros + 1,
-        kept_tokens=zeros,
-        oracle_tokens=zeros,
-        calibration_tokens=0,
-        text_sha256="",
-        version="test",
-    )
+    return build_profile(fingerprint(model), mu, sigma, config)
 
 
 def sparse_profile(model, seed: int, first_layer_dense: bool = False, config: TCAConfig = CONFIG) -> Profile:

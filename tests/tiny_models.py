@@ -68,3 +68,24 @@ def left_padded(
         mask[b, length - len(prompt) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     return ids, mask, positions
+
+
+def build_profile(fingerprint: dict, mu, sigma, config):
+    """A Profile with the given head configurations (mu, sigma: (n_layers, n_kv_heads) arrays)."""
+    import numpy as np
+
+    from tca.profile import Profile
+
+    zeros = np.zeros_like(mu)
+    return Profile(
+        config=config,
+        fingerprint=dict(fingerprint),
+        mu=mu,
+        sigma=sigma,
+        retained=zeros + 1,
+        kept_tokens=zeros,
+        oracle_tokens=zeros,
+        calibration_tokens=0,
+        text_sha256="",
+        version="test",
+    )
