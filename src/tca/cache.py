@@ -22,6 +22,8 @@ import math
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .budgets import rank_fractions
+
 
 class HeadStore:
     """Keys/values of one (layer, KV head): (B, capacity, d) with a (B,) valid length."""
@@ -189,6 +191,4 @@ def mean_keep_fraction(mu: float, sigma: float) -> float:
     """Fraction of a block a head keeps on average: E[min(X, 1)], X ~ LogNormal(ln mu, sigma)."""
     if math.isinf(mu):
         return 1.0
-    from .budgets import rank_fractions
-
     return float(rank_fractions(torch.tensor(mu), torch.tensor(sigma), 1)[0])

@@ -150,23 +150,24 @@ class TCARun:
         layer = self._cache_layer(layer_idx, key)
         if layer is not None:
             check_context(self.model, layer.seen + key.shape[2])
-        key_start = key_start_from_mask(
-            attention_mask, attention_mask.shape[-1] if attention_mask is not None else 0
-        )
-        if layer is None:
-            if query.shape[2] != key.shape[2]:  # decode over someone else's (dense) cache
-                return sdpa_attention_forward(
-                    module, query, key, value, attention_mask, scaling=scaling, **kwargs
-                )
-            out, _ = self.prefill(layer_idx, query, key, value, key_start, scale)
-        elif layer.seen == 0:
-            out, selection = self.prefill(layer_idx, query, key, value, key_start, scale)
-            self._store(layer, key, value, selection, key_start)
-            layer.remember(key, value)
-        elif query.shape[2] == 1:
-            out = self._decode(layer, layer_idx, query, key, value, scale)
+        if layer is None and query.shape[2] != key.shape[2]:  # decode over someone else's (dense) cache
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, scaling=scaling, **kwargs
+            )
+        if layer is not None and layer.seen > 0 and query.shape[2] == 1:
+            out = self._decode(layer, layer_idx, query, key, value, scale)  # no mask work per decode step
         else:
-            out = self._new_turn(layer, layer_idx, query, key, value, key_start, scale)
+            key_start = key_start_from_mask(
+                attention_mask, attention_mask.shape[-1] if attention_mask is not None else 0
+            )
+            if layer is None:
+                out, _ = self.prefill(layer_idx, query, key, value, key_start, scale)
+            elif layer.seen == 0:
+                out, selection = self.prefill(layer_idx, query, key, value, key_start, scale)
+                self._store(layer, key, value, selection, key_start)
+                layer.remember(key, value)
+            else:
+                out = self._new_turn(layer, layer_idx, query, key, value, key_start, scale)
         if layer is not None:
             layer.seen += key.shape[2]
             layer.pending = 0
