@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from bruteforce import fresh_seed, select_head, softmax64
-from tiny_models import TINY, attention_override, tiny_llama
+from tiny_models import TINY, capture_qk, tiny_llama
 
 from tca.budgets import candidate_grid
 from tca.calibrate import calibrate, measure_retention, profile_from_retention
@@ -19,26 +19,6 @@ from tca.hf import ContextTooLongError, UnsupportedModelError
 CONFIG = TCAConfig(block_size=16, local_window=32, query_chunk=64, tau=0.8)
 CONTEXT = 301
 MARGIN = 2e-5
-
-
-def capture_qk(model, ids) -> list[tuple[np.ndarray, np.ndarray, float]]:
-    """Per layer: query (H, L, d), key (G, L, d) in float64 and the scaling, from a dense forward pass."""
-    captured = {}
-
-    def record(module, query, key, value, mask, scaling):
-        captured[module.layer_idx] = (query[0].double().numpy(), key[0].double().numpy(), scaling)
-        group = query.shape[1] // key.shape[1]
-        return torch.nn.functional.scaled_dot_product_attention(
-            query,
-            key.repeat_interleave(group, 1),
-            value.repeat_interleave(group, 1),
-            is_causal=True,
-            scale=scaling,
-        )
-
-    with torch.no_grad(), attention_override(model, "capture-qk-test", record):
-        model(input_ids=ids, use_cache=False)
-    return [captured[layer] for layer in range(len(captured))]
 
 
 def brute_retention(query: np.ndarray, key: np.ndarray, scale: float, window: int):

@@ -44,6 +44,10 @@ from tca.profile import FORMAT, Profile, ProfileError, model_fingerprint
         ("observation_queries", 0),
         ("query_chunk", 0),
         ("query_chunk", None),
+        ("retrieval_threshold", 0.0),
+        ("retrieval_threshold", 1.5),
+        ("retrieval_threshold", True),
+        ("retrieval_threshold", "0.1"),
     ],
 )
 def test_config_rejects_bad_values_naming_them(field, value):
@@ -139,6 +143,7 @@ def make_profile(seed: int = 0, config: LlamaConfig | None = None) -> Profile:
         text_sha256="ab" * 32,
         version="0.1.0",
         extra={"note": "test"},
+        retrieval=rng.uniform(0, 1, shape) if seed % 2 else None,
     )
 
 
@@ -164,6 +169,8 @@ def assert_same_profile(a: Profile, b: Profile) -> None:
     assert a.config == b.config and a.fingerprint == b.fingerprint
     for name in ("mu", "sigma", "retained", "kept_tokens", "oracle_tokens"):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert (a.retrieval is None) == (b.retrieval is None)
+    assert a.retrieval is None or np.array_equal(a.retrieval, b.retrieval)
     assert (a.calibration_tokens, a.text_sha256, a.version, a.extra) == (
         b.calibration_tokens,
         b.text_sha256,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -72,8 +73,6 @@ def left_padded(
 
 def build_profile(fingerprint: dict, mu, sigma, config):
     """A Profile with the given head configurations (mu, sigma: (n_layers, n_kv_heads) arrays)."""
-    import numpy as np
-
     from tca.profile import Profile
 
     zeros = np.zeros_like(mu)
@@ -89,3 +88,23 @@ def build_profile(fingerprint: dict, mu, sigma, config):
         text_sha256="",
         version="test",
     )
+
+
+def capture_qk(model, ids) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """Per layer: query (H, L, d), key (G, L, d) in float64 and the scaling, from a dense forward pass."""
+    captured = {}
+
+    def record(module, query, key, value, mask, scaling):
+        captured[module.layer_idx] = (query[0].double().numpy(), key[0].double().numpy(), scaling)
+        group = query.shape[1] // key.shape[1]
+        return torch.nn.functional.scaled_dot_product_attention(
+            query,
+            key.repeat_interleave(group, 1),
+            value.repeat_interleave(group, 1),
+            is_causal=True,
+            scale=scaling,
+        )
+
+    with torch.no_grad(), attention_override(model, "capture-qk-test", record):
+        model(input_ids=ids, use_cache=False)
+    return [captured[layer] for layer in range(len(captured))]

@@ -1,6 +1,8 @@
 """Offline head-specific calibration (DESIGN 2.2, paper Algorithm 1) -> a Profile.
 
-One forward pass of the unmodified model over calibration text. In each layer, for every KV
+One forward pass of the unmodified model over calibration text, and one over a short
+retrieval probe built from it (``tca.retrieval``: heads that copy from far back keep every
+token). In each layer, for every KV
 head and each log-Gaussian candidate, the selection of 2.1 is simulated (the last query ranks
 the blocks) and its retained attention mass measured: the dense attention mass that prefill
 queries place on what TCA would let them see (the kept keys before their window, plus their
@@ -27,6 +29,7 @@ from .config import TCAConfig
 from .hf import CALIBRATION_NAME, attention_handler, check_context, check_supported
 from .ops.reference import dense_causal
 from .profile import Profile, model_fingerprint
+from .retrieval import measure_retrieval
 from .select import candidate_importance, keep_mask, rank_blocks
 
 TOLERANCE = 1e-6
@@ -206,19 +209,35 @@ def calibrate(
     text = calibration_text() if text is None else text
     ids = calibration_ids(tokenizer, text, config, max_tokens)
     retention = measure_retention(model, ids, config, progress)
-    return profile_from_retention(retention, model, config, ids.shape[-1], text)
+    retrieval = measure_retrieval(model, ids, config, progress)
+    return profile_from_retention(retention, model, config, ids.shape[-1], text, retrieval)
 
 
 def profile_from_retention(
-    retention: list[LayerRetention], model: Any, config: TCAConfig, tokens: int, text: str
+    retention: list[LayerRetention],
+    model: Any,
+    config: TCAConfig,
+    tokens: int,
+    text: str,
+    retrieval: np.ndarray | None = None,
 ) -> Profile:
-    """Threshold measured retention at ``config.tau`` into a Profile (cheap: no forward pass)."""
+    """Threshold measured retention at ``config.tau`` into a Profile (cheap: no forward pass).
+
+    ``retrieval``: (n_layers, G) scores from ``measure_retrieval``; heads at or above
+    ``config.retrieval_threshold`` keep every token.
+    """
     heads = choose_heads(retention, candidate_grid(config.candidates), config.tau)
+    if retrieval is not None and config.retrieval_threshold is not None:
+        dense = retrieval >= config.retrieval_threshold
+        heads["mu"][dense], heads["sigma"][dense] = DENSE
+        heads["retained"][dense] = 1.0
+        heads["kept_tokens"][dense] = retention[0].values.shape[-1]
     return Profile(
         config=config,
         fingerprint=model_fingerprint(model),
         calibration_tokens=tokens,
         text_sha256=hashlib.sha256(text.encode()).hexdigest(),
         version=__version__,
+        retrieval=retrieval,
         **heads,
     )

@@ -223,7 +223,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out}: the folder {out.parent} does not exist.")
     model, tokenizer = _load(args)
     changes = {"tau": args.tau, "local_window": args.window, "block_size": args.block, "alpha": args.alpha}
-    config = TCAConfig.for_model(model).replace(**{k: v for k, v in changes.items() if v is not None})
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if args.retrieval_threshold is not None:
+        off = args.retrieval_threshold == "off"
+        changes["retrieval_threshold"] = None if off else float(args.retrieval_threshold)
+    config = TCAConfig.for_model(model).replace(**changes)
     start = time.perf_counter()
     profile = calibrate(model, tokenizer, text=text, config=config, max_tokens=args.max_tokens)
     seconds = time.perf_counter() - start
@@ -237,12 +241,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     )
     print(
         f"mean keep ratio at {profile.calibration_tokens:,} tokens: {ratio.mean():.3f}; "
-        f"dense heads: {int((profile.mu == float('inf')).sum())}"
+        f"dense heads: {int((profile.mu == float('inf')).sum())}" + _retrieval_note(profile)
     )
     return 0
 
 
 # ---------------------------------------------------------------- tca profile show
+
+
+def _retrieval_note(profile: Any) -> str:
+    if profile.retrieval is None or profile.config.retrieval_threshold is None:
+        return ""
+    count = int((profile.retrieval >= profile.config.retrieval_threshold).sum())
+    return f" ({count} retrieval heads, score >= {profile.config.retrieval_threshold})"
 
 
 def profile_table(profile: Any, length: int) -> str:
@@ -267,7 +278,7 @@ def profile_table(profile: Any, length: int) -> str:
         lines.append(f"{layer:5d} {heads} {spread} {int(dense[layer].sum()):6d}")
     lines.append(
         f"all   mean {ratios.mean():.3f}, min {ratios.min():.3f}, median {np.median(ratios):.3f}, "
-        f"max {ratios.max():.3f}; dense heads {int(dense.sum())} of {dense.size}"
+        f"max {ratios.max():.3f}; dense heads {int(dense.sum())} of {dense.size}" + _retrieval_note(profile)
     )
     return "\n".join(lines)
 
@@ -357,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--window", type=int, help="local window in tokens (default: per model)")
     calibrate.add_argument("--block", type=int, help="block size in tokens (default: per model)")
     calibrate.add_argument("--alpha", type=float, help="redundancy weight in [0, 1] (default: 0.5)")
+    calibrate.add_argument(
+        "--retrieval-threshold",
+        help="retrieval score from which a head keeps every token, in (0, 1], or 'off' (default: 0.1)",
+    )
     calibrate.add_argument(
         "--max-tokens", type=int, default=4096, help="text truncated to this (default: 4096)"
     )

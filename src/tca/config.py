@@ -34,10 +34,13 @@ class TCAConfig:
             one; 16 (decided here) lowered SmolLM2's last-position KL at 4K from 0.050 to 0.040 at
             the same kept fraction (docs/choices.md).
         pool_kernel: importance is max-pooled over this many neighbouring keys before blocks are
-            scored (odd; 1 = off, the paper's rule), so a kept token brings its neighbours: the
-            digits after "the number for X is" survive when the question points at "X".
+            scored (odd; 1 = off, the paper's rule), so a kept token brings its neighbours
+            (SnapKV's pooling); it did not help SmolLM2's needles (docs/choices.md).
         query_chunk: queries processed at once by the reference prefill and by calibration;
             bounds peak memory to O(query_chunk * L) per head.
+        retrieval_threshold: a KV head whose retrieval score (``tca.retrieval``: attention a
+            copied passage's queries put on its first copy, beyond the window) reaches this keeps
+            every token; decided here (docs/choices.md). None turns the detection off.
     """
 
     tau: float = 0.9
@@ -48,12 +51,19 @@ class TCAConfig:
     observation_queries: int = 16
     pool_kernel: int = 1
     query_chunk: int = 256
+    retrieval_threshold: float | None = 0.1
 
     def __post_init__(self) -> None:
         if not (_is_real(self.tau) and 0.0 < self.tau <= 1.0):
             raise ValueError(f"tau must be in (0, 1], got {self.tau!r}; 0.9 is the paper's default.")
         if not (_is_real(self.alpha) and 0.0 <= self.alpha <= 1.0):
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}; 0.5 is the paper's default.")
+        if self.retrieval_threshold is not None and not (
+            _is_real(self.retrieval_threshold) and 0.0 < self.retrieval_threshold <= 1.0
+        ):
+            raise ValueError(
+                f"retrieval_threshold must be in (0, 1] or None (off), got {self.retrieval_threshold!r}."
+            )
         for name, minimum in (
             ("block_size", 1),
             ("local_window", 0),

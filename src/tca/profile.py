@@ -42,7 +42,8 @@ class Profile:
     ``mu``/``sigma`` (n_layers, n_kv_heads) are each head's log-Gaussian configuration
     (``mu = inf``: the head keeps everything). ``retained`` is the chosen configuration's
     retained attention mass on the calibration text, ``kept_tokens`` its global tokens there,
-    ``oracle_tokens`` the fewest global tokens any selection could keep at tau.
+    ``oracle_tokens`` the fewest global tokens any selection could keep at tau. ``retrieval``
+    (None in profiles made without it) is each head's retrieval score (``tca.retrieval``).
     """
 
     config: TCAConfig
@@ -56,6 +57,7 @@ class Profile:
     text_sha256: str
     version: str
     extra: dict[str, Any] = field(default_factory=dict)
+    retrieval: np.ndarray | None = None
 
     def head_config(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, sigma) of the layer's KV heads, each (n_kv_heads,) float64."""
@@ -105,6 +107,7 @@ class Profile:
                 "retained": self.retained.tolist(),
                 "kept_tokens": self.kept_tokens.tolist(),
                 "oracle_tokens": self.oracle_tokens.tolist(),
+                "retrieval": None if self.retrieval is None else self.retrieval.tolist(),
             },
             "extra": self.extra,
         }
@@ -161,15 +164,16 @@ class Profile:
                 text_sha256=str(data["text_sha256"]),
                 version=str(data["version"]),
                 extra=dict(data.get("extra", {})),
+                retrieval=None if heads.get("retrieval") is None else np.array(heads["retrieval"], float),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ProfileError(
                 f"{source} is a damaged TCA profile ({type(error).__name__}: {error}); "
                 "calibrate again with `tca calibrate`."
             ) from None
-        for name in ("mu", "sigma", "retained", "kept_tokens", "oracle_tokens"):
+        for name in ("mu", "sigma", "retained", "kept_tokens", "oracle_tokens", "retrieval"):
             array = getattr(profile, name)
-            if array.shape != shape:
+            if array is not None and array.shape != shape:
                 raise ProfileError(
                     f"{source}: heads.{name} has shape {array.shape}, expected {shape} "
                     "(n_layers, n_kv_heads); the file is damaged: calibrate again."
