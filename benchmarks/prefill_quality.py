@@ -25,6 +25,7 @@ from tca.config import TCAConfig
 from tca.eval.fidelity import evaluate_profile, prose_windows, score_window
 from tca.eval.provenance import provenance
 from tca.models import load_model
+from tca.retrieval import measure_retrieval
 
 
 def parse_args() -> argparse.Namespace:
@@ -81,9 +82,10 @@ def main() -> None:
     for config in configs:
         ids = calibration_ids(tokenizer, calibration, config, args.calibration_tokens)
         retention = measure_retention(model, ids, config)
+        retrieval = measure_retrieval(model, ids, config)
         for tau in taus:
             profile = profile_from_retention(
-                retention, model, config.replace(tau=tau), ids.shape[-1], calibration
+                retention, model, config.replace(tau=tau), ids.shape[-1], calibration, retrieval
             )
             for length in args.lengths:
                 result = evaluate_profile(model, profile, windows[length], dense[length])

@@ -76,8 +76,21 @@ def needle_table(names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def eval_tables(name: str) -> str:
+    """The task-suite tables: every setting, then every setting on the prompts all of them answered."""
+    from tca.eval.plots import results_table
+
+    data = load(name)
+    tables = [results_table(data["rows"])]
+    if "same_prompts" in data:
+        tables.append(f"same prompts (seeds {data['same_prompts']['seeds']}):")
+        tables.append(results_table(data["same_prompts"]["rows"]))
+    return f"{data['device']}, `{name}`\n\n" + "\n\n".join(tables)
+
+
 if __name__ == "__main__":
     print(attention_table(), "\n")
     print(fidelity_table("prefill-quality-cpu.json"), "\n")
     print(fidelity_table("prefill-frontier-h100.json"), "\n")
-    print(needle_table(["needle-h100-default.json", "needle-h100-tau0.95.json"]))
+    print(needle_table(["needle-h100-retrieval.json", "needle-h100-default.json"]), "\n")
+    print(eval_tables("eval-2026-11-25.json"))

@@ -3,6 +3,7 @@
     tca generate                     answer a question about a long document with TCA
     tca calibrate --out P.json       calibrate a model -> a profile
     tca profile show P.json          keep ratios per layer and KV head (table, PNG heatmap)
+    tca eval --out R.jsonl           every method on a long-context task suite (resumable)
 
 Errors a user can cause are printed as one line, ``tca: error: ...``, with exit status 2.
 Heavy imports (torch, transformers) happen inside the commands, so ``--help`` is instant.
@@ -330,6 +331,44 @@ def cmd_profile_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- tca eval
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .eval.plots import write_all
+    from .eval.runner import EvalSpec, Evaluator
+
+    spec = EvalSpec(
+        methods=args.methods,
+        tasks=args.tasks,
+        lengths=args.lengths,
+        samples=args.samples,
+        kept_fractions=args.kept_fractions,
+        taus=args.taus,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        calibration=args.calibration,
+    )
+    spec.check()
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise UserError(f"--out {args.out}: the folder {out.parent} does not exist.")
+    model, tokenizer = _load(args)
+    from .eval.provenance import provenance
+
+    with out.with_name(out.name + ".runs.jsonl").open("a") as log:  # who ran what, where: one line per run
+        log.write(json.dumps(provenance(args.device) | {"model": args.model, "dtype": args.dtype}) + "\n")
+    for row in Evaluator(model, tokenizer, spec).run(out):
+        shown = {k: row[k] for k in ("setting", "task", "length", "seed", "score", "kv_fraction")}
+        print(json.dumps(shown), flush=True)
+    if args.plots:
+        for path in write_all(out, Path(args.plots)):
+            print(f"wrote {path}")
+    return 0
+
+
 # ---------------------------------------------------------------- the parser
 
 
@@ -392,7 +431,38 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--png", help="also write a heatmap PNG here")
     show.add_argument("--length", type=int, help="context length in tokens (default: the calibration length)")
     show.set_defaults(func=cmd_profile_show)
+    _add_eval_parser(commands)
     return parser
+
+
+def _add_eval_parser(commands: Any) -> None:
+    from .eval.tasks import TASKS  # light: no torch
+
+    methods = "tca full streaming snapkv vertical_slash flexprefill xattention random topk_last"
+    evaluate = commands.add_parser(
+        "eval",
+        help="every method on a long-context task suite (JSON lines, resumable)",
+        description="Answer seeded long-context tasks (RULER-style) and score perplexity under full "
+        "attention, TCA at each tau and each baseline at each kept fraction, on the same prompts. One "
+        "JSON line per sample is appended to --out as it goes; run the same command again to resume.",
+    )
+    _add_model_options(evaluate)
+    evaluate.add_argument(
+        "--methods", nargs="+", default=["full", "tca", "snapkv", "streaming"], help=f"from: {methods}"
+    )
+    evaluate.add_argument(
+        "--tasks", nargs="+", default=[*TASKS, "perplexity"], help="default: all; " + " ".join(TASKS)
+    )
+    evaluate.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096])
+    evaluate.add_argument("--samples", type=int, default=5, help="samples per task and length")
+    evaluate.add_argument("--kept-fractions", nargs="+", type=float, default=[0.1, 0.3, 0.5])
+    evaluate.add_argument("--taus", nargs="+", type=float, default=[0.9], help="TCA thresholds")
+    evaluate.add_argument("--seed", type=int, default=0, help="first sample seed")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--calibration", default="prose", choices=("prose", "docs", "code"))
+    evaluate.add_argument("--out", required=True, help="JSON lines file (appended to; resumed)")
+    evaluate.add_argument("--plots", help="folder for the summary, table and plots after the run")
+    evaluate.set_defaults(func=cmd_eval)
 
 
 def _one_line(error: BaseException) -> str:

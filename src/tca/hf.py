@@ -113,30 +113,53 @@ def check_context(model: torch.nn.Module, context_len: int) -> None:
         )
 
 
+class ProfileSelector:
+    """TCA's own selection (DESIGN 2.1): each KV head's budgets from a calibrated profile.
+
+    A selector tells a ``TCARun`` which keys each head keeps: ``select`` at prefill (and at a new
+    turn) and ``decode_keep`` (tokens kept of each block that leaves the window during decode).
+    ``tca.methods.MethodSelector`` is the other kind, for the baselines.
+    """
+
+    def __init__(self, profile: Profile, model: torch.nn.Module):
+        profile.check_fits(model)
+        self.profile = profile
+        self.config = profile.config
+        self.decode_keep = [
+            [round(self.config.block_size * mean_keep_fraction(m, s)) for m, s in zip(mu, sigma, strict=True)]
+            for mu, sigma in zip(profile.mu.tolist(), profile.sigma.tolist(), strict=True)
+        ]  # [layer][kv head]
+
+    def select(self, layer: int, query, key, scale: float, key_start) -> Any:
+        """Kept keys of every (row, KV head): query (B, H, Lq, d), key (B, G, L, d) -> Selection."""
+        mu, sigma = self.profile.head_config(layer)
+        observed = query[:, :, -self.config.observation_queries :]
+        return ops.select(observed, key, mu, sigma, self.config, scale, key_start)
+
+
 class TCARun:
-    """The state of one ``tca.apply``: profile, configuration, the compressed cache and statistics.
+    """The state of one ``tca.apply``: selector, configuration, the compressed cache and statistics.
 
     ``cache`` is the ``TCACache`` that ``generate`` uses (a new one per call unless one is passed
     as ``past_key_values``; ``new_cache()`` makes one to reuse across turns).
     """
 
-    def __init__(self, model: torch.nn.Module, profile: Profile, keep_history: bool = True):
+    def __init__(self, model: torch.nn.Module, selector: Profile | Any, keep_history: bool = True):
         check_supported(model)
-        profile.check_fits(model)
+        if isinstance(selector, Profile):
+            selector = ProfileSelector(selector, model)
         self.model = model
-        self.profile = profile
-        self.config = profile.config
+        self.selector = selector
+        self.profile = getattr(selector, "profile", None)
+        self.config = selector.config
         self.keep_history = keep_history
-        self.fingerprint = profile.fingerprint
+        self.fingerprint = model_fingerprint(model)
         self.group = self.fingerprint["n_heads"] // self.fingerprint["n_kv_heads"]
         self.stats = RunStats(
             self.fingerprint["n_layers"], self.fingerprint["n_kv_heads"], self.fingerprint["n_heads"]
         )
         self.cache: TCACache | None = None
-        self.decode_keep = [
-            [round(self.config.block_size * mean_keep_fraction(m, s)) for m, s in zip(mu, sigma, strict=True)]
-            for mu, sigma in zip(profile.mu.tolist(), profile.sigma.tolist(), strict=True)
-        ]
+        self.decode_keep = selector.decode_keep
 
     def new_cache(self) -> TCACache:
         """A fresh compressed cache, made the run's current one."""
@@ -188,10 +211,8 @@ class TCARun:
         attend sparsely, record statistics. Returns ((B, H, Lq, d), Selection)."""
         context_len = key.shape[2]
         check_context(self.model, context_len)
-        mu, sigma = self.profile.head_config(layer)
         window = self.config.effective_window
-        observed = query[:, :, -self.config.observation_queries :]
-        selection = ops.select(observed, key, mu, sigma, self.config, scale, key_start)
+        selection = self.selector.select(layer, query, key, scale, key_start)
         if query.shape[2] == context_len:
             out = ops.sparse_prefill(
                 query, key, value, selection, window, scale, key_start, self.config.query_chunk
@@ -295,8 +316,11 @@ def _generate_with_cache(run: TCARun, generate: Callable) -> Callable:
 
 
 @contextlib.contextmanager
-def apply(model: torch.nn.Module, profile: Profile, keep_history: bool = True) -> Iterator[TCARun]:
+def apply(model: torch.nn.Module, profile: Profile | Any, keep_history: bool = True) -> Iterator[TCARun]:
     """Run ``model`` with TCA attention inside the block.
+
+    ``profile``: a calibrated ``Profile`` (TCA), or any selector with ``config``, ``decode_keep``
+    and ``select`` (``tca.methods.MethodSelector`` runs a baseline the same way).
 
     Prefill uses TCA sparse attention; ``model.generate`` also uses a compressed per-head KV
     cache (``run.cache``). ``keep_history`` keeps every token's K/V on the host so that a new

@@ -1,0 +1,95 @@
+"""Turn `tca eval` JSON lines into the committed result: eval-<date>.json, plots and a Markdown table.
+
+    python benchmarks/eval_report.py RUN.jsonl [MORE.jsonl ...] --device "NVIDIA H100 80GB HBM3" \
+        --command "tca eval ..." --out benchmarks/results/eval-2026-11-25.json
+
+The output holds {"device", "model", "date", "command", "rows": [{"method", "task", "length",
+"kept_fraction", "tau", "samples", "score", ...}]} (``tca.eval.plots.summarize``: one row per
+setting, task and length, plus the suite average), and, with ``--same-prompts N``, a second
+summary restricted to seeds below N, where every setting answered exactly the same prompts.
+Plots and the table go to a folder beside the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tca.eval.plots import (
+    load_rows,
+    needle_heatmap,
+    pareto_plot,
+    perplexity_plot,
+    results_table,
+    summarize,
+    tau_sweep_plot,
+)
+
+
+def complete(rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """Rows of the (setting, length) groups that answered every task full attention answered at that
+    length, for the same seeds; and the names of the groups left out (an interrupted run)."""
+    wanted: dict[int, set] = {}
+    for r in rows:
+        if r["setting"] == "full":
+            wanted.setdefault(r["length"], set()).add((r["task"], r["seed"]))
+    groups: dict[tuple, set] = {}
+    for r in rows:
+        groups.setdefault((r["setting"], r["length"]), set()).add((r["task"], r["seed"]))
+    seeds = {key: {seed for _, seed in done} for key, done in groups.items()}
+    kept = {
+        key
+        for key, done in groups.items()
+        if {(t, s) for t, s in wanted.get(key[1], set()) if s in seeds[key]} <= done
+        and {t for t, _ in done} == {t for t, _ in wanted.get(key[1], set())}
+    }
+    dropped = sorted(f"{setting}@{length}" for setting, length in set(groups) - kept)
+    return [r for r in rows if (r["setting"], r["length"]) in kept], dropped
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("jsonl", nargs="+", type=Path)
+    parser.add_argument("--device", required=True)
+    parser.add_argument("--versions", default="", help="library versions of the run, as recorded")
+    parser.add_argument("--date", required=True)
+    parser.add_argument("--command", action="append", required=True, help="each command of the run")
+    parser.add_argument("--same-prompts", type=int, default=None, help="also summarise seeds < N only")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    rows = [row for path in args.jsonl for row in load_rows(path)]
+    keys = [(r["setting"], r["task"], r["length"], r["seed"]) for r in rows]
+    if len(keys) != len(set(keys)):
+        raise SystemExit("the inputs repeat a (setting, task, length, seed): not merging")
+    rows, dropped = complete(rows)
+    result = {
+        "device": args.device,
+        "versions": args.versions,
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised, float32)",
+        "date": args.date,
+        "command": args.command,
+        "rows": summarize(rows),
+        "left_out_incomplete": dropped,
+    }
+    figures = args.out.with_suffix("")
+    figures.mkdir(parents=True, exist_ok=True)
+    tables = [results_table(result["rows"])]
+    if args.same_prompts is not None:
+        same = [r for r in rows if r["seed"] < args.same_prompts]
+        result["same_prompts"] = {"seeds": f"0-{args.same_prompts - 1}", "rows": summarize(same)}
+        tables.append(results_table(result["same_prompts"]["rows"]))
+        pareto_plot(result["same_prompts"]["rows"], figures / "pareto-same-prompts.png")
+    pareto_plot(result["rows"], figures / "pareto.png")
+    needle_heatmap(rows, figures / "needle-heatmap.png")
+    tau_sweep_plot(result["rows"], figures / "tau-sweep.png")
+    perplexity_plot(result["rows"], figures / "perplexity.png")
+    (figures / "results.md").write_text("\n\n".join(tables) + "\n")
+    args.out.write_text(json.dumps(result, indent=1))
+    print("\n\n".join(tables))
+
+
+if __name__ == "__main__":
+    main()
