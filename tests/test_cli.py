@@ -7,6 +7,7 @@ the ``model_cache`` fixture, so each command loads the de-quantised weights in a
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -87,7 +88,7 @@ def parse_stats(stdout: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["generate"], ["calibrate"], ["profile"], ["profile", "show"]], ids=" ".join
+    "command", [[], ["generate"], ["calibrate"], ["profile"], ["profile", "show"], ["eval"]], ids=" ".join
 )
 def test_help(command):
     result = tca(*command, "--help")
@@ -212,3 +213,26 @@ def test_calibrate_small_text_writes_loadable_profile(model_cache, tmp_path):
     assert (profile.config.local_window, profile.config.block_size, profile.config.tau) == (64, 16, 0.8)
     assert 64 + 4 * 16 <= profile.calibration_tokens <= 400
     assert f"wrote {out}" in result.stdout
+
+
+def test_eval_bad_method_is_one_line(tmp_path):
+    result = tca("eval", "--methods", "full", "magic", "--out", str(tmp_path / "r.jsonl"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "unknown method 'magic'" in result.stderr and "snapkv" in result.stderr
+
+
+@pytest.mark.slow
+def test_eval_writes_rows_and_plots(tmp_path):
+    out, plots = tmp_path / "r.jsonl", tmp_path / "plots"
+    args = ["eval", "--methods", "full", "streaming", "--tasks", "perplexity", "--lengths", "300"]
+    result = tca(*args, "--samples", "2", "--kept-fractions", "0.5", "--out", str(out), "--plots", str(plots))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((r["setting"], r["seed"]) for r in rows) == [
+        ("full", 0),
+        ("full", 1),
+        ("streaming@0.5", 0),
+        ("streaming@0.5", 1),
+    ]
+    assert (plots / "results.md").read_text().count("streaming@0.5") == 1
+    assert json.loads((tmp_path / "r.jsonl.runs.jsonl").read_text())["device"]

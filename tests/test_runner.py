@@ -10,7 +10,8 @@ import torch
 from bruteforce import fresh_seed
 from tiny_models import TINY, left_padded, tiny_llama
 
-from tca.eval.runner import EvalSpec, Evaluator, Setting, append_rows, read_done
+from tca.eval.runner import Evaluator, append_rows, read_done
+from tca.eval.spec import BASELINES, EvalSpec, Setting
 from tca.hf import apply
 from tca.methods import METHODS, MethodSelector, budget_for
 
@@ -54,6 +55,10 @@ def test_spec_errors_name_the_value():
     ):
         with pytest.raises(ValueError, match=name):
             EvalSpec(**change).check()
+
+
+def test_spec_names_every_method():
+    assert BASELINES == METHODS
 
 
 def test_settings_order_and_keys():

@@ -338,7 +338,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from .eval.plots import write_all
-    from .eval.runner import EvalSpec, Evaluator
+    from .eval.runner import Evaluator
+    from .eval.spec import EvalSpec
 
     spec = EvalSpec(
         methods=args.methods,
@@ -436,9 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_eval_parser(commands: Any) -> None:
-    from .eval.tasks import TASKS  # light: no torch
+    from .eval.spec import ALL_METHODS, CALIBRATIONS, EvalSpec  # light: no torch
 
-    methods = "tca full streaming snapkv vertical_slash flexprefill xattention random topk_last"
+    default = EvalSpec()
     evaluate = commands.add_parser(
         "eval",
         help="every method on a long-context task suite (JSON lines, resumable)",
@@ -448,18 +449,18 @@ def _add_eval_parser(commands: Any) -> None:
     )
     _add_model_options(evaluate)
     evaluate.add_argument(
-        "--methods", nargs="+", default=["full", "tca", "snapkv", "streaming"], help=f"from: {methods}"
+        "--methods", nargs="+", default=default.methods, help=f"from: {' '.join(ALL_METHODS)}"
     )
     evaluate.add_argument(
-        "--tasks", nargs="+", default=[*TASKS, "perplexity"], help="default: all; " + " ".join(TASKS)
+        "--tasks", nargs="+", default=default.tasks, help="default: all tasks and perplexity"
     )
-    evaluate.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096])
-    evaluate.add_argument("--samples", type=int, default=5, help="samples per task and length")
-    evaluate.add_argument("--kept-fractions", nargs="+", type=float, default=[0.1, 0.3, 0.5])
-    evaluate.add_argument("--taus", nargs="+", type=float, default=[0.9], help="TCA thresholds")
-    evaluate.add_argument("--seed", type=int, default=0, help="first sample seed")
-    evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--calibration", default="prose", choices=("prose", "docs", "code"))
+    evaluate.add_argument("--lengths", nargs="+", type=int, default=default.lengths)
+    evaluate.add_argument("--samples", type=int, default=default.samples, help="samples per task and length")
+    evaluate.add_argument("--kept-fractions", nargs="+", type=float, default=default.kept_fractions)
+    evaluate.add_argument("--taus", nargs="+", type=float, default=default.taus, help="TCA thresholds")
+    evaluate.add_argument("--seed", type=int, default=default.seed, help="first sample seed")
+    evaluate.add_argument("--batch-size", type=int, default=default.batch_size)
+    evaluate.add_argument("--calibration", default=default.calibration, choices=CALIBRATIONS)
     evaluate.add_argument("--out", required=True, help="JSON lines file (appended to; resumed)")
     evaluate.add_argument("--plots", help="folder for the summary, table and plots after the run")
     evaluate.set_defaults(func=cmd_eval)

@@ -19,7 +19,6 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,78 +29,11 @@ from .. import texts
 from ..calibrate import calibration_ids, measure_retention, profile_from_retention
 from ..config import TCAConfig
 from ..hf import apply
-from ..methods import METHODS, MethodSelector
+from ..methods import MethodSelector
 from ..retrieval import measure_retrieval
 from .fidelity import prose_windows, score_window
-from .tasks import ANSWER_TOKENS, TASKS, TaskSample, make_sample, score
-
-PERPLEXITY = "perplexity"
-ALL_METHODS = ("tca", *METHODS)
-CALIBRATIONS = ("prose", "docs", "code")  # bundled text kinds TCA can be calibrated on
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One attention configuration: ``method`` with a ``kept_fraction`` (baselines) or ``tau`` (tca)."""
-
-    method: str
-    kept_fraction: float | None = None
-    tau: float | None = None
-
-    @property
-    def key(self) -> str:
-        """A short unique name: ``full``, ``tca@tau0.9`` or ``snapkv@0.3``."""
-        if self.method == "full":
-            return "full"
-        if self.method == "tca":
-            return f"tca@tau{self.tau:g}"
-        return f"{self.method}@{self.kept_fraction:g}"
-
-
-@dataclass
-class EvalSpec:
-    """What to run. ``calibration``: which bundled text kind calibrates TCA (prose, docs, code)."""
-
-    methods: list[str] = field(default_factory=lambda: ["full", "tca", "snapkv", "streaming"])
-    tasks: list[str] = field(default_factory=lambda: [*TASKS, PERPLEXITY])
-    lengths: list[int] = field(default_factory=lambda: [2048, 4096])
-    samples: int = 5
-    kept_fractions: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5])
-    taus: list[float] = field(default_factory=lambda: [0.9])
-    seed: int = 0
-    batch_size: int = 8
-    calibration: str = "prose"
-
-    def check(self) -> None:
-        """ValueError naming the first unknown method, task, calibration kind or bad number."""
-        for name in self.methods:
-            if name not in ALL_METHODS:
-                raise ValueError(f"unknown method {name!r}; choose from {', '.join(ALL_METHODS)}.")
-        for task in self.tasks:
-            if task not in (*TASKS, PERPLEXITY):
-                raise ValueError(f"unknown task {task!r}; choose from {', '.join((*TASKS, PERPLEXITY))}.")
-        if self.calibration not in CALIBRATIONS:
-            raise ValueError(
-                f"unknown calibration {self.calibration!r}; choose from {', '.join(CALIBRATIONS)}."
-            )
-        for tau in self.taus:
-            TCAConfig(tau=tau)  # names a bad tau
-        for fraction in self.kept_fractions:
-            if not 0 < fraction <= 1:
-                raise ValueError(f"kept fractions must be in (0, 1], got {fraction!r}.")
-        if self.samples < 1 or self.batch_size < 1 or any(n < 1 for n in self.lengths):
-            raise ValueError("samples, batch size and lengths must be >= 1.")
-
-    def settings(self) -> list[Setting]:
-        """Every setting, in a fixed order: full, tca from the highest tau, then each baseline by kept
-        fraction."""
-        out = [Setting("full")] if "full" in self.methods else []
-        if "tca" in self.methods:
-            out += [Setting("tca", tau=tau) for tau in sorted(self.taus, reverse=True)]
-        for name in self.methods:
-            if name not in ("full", "tca"):
-                out += [Setting(name, kept_fraction=f) for f in sorted(self.kept_fractions)]
-        return out
+from .spec import PERPLEXITY, EvalSpec, Setting
+from .tasks import ANSWER_TOKENS, TaskSample, make_sample, score
 
 
 def row_key(row: dict[str, Any]) -> tuple:
