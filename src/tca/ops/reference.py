@@ -24,6 +24,25 @@ def _masked_softmax_combine(
     return torch.matmul(weights / denom.clamp_min(1e-30), values)
 
 
+def _fused_masked_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax(query keys^T * scale | visible) @ values, fused (SDPA); rows with nothing visible give zeros.
+
+    query (B, G, group, C, d); keys, values (B, G, 1, S, d); visible (B, G, 1, C, S) bool.
+    """
+    batch, n_kv, group, chunk, head_dim = query.shape
+    q = query.reshape(batch * n_kv, group, chunk, head_dim)
+    k = keys.reshape(batch * n_kv, 1, -1, head_dim).expand(-1, group, -1, -1)
+    v = values.reshape(batch * n_kv, 1, -1, head_dim).expand(-1, group, -1, -1)
+    mask = visible.reshape(batch * n_kv, 1, chunk, -1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out = out.view(batch, n_kv, group, chunk, head_dim)
+    return torch.where(
+        visible.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device)
+    )
+
+
 def sparse_prefill(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -62,23 +81,21 @@ def sparse_prefill(
         q_hi = min(q_lo + query_chunk, q_len)
         lo, hi = q_lo + offset, q_hi + offset  # key positions of this chunk's queries
         rows = torch.arange(lo, hi, device=query.device).view(1, 1, 1, -1, 1)  # (1,1,1,C,1)
-        q_chunk = q[:, :, :, q_lo:q_hi]  # (B, G, group, C, d)
-        kept_visible = kept_pos <= rows - local_window
-        kept_scores = torch.matmul(q_chunk, k_kept.transpose(-1, -2)) * scale  # (B, G, group, C, K)
+        kept_visible = kept_pos <= rows - local_window  # (B, G, 1, C, K)
         w_lo = max(0, lo - local_window + 1)
         cols = torch.arange(w_lo, hi, device=query.device).view(1, 1, 1, 1, -1)
         window_visible = (cols <= rows) & (cols > rows - local_window)
-        window_visible = window_visible & (cols >= start.view(-1, 1, 1, 1, 1))
-        k_win = k[:, :, None, w_lo:hi]  # (B, G, 1, Wc, d)
-        window_scores = torch.matmul(q_chunk, k_win.transpose(-1, -2)) * scale
-        scores = torch.cat([kept_scores, window_scores], dim=-1)
+        window_visible = window_visible & (cols >= start.view(-1, 1, 1, 1, 1))  # (B, 1, 1, C, Wc)
+        keys = torch.cat([k_kept, k[:, :, None, w_lo:hi]], dim=3)  # (B, G, 1, K + Wc, d)
+        values = torch.cat([v_kept, v[:, :, None, w_lo:hi]], dim=3)
         visible = torch.cat(
-            [kept_visible.expand_as(kept_scores), window_visible.expand_as(window_scores)], -1
+            [
+                kept_visible.expand(batch, n_kv, 1, hi - lo, -1),
+                window_visible.expand(batch, n_kv, 1, hi - lo, -1),
+            ],
+            -1,
         )
-        values = torch.cat(
-            [v_kept.expand(-1, -1, group, -1, -1), v[:, :, None, w_lo:hi].expand(-1, -1, group, -1, -1)], 3
-        )
-        out[:, :, :, q_lo:q_hi] = _masked_softmax_combine(scores, visible, values)
+        out[:, :, :, q_lo:q_hi] = _fused_masked_attention(q[:, :, :, q_lo:q_hi], keys, values, visible, scale)
     return out.view(batch, n_heads, q_len, head_dim).to(query.dtype)
 
 
