@@ -21,13 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import __version__
 from .budgets import DENSE, block_budgets, candidate_grid, rank_fractions
 from .config import TCAConfig
-from .hf import CALIBRATION_NAME, attention_handler, check_context, check_supported
-from .ops.reference import dense_causal
+from .hf import check_context, check_supported
+from .layer_pass import measure_layers
 from .profile import Profile, model_fingerprint
 from .retrieval import measure_retrieval
 from .select import candidate_importance, keep_mask, rank_blocks
@@ -151,24 +150,11 @@ def measure_retention(
     check_supported(model)
     check_context(model, input_ids.shape[-1])
     candidates = candidate_grid(config.candidates)
-    retention: dict[int, LayerRetention] = {}
-    n_layers = model_fingerprint(model)["n_layers"]
-    bar = tqdm(total=n_layers, desc="calibrating layers", disable=not progress)
 
-    def record(module, query, key, value, attention_mask, scaling, **kwargs):
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        retention[module.layer_idx] = layer_retention(query[0], key[0], config, scale, candidates)
-        bar.update(1)
-        # the layer's own output, streamed too: CPU SDPA with a mask would form L x L per head
-        out = dense_causal(query, key, value, scale, query_chunk=config.query_chunk)
-        return out.transpose(1, 2).contiguous(), None
+    def measure(query: torch.Tensor, key: torch.Tensor, scale: float) -> LayerRetention:
+        return layer_retention(query, key, config, scale, candidates)
 
-    try:
-        with torch.no_grad(), attention_handler(model, CALIBRATION_NAME, record):
-            model(input_ids=input_ids.to(model.device), use_cache=False, logits_to_keep=1)  # no (L, vocab)
-    finally:
-        bar.close()
-    return [retention[layer] for layer in range(n_layers)]
+    return measure_layers(model, input_ids, measure, config, "calibrating layers", progress)
 
 
 def calibration_ids(tokenizer: Any, text: str, config: TCAConfig, max_tokens: int) -> torch.Tensor:

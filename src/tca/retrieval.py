@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .config import TCAConfig
-from .hf import CALIBRATION_NAME, attention_handler
-from .ops.reference import dense_causal
-from .profile import model_fingerprint
+from .layer_pass import measure_layers
 
 PASSAGE_TOKENS = 256
 
@@ -83,20 +80,9 @@ def measure_retrieval(
         (n_layers, n_kv_heads) float64 in [0, 1].
     """
     probe, start, passage = probe_ids(ids, config)
-    n_layers = model_fingerprint(model)["n_layers"]
-    scores: dict[int, torch.Tensor] = {}
-    bar = tqdm(total=n_layers, desc="finding retrieval heads", disable=not progress)
 
-    def record(module, query, key, value, attention_mask, scaling, **kwargs):
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        scores[module.layer_idx] = head_retrieval_scores(query[0], key[0], start, passage, scale)
-        bar.update(1)
-        out = dense_causal(query, key, value, scale, query_chunk=config.query_chunk)
-        return out.transpose(1, 2).contiguous(), None
+    def measure(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+        return head_retrieval_scores(query, key, start, passage, scale)
 
-    try:
-        with torch.no_grad(), attention_handler(model, CALIBRATION_NAME, record):
-            model(input_ids=probe.to(model.device), use_cache=False, logits_to_keep=1)
-    finally:
-        bar.close()
-    return np.stack([scores[layer].double().numpy() for layer in range(n_layers)])
+    scores = measure_layers(model, probe, measure, config, "finding retrieval heads", progress)
+    return np.stack([s.double().numpy() for s in scores])

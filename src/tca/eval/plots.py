@@ -16,22 +16,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .spec import PERPLEXITY
+from .tasks import TASKS
+
 AVERAGE = "average"
-PERPLEXITY = "perplexity"
 NEEDLE_TASKS = ("niah_single_number", "niah_single_word", "niah_single_uuid")
-TASK_ORDER = (
-    "niah_single_number",
-    "niah_single_word",
-    "niah_single_uuid",
-    "niah_multikey",
-    "niah_multivalue",
-    "niah_multiquery",
-    "variable_tracking",
-    "common_words",
-    "frequent_words",
-    "multi_turn_needle",
-    "qa_document",
-)
 DEPTH_BINS = 5
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
 
@@ -77,8 +66,8 @@ def setting_key(row: dict[str, Any]) -> tuple:
 
 def task_key(task: str) -> tuple[int, int, str]:
     """Sort key for tasks: the suite's order, unknown tasks by name, then the average, then perplexity."""
-    if task in TASK_ORDER:
-        return (0, TASK_ORDER.index(task), task)
+    if task in TASKS:
+        return (0, TASKS.index(task), task)
     if task == AVERAGE:
         return (2, 0, task)
     if task == PERPLEXITY:
@@ -289,18 +278,31 @@ def pareto_plot(summary: list[dict[str, Any]], out_png: str | Path) -> int | boo
     rows = _select(summary, AVERAGE)
     if not rows:
         return False
+    return _kv_panels(
+        rows,
+        lambda r: r["score"],
+        "suite-average score (0-100)",
+        "Accuracy vs KV-cache memory (up and left is better)",
+        out_png,
+        ylim=(0, 102),
+    )
+
+
+def _kv_panels(rows, y_of, y_label: str, title: str, out_png: str | Path, ylim=None) -> int:
+    """One panel per length: ``y_of(row)`` against measured KV fraction, a curve per method."""
     lengths = _lengths(rows)
     styles = _method_styles(r["method"] for r in rows)
     fig, axes = _figure(len(lengths))
     for ax, length in zip(axes, lengths, strict=True):
-        _draw_method_curves(ax, [r for r in rows if r["length"] == length], lambda r: r["score"], styles)
+        _draw_method_curves(ax, [r for r in rows if r["length"] == length], y_of, styles)
         ax.set_title(f"context {length_label(length)} ({length:,} tokens)")
         ax.set_xlabel("KV cache kept (measured fraction of dense bytes)")
-        ax.set_ylabel("suite-average score (0-100)")
+        ax.set_ylabel(y_label)
         ax.set_xlim(0, 1.05)
-        ax.set_ylim(0, 102)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
         ax.grid(True, alpha=0.3)
-    fig.suptitle("Accuracy vs KV-cache memory (up and left is better)")
+    fig.suptitle(title)
     _figure_legend(fig, axes)
     _save(fig, out_png)
     return len(axes)
@@ -420,20 +422,13 @@ def perplexity_plot(summary: list[dict[str, Any]], out_png: str | Path) -> int |
     ]
     if not rows:
         return False
-    lengths = _lengths(rows)
-    styles = _method_styles(r["method"] for r in rows)
-    fig, axes = _figure(len(lengths))
-    for ax, length in zip(axes, lengths, strict=True):
-        _draw_method_curves(ax, [r for r in rows if r["length"] == length], lambda r: r["ratio"], styles)
-        ax.set_title(f"context {length_label(length)} ({length:,} tokens)")
-        ax.set_xlabel("KV cache kept (measured fraction of dense bytes)")
-        ax.set_ylabel("perplexity / full-attention perplexity")
-        ax.set_xlim(0, 1.05)
-        ax.grid(True, alpha=0.3)
-    fig.suptitle("Language-modelling cost of a smaller KV cache (lower is better, 1 = full attention)")
-    _figure_legend(fig, axes)
-    _save(fig, out_png)
-    return len(axes)
+    return _kv_panels(
+        rows,
+        lambda r: r["ratio"],
+        "perplexity / full-attention perplexity",
+        "Language-modelling cost of a smaller KV cache (lower is better, 1 = full attention)",
+        out_png,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- table

@@ -86,9 +86,10 @@ class Evaluator:
         self.model, self.tokenizer, self.spec, self.progress = model, tokenizer, spec, progress
         self._retention: tuple | None = None
         self._windows: dict[int, list[torch.Tensor]] = {}
+        self._profiles: dict[float, Any] = {}
 
     def profile(self, tau: float):
-        """TCA profile at ``tau``: one calibration pass (cached), thresholded per tau."""
+        """TCA profile at ``tau``: one calibration pass and one profile per tau, both cached."""
         if self._retention is None:
             text = calibration_text(self.spec.calibration)
             config = TCAConfig.for_model(self.model)
@@ -96,8 +97,12 @@ class Evaluator:
             retention = measure_retention(self.model, ids, config, progress=False)
             retrieval = measure_retrieval(self.model, ids, config, progress=False)
             self._retention = (retention, retrieval, config, ids.shape[-1], text)
-        retention, retrieval, config, tokens, text = self._retention
-        return profile_from_retention(retention, self.model, config.replace(tau=tau), tokens, text, retrieval)
+        if tau not in self._profiles:
+            retention, retrieval, config, tokens, text = self._retention
+            self._profiles[tau] = profile_from_retention(
+                retention, self.model, config.replace(tau=tau), tokens, text, retrieval
+            )
+        return self._profiles[tau]
 
     def selector(self, setting: Setting):
         """What ``tca.apply`` takes for ``setting`` (None: dense)."""
