@@ -87,6 +87,30 @@ def smollm2():
     return load_model("smollm2")
 
 
+def test_batch_for_caps_by_tokens():
+    spec = EvalSpec(batch_size=100, batch_tokens=10_000)
+    assert [spec.batch_for(n) for n in (1000, 4096, 20_000)] == [10, 2, 1]
+    assert EvalSpec(batch_size=7).batch_for(4096) == 7
+    with pytest.raises(ValueError, match="batch tokens"):
+        EvalSpec(batch_tokens=0).check()
+
+
+def test_batches_mix_tasks_once_each_and_never_mix_turn_counts(smollm2):
+    """Every pending (task, seed) lands in exactly one batch; a batch holds one kind of sample."""
+    model, tokenizer = smollm2
+    tasks = ["niah_single_number", "multi_turn_needle", "qa_document", "perplexity"]
+    spec = EvalSpec(methods=["full"], tasks=tasks, lengths=[1024], samples=3, batch_size=4, batch_tokens=3000)
+    evaluator = Evaluator(model, tokenizer, spec, progress=False)
+    batches = evaluator._batches(Setting("full"), 1024, done={("full", "qa_document", 1024, 1)})
+    pairs = [pair for batch in batches for pair in batch]
+    assert sorted(pairs) == sorted({(t, s) for t in tasks for s in range(3)} - {("qa_document", 1)})
+    assert all(1 <= len(batch) <= 2 for batch in batches)  # 3000 // 1024 = 2 per batch
+    for batch in batches:
+        kinds = {t if t == "perplexity" else len(evaluator.sample(t, 1024, s).turns) for t, s in batch}
+        assert len(kinds) == 1, batch
+    assert any(len({t for t, _ in batch}) > 1 for batch in batches)  # tasks do mix
+
+
 @pytest.mark.slow
 def test_resume_after_interruption_loses_and_repeats_nothing(smollm2, tmp_path):
     model, tokenizer = smollm2

@@ -26,12 +26,17 @@ from .budgets import rank_fractions
 
 
 class HeadStore:
-    """Keys/values of one (layer, KV head): (B, capacity, d) with a (B,) valid length."""
+    """Keys/values of one (layer, KV head): (B, capacity, d) with a (B,) valid length.
+
+    ``max_length`` mirrors ``lengths.max()`` on the host (an upper bound after a compression), so
+    appending a decode token needs no device synchronisation.
+    """
 
     def __init__(
         self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor
     ):
         self.keys, self.values, self.positions, self.lengths = keys, values, positions, lengths
+        self.max_length = int(lengths.max()) if lengths.numel() else 0
 
     @classmethod
     def gather(cls, key: torch.Tensor, value: torch.Tensor, indices: torch.Tensor, lengths: torch.Tensor):
@@ -48,7 +53,7 @@ class HeadStore:
     def extend(self, key: torch.Tensor, value: torch.Tensor, first_position: int) -> None:
         """Write n tokens per row (key, value: (B, n, d)) after each row's last entry."""
         batch, n, _ = key.shape
-        needed = int(self.lengths.max()) + n - self.keys.shape[1]
+        needed = self.max_length + n - self.keys.shape[1]
         if needed > 0:
             self._grow(max(needed, 16, self.keys.shape[1] // 8))
         slots = self.lengths.view(-1, 1) + torch.arange(n, device=key.device).view(1, -1)  # (B, n)
@@ -57,6 +62,7 @@ class HeadStore:
         self.values[rows, slots] = value
         self.positions[rows, slots] = first_position + torch.arange(n, device=key.device).view(1, -1)
         self.lengths += n
+        self.max_length += n
 
     def _grow(self, extra: int) -> None:
         pad = (0, 0, 0, extra)
@@ -68,24 +74,31 @@ class HeadStore:
         self, block_start: int, block: int, keep: int, query: torch.Tensor, scale: float, rows=None
     ) -> None:
         """Cut each row's entries at positions [block_start, block_start + block) to their ``keep``
-        most important for ``query`` (B, group, d) (softmax within the block, averaged over the group).
-        ``rows``: the rows to cut (None: all)."""
-        for row in range(self.keys.shape[0]) if rows is None else rows:
-            length = int(self.lengths[row])
-            positions = self.positions[row, :length]
-            lo = int(torch.searchsorted(positions, block_start))
-            hi = int(torch.searchsorted(positions, block_start + block))
-            if hi - lo <= keep:
-                continue
-            logits = torch.matmul(query[row].float(), self.keys[row, lo:hi].float().T) * scale  # (group, n)
-            importance = torch.softmax(logits, -1).mean(0)
-            top = (
-                torch.argsort(importance, descending=True, stable=True)[:keep].sort().values + lo
-            )  # ties: lower index
-            order = torch.cat([top, torch.arange(hi, length, device=top.device)])
-            for tensor in (self.keys, self.values, self.positions):
-                tensor[row, lo : lo + len(order)] = tensor[row, order].clone()
-            self.lengths[row] = lo + len(order)
+        most important for ``query`` (B, group, d) (softmax within the block, averaged over the group;
+        ties: the lower position). ``rows``: the rows to cut (None: all). All rows at once, no sync."""
+        batch, capacity = self.positions.shape
+        slots = torch.arange(capacity, device=self.keys.device).view(1, -1)
+        valid = slots < self.lengths.view(-1, 1)  # (B, capacity)
+        in_block = valid & (self.positions >= block_start) & (self.positions < block_start + block)
+        if rows is not None:
+            chosen = torch.zeros(batch, dtype=torch.bool, device=valid.device)
+            chosen[list(rows)] = True
+            in_block &= chosen.view(-1, 1)
+        logits = (
+            torch.einsum("bgd,bcd->bgc", query.float(), self.keys.float()) * scale
+        )  # (B, group, capacity)
+        logits = logits.masked_fill(~in_block.unsqueeze(1), float("-inf"))
+        importance = torch.softmax(logits, -1).mean(1).nan_to_num(0.0)  # (B, capacity); rows with no block: 0
+        importance = importance.masked_fill(~in_block, -1.0)  # out-of-block entries rank last
+        order = torch.argsort(importance, dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, slots.expand(batch, -1))
+        kept = valid & (~in_block | (rank < keep))  # (B, capacity)
+        compact = torch.argsort((~kept).to(torch.int8), dim=-1, stable=True)  # kept entries first, in order
+        self.keys = torch.gather(self.keys, 1, compact.unsqueeze(-1).expand_as(self.keys))
+        self.values = torch.gather(self.values, 1, compact.unsqueeze(-1).expand_as(self.values))
+        self.positions = torch.gather(self.positions, 1, compact)
+        self.lengths = kept.sum(-1)
+        self.max_length = int(self.lengths.max())
 
 
 class TCACacheLayer(CacheLayerMixin):

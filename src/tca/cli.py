@@ -350,6 +350,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         taus=args.taus,
         seed=args.seed,
         batch_size=args.batch_size,
+        batch_tokens=args.batch_tokens,
         calibration=args.calibration,
     )
     spec.check()
@@ -459,7 +460,12 @@ def _add_eval_parser(commands: Any) -> None:
     evaluate.add_argument("--kept-fractions", nargs="+", type=float, default=default.kept_fractions)
     evaluate.add_argument("--taus", nargs="+", type=float, default=default.taus, help="TCA thresholds")
     evaluate.add_argument("--seed", type=int, default=default.seed, help="first sample seed")
-    evaluate.add_argument("--batch-size", type=int, default=default.batch_size)
+    evaluate.add_argument(
+        "--batch-size", type=int, default=default.batch_size, help="samples per batch (tasks mixed)"
+    )
+    evaluate.add_argument(
+        "--batch-tokens", type=int, help="also cap each batch at this many prompt tokens (e.g. 262144)"
+    )
     evaluate.add_argument("--calibration", default=default.calibration, choices=CALIBRATIONS)
     evaluate.add_argument("--out", required=True, help="JSON lines file (appended to; resumed)")
     evaluate.add_argument("--plots", help="folder for the summary, table and plots after the run")

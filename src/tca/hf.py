@@ -234,25 +234,29 @@ class TCARun:
         """Fill the layer's cache with each head's kept tokens plus the window (true positions)."""
         batch, n_kv, context_len, _ = key.shape
         window = self.config.effective_window
+        first = (
+            torch.zeros(batch, dtype=torch.int64, device=key.device)
+            if key_start is None
+            else key_start.to(key.device, torch.int64)
+        )
+        recent = torch.arange(max(context_len - window, 0), context_len, device=key.device)  # (W,)
+        recent_valid = recent.view(1, -1) >= first.view(-1, 1)  # (B, W): not left padding
+        columns = torch.arange(selection.indices.shape[-1], device=key.device).view(1, -1)
         layer.heads = []
         for g in range(n_kv):
-            rows = []
-            for b in range(batch):
-                first = 0 if key_start is None else int(key_start[b])
-                kept = selection.indices[b, g, : int(selection.counts[b, g])]
-                recent = torch.arange(max(context_len - window, first), context_len, device=key.device)
-                rows.append(torch.cat([kept, recent]))
-            lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64, device=key.device)
-            indices = torch.full(
-                (batch, int(lengths.max())), context_len, dtype=torch.int64, device=key.device
+            kept_valid = columns < selection.counts[:, g].view(-1, 1).to(key.device)  # (B, K)
+            indices = torch.cat([selection.indices[:, g].to(key.device), recent.expand(batch, -1)], 1)
+            valid = torch.cat([kept_valid, recent_valid], 1)  # (B, K + W)
+            compact = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)  # valid first, in order
+            indices = torch.gather(indices, 1, compact).masked_fill(
+                ~torch.gather(valid, 1, compact), context_len
             )
-            for b, row in enumerate(rows):
-                indices[b, : len(row)] = row
+            lengths = valid.sum(-1)
+            indices = indices[:, : int(lengths.max())]
             layer.heads.append(HeadStore.gather(key[:, g], value[:, g], indices, lengths))
         # per row: a left-padded row's blocks start at its own first valid token, as when it runs alone
-        layer.boundary = [
-            max(context_len - window, 0 if key_start is None else int(key_start[b])) for b in range(batch)
-        ]
+        starts = first.clamp_min(max(context_len - window, 0)).tolist()
+        layer.boundary = [int(x) for x in starts]
 
     def _decode(self, layer: TCACacheLayer, layer_idx: int, query, key, value, scale) -> torch.Tensor:
         """One new token: append it to every head, attend over each head's entries. (B, H, 1, d)."""
@@ -286,17 +290,24 @@ class TCARun:
         return torch.cat(outs, dim=1)
 
     def _compress(self, layer: TCACacheLayer, layer_idx: int, query, scale) -> None:
-        """Cut every block that has left the window to its head's budget (DESIGN 2.4)."""
+        """Cut every block that has left the window to its head's budget (DESIGN 2.4); rows whose
+        next block starts at the same position are cut together."""
         block, window = self.config.block_size, self.config.effective_window
-        for row, start in enumerate(layer.boundary):
-            while layer.seen - window - start >= block:
-                for g, head in enumerate(layer.heads):
-                    keep = self.decode_keep[layer_idx][g]
-                    if keep < block:
-                        q = query[:, g * self.group : (g + 1) * self.group, -1]
-                        head.compress_block(start, block, keep, q, scale, rows=[row])
-                start += block
-            layer.boundary[row] = start
+        while True:
+            due = [row for row, start in enumerate(layer.boundary) if layer.seen - window - start >= block]
+            if not due:
+                return
+            start = min(layer.boundary[row] for row in due)
+            rows = [row for row in due if layer.boundary[row] == start]
+            for g, head in enumerate(layer.heads):
+                keep = self.decode_keep[layer_idx][g]
+                if keep < block:
+                    q = query[:, g * self.group : (g + 1) * self.group, -1]
+                    head.compress_block(
+                        start, block, keep, q, scale, rows=None if len(rows) == len(layer.boundary) else rows
+                    )
+            for row in rows:
+                layer.boundary[row] = start + block
 
 
 def _generate_with_cache(run: TCARun, generate: Callable) -> Callable:

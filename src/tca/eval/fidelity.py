@@ -26,17 +26,31 @@ class WindowScores:
     last_logprobs: torch.Tensor
 
 
+def _hidden_and_nll(model, input_ids: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last hidden states (n, L, D) and the NLL of each next token (n, L - 1) for ``input_ids`` (n, L)."""
+    input_ids = input_ids.to(model.device)
+    hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+    nll = torch.empty(input_ids.shape[0], input_ids.shape[1] - 1, device=hidden.device)
+    for row in range(input_ids.shape[0]):  # logits in chunks: never an (L, vocab) matrix
+        for lo in range(0, input_ids.shape[1] - 1, chunk):
+            hi = min(lo + chunk, input_ids.shape[1] - 1)
+            logits = model.lm_head(hidden[row, lo:hi]).float()
+            nll[row, lo:hi] = F.cross_entropy(logits, input_ids[row, lo + 1 : hi + 1], reduction="none")
+    return hidden, nll
+
+
+def token_nll(model, input_ids: torch.Tensor, chunk: int = 512) -> np.ndarray:
+    """NLL of each next token (n, L - 1) for a batch of windows ``input_ids`` (n, L)."""
+    with torch.no_grad():
+        return _hidden_and_nll(model, input_ids, chunk)[1].cpu().numpy()
+
+
 def score_window(model, input_ids: torch.Tensor, chunk: int = 512) -> WindowScores:
     """NLL of each next token and the last position's log-probabilities for ``input_ids`` (1, L)."""
     with torch.no_grad():
-        hidden = model.model(input_ids=input_ids.to(model.device), use_cache=False).last_hidden_state[0]
-        targets = input_ids[0, 1:].to(model.device)
-        nll = []
-        for lo in range(0, hidden.shape[0] - 1, chunk):
-            logits = model.lm_head(hidden[lo : min(lo + chunk, hidden.shape[0] - 1)]).float()
-            nll.append(F.cross_entropy(logits, targets[lo : lo + logits.shape[0]], reduction="none"))
-        last = torch.log_softmax(model.lm_head(hidden[-1:]).float(), -1)[0]
-    return WindowScores(nll=torch.cat(nll).cpu().numpy(), last_logprobs=last.cpu())
+        hidden, nll = _hidden_and_nll(model, input_ids, chunk)
+        last = torch.log_softmax(model.lm_head(hidden[0, -1:]).float(), -1)[0]
+    return WindowScores(nll=nll[0].cpu().numpy(), last_logprobs=last.cpu())
 
 
 def prose_windows(tokenizer, texts: dict[str, str], length: int, count: int, seed: int) -> list[torch.Tensor]:

@@ -2,9 +2,10 @@
 
 A *setting* is one attention configuration: ``full`` (dense), ``tca`` at a tau (a profile
 calibrated in-process at that tau), or a baseline at a kept fraction (``tca.methods``). For each
-length and task, the samples (``tca.eval.tasks``, seeded) are answered under every setting, in
-batches with left padding, and one JSON line per (setting, task, length, seed) is appended to the
-output and flushed at once. An interrupted run picks up where it stopped: lines already written
+length, the samples of every task (``tca.eval.tasks``, seeded) are answered under every setting,
+in batches with left padding that mix tasks (samples with the same number of turns run together),
+and one JSON line per (setting, task, length, seed) is appended to the output and flushed after
+each batch. An interrupted run picks up where it stopped: lines already written
 are read back and skipped, a half-written last line is dropped, nothing is written twice.
 
 Multi-turn samples are answered turn by turn, each turn re-prefilling the whole conversation
@@ -31,7 +32,7 @@ from ..config import TCAConfig
 from ..hf import apply
 from ..methods import MethodSelector
 from ..retrieval import measure_retrieval
-from .fidelity import prose_windows, score_window
+from .fidelity import prose_windows, token_nll
 from .spec import PERPLEXITY, EvalSpec, Setting
 from .tasks import ANSWER_TOKENS, TaskSample, make_sample, score
 
@@ -87,6 +88,7 @@ class Evaluator:
         self._retention: tuple | None = None
         self._windows: dict[int, list[torch.Tensor]] = {}
         self._profiles: dict[float, Any] = {}
+        self._samples: dict[tuple[str, int, int], TaskSample] = {}
 
     def profile(self, tau: float):
         """TCA profile at ``tau``: one calibration pass and one profile per tau, both cached."""
@@ -112,41 +114,59 @@ class Evaluator:
             return self.profile(setting.tau)
         return MethodSelector(self.model, setting.method, setting.kept_fraction)
 
+    def sample(self, task: str, length: int, seed: int) -> TaskSample:
+        """The task sample (made once per run: every setting answers the same prompt)."""
+        key = (task, length, seed)
+        if key not in self._samples:
+            self._samples[key] = make_sample(task, self.tokenizer, length, seed)
+        return self._samples[key]
+
     def run(self, out: Path) -> Iterator[dict[str, Any]]:
         """Run everything not yet in ``out`` (JSONL), appending as it goes; yields each new row."""
         out.parent.mkdir(parents=True, exist_ok=True)
         done = read_done(out)
-        jobs = [  # setting by setting, so an interrupted run has whole settings to compare
-            (setting, length, task)
+        work = [  # setting by setting, so an interrupted run has whole settings to compare
+            (setting, length, batch)
             for setting in self.spec.settings()
             for length in self.spec.lengths
-            for task in self.spec.tasks
+            for batch in self._batches(setting, length, done)
         ]
-        bar = tqdm(jobs, desc="eval", disable=not self.progress)
-        for setting, length, task in bar:
-            seeds = [
-                s
-                for s in range(self.spec.seed, self.spec.seed + self.spec.samples)
-                if (setting.key, task, length, s) not in done
-            ]
-            bar.set_postfix_str(f"{setting.key} {task} {length}")
-            for lo in range(0, len(seeds), self.spec.batch_size):
-                rows = self._rows(setting, task, length, seeds[lo : lo + self.spec.batch_size])
-                append_rows(out, rows)
-                yield from rows
+        bar = tqdm(total=sum(len(b) for *_, b in work), desc="eval", unit="sample", disable=not self.progress)
+        for setting, length, batch in work:
+            bar.set_postfix_str(f"{setting.key} {length}")
+            rows = self._rows(setting, length, batch)
+            append_rows(out, rows)
+            bar.update(len(batch))
+            yield from rows
+        bar.close()
 
-    def _rows(self, setting: Setting, task: str, length: int, seeds: list[int]) -> list[dict[str, Any]]:
-        base = {"setting": setting.key, "method": setting.method, "kept_fraction": setting.kept_fraction}
-        base |= {"tau": setting.tau, "task": task, "length": length}
-        base["calibration"] = self.spec.calibration if setting.method == "tca" else None
+    def _batches(self, setting: Setting, length: int, done: set[tuple]) -> list[list[tuple[str, int]]]:
+        """The pending (task, seed) pairs of one setting and length, in batches that run together:
+        perplexity windows apart, task samples grouped by their number of turns."""
+        size = self.spec.batch_for(length)
+        groups: dict[Any, list[tuple[str, int]]] = {}
+        for task in self.spec.tasks:
+            for seed in range(self.spec.seed, self.spec.seed + self.spec.samples):
+                if (setting.key, task, length, seed) in done:
+                    continue
+                kind = PERPLEXITY if task == PERPLEXITY else len(self.sample(task, length, seed).turns)
+                groups.setdefault(kind, []).append((task, seed))
+        return [items[lo : lo + size] for items in groups.values() for lo in range(0, len(items), size)]
+
+    def _rows(self, setting: Setting, length: int, batch: list[tuple[str, int]]) -> list[dict[str, Any]]:
         started = time.perf_counter()
-        if task == PERPLEXITY:
-            results = self._perplexity(setting, length, seeds)
+        if batch[0][0] == PERPLEXITY:
+            results = self._perplexity(setting, length, [seed for _, seed in batch])
         else:
-            samples = [make_sample(task, self.tokenizer, length, s) for s in seeds]
-            results = self._answers(setting, samples)
-        seconds = (time.perf_counter() - started) / len(seeds)
-        return [base | {"seed": s, "seconds": seconds} | r for s, r in zip(seeds, results, strict=True)]
+            results = self._answers(setting, [self.sample(task, length, seed) for task, seed in batch])
+        seconds = (time.perf_counter() - started) / len(batch)
+        base = {"setting": setting.key, "method": setting.method, "kept_fraction": setting.kept_fraction}
+        base |= {"tau": setting.tau, "length": length, "seconds": seconds}
+        base["calibration"] = self.spec.calibration if setting.method == "tca" else None
+        return [
+            base | {"task": task, "seed": seed} | result
+            for (task, seed), result in zip(batch, results, strict=True)
+        ]
 
     def _answers(self, setting: Setting, samples: list[TaskSample]) -> list[dict[str, Any]]:
         """Answer a batch turn by turn; the last turn's answer is scored."""
@@ -197,22 +217,20 @@ class Evaluator:
         return answers, kv_fraction
 
     def _perplexity(self, setting: Setting, length: int, seeds: list[int]) -> list[dict[str, Any]]:
-        """NLL of the second half of a real-prose window per seed (prefill only)."""
-        rows = []
+        """NLL of the second half of a real-prose window per seed (prefill only, one batch)."""
         if length not in self._windows:  # seeded windows, seed i is the i-th (tokenizing once)
             count = self.spec.seed + self.spec.samples
             self._windows[length] = prose_windows(self.tokenizer, texts.evaluation_texts(), length, count, 0)
-        for seed in seeds:
-            ids = self._windows[length][seed]
-            selector = self.selector(setting)
-            if selector is None:
-                scores, kv_fraction = score_window(self.model, ids), 1.0
-            else:
-                with apply(self.model, selector) as run:
-                    scores = score_window(self.model, ids)
-                kv_fraction = run.stats.kept_fraction
-            half = scores.nll[len(scores.nll) // 2 :]
-            rows.append(
-                {"score": None, "nll": float(half.sum()), "tokens": len(half), "kv_fraction": kv_fraction}
-            )
-        return rows
+        ids = torch.cat([self._windows[length][seed] for seed in seeds])  # (n, length)
+        selector = self.selector(setting)
+        if selector is None:
+            nll, kv_fraction = token_nll(self.model, ids), 1.0
+        else:
+            with apply(self.model, selector) as run:
+                nll = token_nll(self.model, ids)
+            kv_fraction = run.stats.kept_fraction
+        half = nll[:, nll.shape[1] // 2 :]
+        return [
+            {"score": None, "nll": float(row.sum()), "tokens": len(row), "kv_fraction": kv_fraction}
+            for row in half
+        ]

@@ -52,6 +52,7 @@ class EvalSpec:
     taus: list[float] = field(default_factory=lambda: [0.9])
     seed: int = 0
     batch_size: int = 8
+    batch_tokens: int | None = None  # also cap a batch at this many prompt tokens (None: no cap)
     calibration: str = "prose"
 
     def check(self) -> None:
@@ -74,6 +75,14 @@ class EvalSpec:
                 raise ValueError(f"kept fractions must be in (0, 1], got {fraction!r}.")
         if self.samples < 1 or self.batch_size < 1 or any(n < 1 for n in self.lengths):
             raise ValueError("samples, batch size and lengths must be >= 1.")
+        if self.batch_tokens is not None and self.batch_tokens < 1:
+            raise ValueError(f"batch tokens must be >= 1, got {self.batch_tokens!r}.")
+
+    def batch_for(self, length: int) -> int:
+        """Samples per batch at ``length``: ``batch_size``, capped by ``batch_tokens`` (at least 1)."""
+        if self.batch_tokens is None:
+            return self.batch_size
+        return max(1, min(self.batch_size, self.batch_tokens // length))
 
     def settings(self) -> list[Setting]:
         """Every setting, in a fixed order: full, tca from the highest tau, then each baseline by kept
