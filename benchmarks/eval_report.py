@@ -7,7 +7,8 @@ The output holds {"device", "model", "date", "command", "rows": [{"method", "tas
 "kept_fraction", "tau", "samples", "score", ...}]} (``tca.eval.plots.summarize``: one row per
 setting, task and length, plus the suite average), and, with ``--same-prompts N``, a second
 summary restricted to seeds below N, where every setting answered exactly the same prompts.
-Plots and the table go to a folder beside the JSON.
+Plots (with the keep-ratio heatmap of ``--profile`` at each length) and the table go to a folder
+beside the JSON.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+from tca.cli import profile_heatmap
 from tca.eval.plots import (
     load_rows,
     needle_heatmap,
@@ -25,6 +27,7 @@ from tca.eval.plots import (
     summarize,
     tau_sweep_plot,
 )
+from tca.profile import Profile
 
 
 def complete(rows: list[dict]) -> tuple[list[dict], list[str]]:
@@ -58,6 +61,15 @@ def main() -> None:
     parser.add_argument("--date", required=True)
     parser.add_argument("--command", action="append", required=True, help="each command of the run")
     parser.add_argument("--same-prompts", type=int, default=None, help="also summarise seeds < N only")
+    parser.add_argument(
+        "--model", default="SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised)", help="as run, dtype included"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=Path("src/tca/data/profiles/smollm2.json"),
+        help="keep-ratio heatmap of it",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     rows = [row for path in args.jsonl for row in load_rows(path)]
@@ -68,7 +80,7 @@ def main() -> None:
     result = {
         "device": args.device,
         "versions": args.versions,
-        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised, float32)",
+        "model": args.model,
         "date": args.date,
         "command": args.command,
         "rows": summarize(rows),
@@ -86,6 +98,8 @@ def main() -> None:
     needle_heatmap(rows, figures / "needle-heatmap.png")
     tau_sweep_plot(result["rows"], figures / "tau-sweep.png")
     perplexity_plot(result["rows"], figures / "perplexity.png")
+    for length in sorted({r["length"] for r in rows}):  # where TCA's budget goes, per layer and head
+        profile_heatmap(Profile.load(args.profile), length, figures / f"keep-ratio-{length}.png")
     (figures / "results.md").write_text("\n\n".join(tables) + "\n")
     args.out.write_text(json.dumps(result, indent=1))
     print("\n\n".join(tables))

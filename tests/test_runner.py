@@ -68,6 +68,27 @@ def test_settings_order_and_keys():
     assert Setting("random", kept_fraction=0.25).key == "random@0.25"
 
 
+@pytest.mark.parametrize("key", ["full", "tca@tau0.9", "tca@tau0.35", "snapkv@0.1", "random@0.25"])
+def test_setting_keys_parse_back(key):
+    assert Setting.parse(key).key == key
+
+
+@pytest.mark.parametrize("key", ["tca@0.9", "snapkv", "bogus@0.1", "full@0.1", "tca@tauX", "tca"])
+def test_bad_setting_keys_name_the_key(key):
+    with pytest.raises(ValueError, match=f"setting '{key}'"):
+        Setting.parse(key)
+
+
+def test_only_runs_the_named_settings_in_order_and_checks_them():
+    spec = EvalSpec(only=["snapkv@0.3", "full", "tca@tau0.5", "full"])
+    spec.check()
+    assert [s.key for s in spec.settings()] == ["snapkv@0.3", "full", "tca@tau0.5"]
+    with pytest.raises(ValueError, match="tau must be in"):
+        EvalSpec(only=["tca@tau1.5"]).check()
+    with pytest.raises(ValueError, match="kept fractions"):
+        EvalSpec(only=["random@0"]).check()
+
+
 def test_read_done_cuts_a_half_written_line_and_keeps_the_rest(tmp_path):
     path = tmp_path / "rows.jsonl"
     rows = [{"setting": "full", "task": "t", "length": 8, "seed": s, "score": s} for s in range(3)]

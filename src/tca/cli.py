@@ -351,6 +351,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         batch_tokens=args.batch_tokens,
+        only=args.settings,
         calibration=args.calibration,
     )
     spec.check()
@@ -459,6 +460,12 @@ def _add_eval_parser(commands: Any) -> None:
     evaluate.add_argument("--samples", type=int, default=default.samples, help="samples per task and length")
     evaluate.add_argument("--kept-fractions", nargs="+", type=float, default=default.kept_fractions)
     evaluate.add_argument("--taus", nargs="+", type=float, default=default.taus, help="TCA thresholds")
+    evaluate.add_argument(
+        "--settings",
+        nargs="+",
+        help="run exactly these settings, in order (e.g. full tca@tau0.9 snapkv@0.3) instead of "
+        "--methods x --taus x --kept-fractions",
+    )
     evaluate.add_argument("--seed", type=int, default=default.seed, help="first sample seed")
     evaluate.add_argument(
         "--batch-size", type=int, default=default.batch_size, help="samples per batch (tasks mixed)"

@@ -39,6 +39,24 @@ class Setting:
             return f"tca@tau{self.tau:g}"
         return f"{self.method}@{self.kept_fraction:g}"
 
+    @classmethod
+    def parse(cls, key: str) -> Setting:
+        """The setting named by ``key`` (``full``, ``tca@tau0.9``, ``snapkv@0.3``); ValueError otherwise."""
+        method, _, value = key.partition("@")
+        try:
+            if method == "full" and not value:
+                return cls("full")
+            if method == "tca" and value.startswith("tau"):
+                return cls("tca", tau=float(value[3:]))
+            if method in BASELINES and method != "full" and value:
+                return cls(method, kept_fraction=float(value))
+        except ValueError:
+            pass
+        raise ValueError(
+            f"setting {key!r} is not 'full', 'tca@tauT' or 'METHOD@FRACTION' with METHOD one of "
+            f"{', '.join(BASELINES[1:])}."
+        )
+
 
 @dataclass
 class EvalSpec:
@@ -54,6 +72,7 @@ class EvalSpec:
     batch_size: int = 8
     batch_tokens: int | None = None  # also cap a batch at this many prompt tokens (None: no cap)
     calibration: str = "prose"
+    only: list[str] | None = None  # setting keys to run instead of methods x taus x kept fractions
 
     def check(self) -> None:
         """ValueError naming the first unknown method, task, calibration kind or bad number."""
@@ -67,10 +86,14 @@ class EvalSpec:
             raise ValueError(
                 f"unknown calibration {self.calibration!r}; choose from {', '.join(CALIBRATIONS)}."
             )
-        for tau in self.taus:
+        chosen = [Setting.parse(key) for key in self.only or []]
+        for tau in [*self.taus, *(s.tau for s in chosen if s.tau is not None)]:
             if not 0 < tau <= 1:
                 raise ValueError(f"tau must be in (0, 1], got {tau!r}.")
-        for fraction in self.kept_fractions:
+        for fraction in [
+            *self.kept_fractions,
+            *(s.kept_fraction for s in chosen if s.kept_fraction is not None),
+        ]:
             if not 0 < fraction <= 1:
                 raise ValueError(f"kept fractions must be in (0, 1], got {fraction!r}.")
         if self.samples < 1 or self.batch_size < 1 or any(n < 1 for n in self.lengths):
@@ -86,7 +109,9 @@ class EvalSpec:
 
     def settings(self) -> list[Setting]:
         """Every setting, in a fixed order: full, tca from the highest tau, then each baseline by kept
-        fraction."""
+        fraction; or the settings of ``only``, in its order."""
+        if self.only is not None:
+            return list(dict.fromkeys(Setting.parse(key) for key in self.only))
         out = [Setting("full")] if "full" in self.methods else []
         if "tca" in self.methods:
             out += [Setting("tca", tau=tau) for tau in sorted(self.taus, reverse=True)]
