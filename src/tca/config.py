@@ -31,8 +31,8 @@ class TCAConfig:
             ``h_j = (1 - alpha) * mass_j + alpha * (1 - HHI_j)``, in [0, 1].
         candidates: number (M) of log-Gaussian budget configurations tried per head.
         observation_queries: how many of the last queries score importance. The paper uses the last
-            one; 16 (decided here) lowered SmolLM2's last-position KL at 4K from 0.050 to 0.040 at
-            the same kept fraction (docs/choices.md).
+            one; 64 (decided here) reach back past the chat template into the question, which
+            recovered needles TCA lost at 16 (docs/choices.md).
         pool_kernel: importance is max-pooled over this many neighbouring keys before blocks are
             scored (odd; 1 = off, the paper's rule), so a kept token brings its neighbours
             (SnapKV's pooling); it did not help SmolLM2's needles (docs/choices.md).
@@ -40,7 +40,7 @@ class TCAConfig:
             bounds peak memory to O(query_chunk * L) per head.
         retrieval_threshold: a KV head whose retrieval score (``tca.retrieval``: attention a
             copied passage's queries put on its first copy, beyond the window) reaches this keeps
-            every token; decided here (docs/choices.md). None turns the detection off.
+            every token; 0.05 decided here (docs/choices.md). None turns the detection off.
     """
 
     tau: float = 0.9
@@ -48,10 +48,10 @@ class TCAConfig:
     local_window: int = 4096
     alpha: float = 0.5
     candidates: int = 14
-    observation_queries: int = 16
+    observation_queries: int = 64
     pool_kernel: int = 1
     query_chunk: int = 256
-    retrieval_threshold: float | None = 0.1
+    retrieval_threshold: float | None = 0.05
 
     def __post_init__(self) -> None:
         if not (_is_real(self.tau) and 0.0 < self.tau <= 1.0):
