@@ -7,6 +7,8 @@ The output holds {"device", "model", "date", "command", "rows": [{"method", "tas
 "kept_fraction", "tau", "samples", "score", ...}]} (``tca.eval.plots.summarize``: one row per
 setting, task and length, plus the suite average), and, with ``--same-prompts N``, a second
 summary restricted to seeds below N, where every setting answered exactly the same prompts.
+``gaps_to_full`` gives each setting's score minus full attention's on the same prompts, with a
+95% paired bootstrap interval. TCA rows calibrated on docs or code become settings of their own.
 Plots (with the keep-ratio heatmap of ``--profile`` at each length) and the table go to a folder
 beside the JSON.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 
 from tca.cli import profile_heatmap
@@ -51,6 +54,42 @@ def complete(rows: list[dict]) -> tuple[list[dict], list[str]]:
     return [r for r in rows if (r["setting"], r["length"]) in kept], dropped
 
 
+def tag_calibration(rows: list[dict]) -> list[dict]:
+    """TCA rows calibrated on another text than prose become their own setting and method
+    (``tca@tau0.9/docs``, ``tca/docs``), so the calibration-text study sits beside the rest."""
+    for r in rows:
+        kind = r.get("calibration")
+        if r["method"] == "tca" and kind not in (None, "prose"):
+            r["setting"], r["method"] = f"{r['setting']}/{kind}", f"tca/{kind}"
+    return rows
+
+
+def gaps_to_full(rows: list[dict], resamples: int = 2000, seed: int = 0) -> list[dict]:
+    """Per (setting, length): mean score minus full attention's on the same prompts, with a 95%
+    paired bootstrap interval over the prompts."""
+    rng = random.Random(seed)
+    scored = [r for r in rows if r.get("score") is not None]
+    full = {(r["task"], r["length"], r["seed"]): r["score"] for r in scored if r["setting"] == "full"}
+    diffs: dict[tuple, list[float]] = {}
+    for r in scored:
+        key = (r["task"], r["length"], r["seed"])
+        if r["setting"] != "full" and key in full:
+            diffs.setdefault((r["setting"], r["length"]), []).append(r["score"] - full[key])
+    out = []
+    for (setting, length), values in sorted(diffs.items()):
+        means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(resamples))
+        out.append(
+            {
+                "setting": setting,
+                "length": length,
+                "prompts": len(values),
+                "gap": sum(values) / len(values),
+                "ci95": [means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]],
+            }
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -72,7 +111,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    rows = [row for path in args.jsonl for row in load_rows(path)]
+    rows = tag_calibration([row for path in args.jsonl for row in load_rows(path)])
     keys = [(r["setting"], r["task"], r["length"], r["seed"]) for r in rows]
     if len(keys) != len(set(keys)):
         raise SystemExit("the inputs repeat a (setting, task, length, seed): not merging")
@@ -84,6 +123,7 @@ def main() -> None:
         "date": args.date,
         "command": args.command,
         "rows": summarize(rows),
+        "gaps_to_full": gaps_to_full(rows),
         "left_out_incomplete": dropped,
     }
     figures = args.out.with_suffix("")

@@ -580,7 +580,9 @@ def new_turn_calls(recorder: Recorder, n_layers: int) -> list[Call]:
 def test_multi_turn_reselects_from_host_history():
     seed = fresh_seed()
     model = tiny_llama(seed)
-    profile = sparse_profile(model, seed)
+    # observation queries within the new turn's 38 tokens, so that a prefill of the whole
+    # conversation observes the same queries as the new turn (checked at the end)
+    profile = sparse_profile(model, seed, config=CONFIG.replace(observation_queries=16))
     run, recorder, out1, ids2 = two_turns(model, profile, seed, keep_history=True)
     window, full_len = profile.config.effective_window, ids2.shape[1]
     reentered = 0

@@ -1,0 +1,45 @@
+"""CPU probe, run once on 2026-11-25 (log: benchmarks/results/lost-needles-cpu.log): the (task, seed)
+prompts at 4K where TCA (threshold 0.1, 16 observation queries) lost a needle that full attention
+found in the development run (eval-2026-11-25-development.jsonl), answered under variants."""
+
+import time
+
+import torch
+
+from tca.calibrate import profile_from_retention
+from tca.eval.runner import Evaluator
+from tca.eval.spec import EvalSpec, Setting
+from tca.models import load_model
+
+torch.set_num_threads(2)
+model, tok = load_model("smollm2")
+length = 4096
+pairs = [("niah_single_uuid", s) for s in (9, 10, 11, 13, 19)] + [
+    ("niah_single_word", s) for s in (1, 2, 11, 16)
+]
+spec = EvalSpec(methods=["full", "tca"], tasks=["niah_single_uuid"], lengths=[length], samples=1)
+ev = Evaluator(model, tok, spec, progress=False)
+ev.profile(0.9)
+retention, retrieval, config, tokens, text = ev._retention
+variants = {
+    "thr0.1": config.replace(tau=0.9, retrieval_threshold=0.1, observation_queries=16),
+    "thr0.05": config.replace(tau=0.9, retrieval_threshold=0.05, observation_queries=16),
+    "obs64": config.replace(tau=0.9, retrieval_threshold=0.1, observation_queries=64),
+}
+samples = [ev.sample(t, length, s) for t, s in pairs]
+for name in ["full", *variants]:
+    t0 = time.time()
+    if name == "full":
+        rows = ev._answers(Setting("full"), samples)
+    else:
+        ev._profiles[0.9] = profile_from_retention(retention, model, variants[name], tokens, text, retrieval)
+        rows = ev._answers(Setting("tca", tau=0.9), samples)
+    print(
+        name,
+        [int(r["score"]) for r in rows],
+        round(rows[0]["kv_fraction"], 3),
+        f"{time.time() - t0:.0f}s",
+        flush=True,
+    )
+    for r in rows:
+        print("   ", repr(r["answer"][:70]), flush=True)
