@@ -1,6 +1,6 @@
 """Turn `tca eval` JSON lines into the committed result: eval-<date>.json, plots and a Markdown table.
 
-    python benchmarks/eval_report.py RUN.jsonl [MORE.jsonl ...] --device "NVIDIA H100 80GB HBM3" \
+    python benchmarks/eval_report.py RUNS/*.jsonl --device "NVIDIA H100 80GB HBM3" \
         --command "tca eval ..." --out benchmarks/results/eval-2026-11-25.json
 
 The output holds {"device", "model", "date", "command", "rows": [{"method", "task", "length",
@@ -111,7 +111,8 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    rows = tag_calibration([row for path in args.jsonl for row in load_rows(path)])
+    paths = [path for path in args.jsonl if not path.name.endswith(".runs.jsonl")]  # not provenance
+    rows = tag_calibration([row for path in paths for row in load_rows(path)])
     keys = [(r["setting"], r["task"], r["length"], r["seed"]) for r in rows]
     if len(keys) != len(set(keys)):
         raise SystemExit("the inputs repeat a (setting, task, length, seed): not merging")
