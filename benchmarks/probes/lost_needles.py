@@ -1,7 +1,14 @@
-"""CPU probe, run once on 2026-11-25 (log: benchmarks/results/lost-needles-cpu.log): the (task, seed)
-prompts at 4K where TCA (threshold 0.1, 16 observation queries) lost a needle that full attention
-found in the development run (eval-2026-11-25-development.jsonl), answered under variants."""
+"""CPU probe: the (task, seed) prompts at 4K where TCA (threshold 0.1, 16 observation queries)
+lost a needle that full attention found in the development run
+(eval-2026-11-25-development.jsonl), answered under each variant.
 
+    python benchmarks/probes/lost_needles.py [VARIANT ...]     # default: full and every variant
+
+Run on 2026-11-25 in two invocations: full thr0.1 thr0.05 obs64
+(benchmarks/results/lost-needles-cpu.log), then thr0.05+obs64 (lost-needles-combined-cpu.log).
+"""
+
+import sys
 import time
 
 import torch
@@ -25,9 +32,10 @@ variants = {
     "thr0.1": config.replace(tau=0.9, retrieval_threshold=0.1, observation_queries=16),
     "thr0.05": config.replace(tau=0.9, retrieval_threshold=0.05, observation_queries=16),
     "obs64": config.replace(tau=0.9, retrieval_threshold=0.1, observation_queries=64),
+    "thr0.05+obs64": config.replace(tau=0.9, retrieval_threshold=0.05, observation_queries=64),
 }
 samples = [ev.sample(t, length, s) for t, s in pairs]
-for name in ["full", *variants]:
+for name in sys.argv[1:] or ["full", *variants]:
     t0 = time.time()
     if name == "full":
         rows = ev._answers(Setting("full"), samples)

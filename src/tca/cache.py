@@ -25,6 +25,11 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .budgets import rank_fractions
 
 
+def valid_first(valid: torch.Tensor) -> torch.Tensor:
+    """Per row, the column order that puts the ``valid`` (B, N) columns first, each part in order."""
+    return torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
+
+
 class HeadStore:
     """Keys/values of one (layer, KV head): (B, capacity, d) with a (B,) valid length.
 
@@ -93,7 +98,7 @@ class HeadStore:
         order = torch.argsort(importance, dim=-1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, slots.expand(batch, -1))
         kept = valid & (~in_block | (rank < keep))  # (B, capacity)
-        compact = torch.argsort((~kept).to(torch.int8), dim=-1, stable=True)  # kept entries first, in order
+        compact = valid_first(kept)
         self.keys = torch.gather(self.keys, 1, compact.unsqueeze(-1).expand_as(self.keys))
         self.values = torch.gather(self.values, 1, compact.unsqueeze(-1).expand_as(self.values))
         self.positions = torch.gather(self.positions, 1, compact)

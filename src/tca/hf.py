@@ -20,7 +20,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import ops
-from .cache import HeadStore, TCACache, TCACacheLayer, mean_keep_fraction
+from .cache import HeadStore, TCACache, TCACacheLayer, mean_keep_fraction, valid_first
 from .error_bound import last_query_dropped_mass, theorem1_bound
 from .ops import reference
 from .profile import Profile, model_fingerprint
@@ -72,6 +72,13 @@ def key_start_from_mask(attention_mask: torch.Tensor | None, key_len: int) -> to
     if not torch.equal(valid, positions >= start.view(-1, 1)):
         raise ValueError("TCA needs left padding: set tokenizer.padding_side = 'left'.")
     return start
+
+
+def row_starts(key_start: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+    """(B,) int64 first valid key per row on ``device`` (0 without padding)."""
+    if key_start is None:
+        return torch.zeros(batch, dtype=torch.int64, device=device)
+    return key_start.to(device, torch.int64)
 
 
 def _tca_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -222,11 +229,7 @@ class TCARun:
                 query, key, value, selection, window, scale, key_start, self.config.query_chunk
             )
         gamma = last_query_dropped_mass(query[:, :, -1], key, selection, window, scale, key_start)
-        start = (
-            key_start
-            if key_start is not None
-            else torch.zeros(key.shape[0], dtype=torch.int64, device=key.device)
-        )
+        start = row_starts(key_start, key.shape[0], key.device)
         self.stats.record_prefill(layer, selection, start, window, gamma, theorem1_bound(gamma, value))
         return out, selection
 
@@ -234,11 +237,7 @@ class TCARun:
         """Fill the layer's cache with each head's kept tokens plus the window (true positions)."""
         batch, n_kv, context_len, _ = key.shape
         window = self.config.effective_window
-        first = (
-            torch.zeros(batch, dtype=torch.int64, device=key.device)
-            if key_start is None
-            else key_start.to(key.device, torch.int64)
-        )
+        first = row_starts(key_start, batch, key.device)
         recent = torch.arange(max(context_len - window, 0), context_len, device=key.device)  # (W,)
         recent_valid = recent.view(1, -1) >= first.view(-1, 1)  # (B, W): not left padding
         columns = torch.arange(selection.indices.shape[-1], device=key.device).view(1, -1)
@@ -247,7 +246,7 @@ class TCARun:
             kept_valid = columns < selection.counts[:, g].view(-1, 1).to(key.device)  # (B, K)
             indices = torch.cat([selection.indices[:, g].to(key.device), recent.expand(batch, -1)], 1)
             valid = torch.cat([kept_valid, recent_valid], 1)  # (B, K + W)
-            compact = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)  # valid first, in order
+            compact = valid_first(valid)
             indices = torch.gather(indices, 1, compact).masked_fill(
                 ~torch.gather(valid, 1, compact), context_len
             )
@@ -255,8 +254,7 @@ class TCARun:
             indices = indices[:, : int(lengths.max())]
             layer.heads.append(HeadStore.gather(key[:, g], value[:, g], indices, lengths))
         # per row: a left-padded row's blocks start at its own first valid token, as when it runs alone
-        starts = first.clamp_min(max(context_len - window, 0)).tolist()
-        layer.boundary = [int(x) for x in starts]
+        layer.boundary = first.clamp_min(max(context_len - window, 0)).tolist()
 
     def _decode(self, layer: TCACacheLayer, layer_idx: int, query, key, value, scale) -> torch.Tensor:
         """One new token: append it to every head, attend over each head's entries. (B, H, 1, d)."""
