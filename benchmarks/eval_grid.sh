@@ -4,10 +4,11 @@
 # 2K/4K/8K tokens, 20 samples (seeds 100-119, not the seeds used while developing), and TCA
 # calibrated on the bundled docs and code texts (the calibration-text study).
 #
-#   bash benchmarks/eval_grid.sh OUT_DIR SECONDS      # run again with the same OUT_DIR to resume
+#   bash benchmarks/eval_grid.sh OUT_DIR SECONDS [PROCESSES_PER_GPU]   # the same OUT_DIR resumes
 set -euo pipefail
 out=${1:?usage: eval_grid.sh OUT_DIR SECONDS}
 seconds=${2:-86400}
+per_gpu=${3:-3}
 common=(--device cuda --dtype bfloat16 --lengths 2048 4096 8192 --samples 20 --seed 100
         --batch-size 256 --batch-tokens 204800)
 settings=(full tca@tau0.9 tca@tau0.7 tca@tau0.5 tca@tau0.3)
@@ -25,6 +26,6 @@ for kind in docs code; do  # one process each, beside the grid's
         >> "$out/calibration-$kind.log" 2>&1 &
     index=$(( index + 1 ))
 done
-python3 benchmarks/eval_parallel.py --gpus "$gpus" --per-gpu 3 --out-dir "$out/main" --seconds "$seconds" \
+python3 benchmarks/eval_parallel.py --gpus "$gpus" --per-gpu "$per_gpu" --out-dir "$out/main" --seconds "$seconds" \
     --settings "${settings[@]}" -- "${common[@]}" || true
 wait
