@@ -60,3 +60,14 @@ def test_interval_width_matches_the_normal_approximation(rng):
     diffs = np.array([other[p] - 50.0 for p in full])
     expected = 2 * 1.96 * diffs.std(ddof=1) / np.sqrt(n)
     assert gap["ci95"][1] - gap["ci95"][0] == pytest.approx(expected, rel=0.2)
+
+
+def test_an_interval_ignores_the_other_settings_and_the_row_order(rng):
+    prompts = [("t", 200, s) for s in range(int(rng.integers(8, 30)))]
+    full = rows_for("full", {p: float(rng.choice([0, 100])) for p in prompts})
+    mine = rows_for("m@0.5", {p: float(rng.choice([0, 100])) for p in prompts})
+    other = rows_for("a@0.1", {p: float(rng.choice([0, 100])) for p in prompts})  # sorts first
+    alone = gaps_to_full(full + mine, resamples=300)
+    shuffled = [(full + other + mine)[i] for i in rng.permutation(3 * len(prompts))]
+    beside = [g for g in gaps_to_full(shuffled, resamples=300) if g["setting"] == "m@0.5"]
+    assert beside == alone
