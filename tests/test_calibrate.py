@@ -91,6 +91,7 @@ def test_choice_passes_tau_and_oracle_is_minimum(calibrated, tau):
     profile = profile_from_retention(retention, model, config, CONTEXT, "calibration text")
     candidates = candidate_grid(config.candidates)
     n_candidates = CONTEXT - config.effective_window
+    checked = 0  # heads checked; a head with a near tie that float32 may break either way is not
     for layer, (query, key, scale) in enumerate(captured):
         base, values = brute_retention(query, key, scale, config.effective_window)
         for g in range(key.shape[0]):
@@ -98,7 +99,7 @@ def test_choice_passes_tau_and_oracle_is_minimum(calibrated, tau):
             oracle = brute_oracle(base[g], values[g], tau)
             assert int(profile.oracle_tokens[layer, g]) == oracle, where
             # brute-force choice: among candidates whose retained mass reaches tau, the fewest kept tokens
-            passing = []
+            passing, tie = [], False
             for mu, sigma in candidates:
                 head = select_head(
                     query[:, -CONFIG.observation_queries :],
@@ -112,10 +113,12 @@ def test_choice_passes_tau_and_oracle_is_minimum(calibrated, tau):
                     scale,
                 )
                 retained = base[g] + values[g, head.kept].sum()
-                if head.margin < MARGIN or abs(retained - (tau - 1e-6)) < 1e-7:
-                    pytest.skip(f"{where}: a near tie")
+                tie = tie or head.margin < MARGIN or abs(retained - (tau - 1e-6)) < 1e-7
                 if retained >= tau - 1e-6:
                     passing.append((len(head.kept), mu, sigma, retained))
+            if tie:
+                continue
+            checked += 1
             assert profile.kept_tokens[layer, g] >= profile.oracle_tokens[layer, g], where
             if not passing:
                 assert math.isinf(profile.mu[layer, g]), (
@@ -128,6 +131,8 @@ def test_choice_passes_tau_and_oracle_is_minimum(calibrated, tau):
             assert profile.kept_tokens[layer, g] == kept, where
             assert profile.retained[layer, g] == pytest.approx(retained, abs=1e-6), where
             assert profile.retained[layer, g] >= tau - 1e-6 and kept >= oracle, where
+    if checked == 0:
+        pytest.skip(f"seed {seed}, tau {tau}: every head has a near tie")
 
 
 def test_dense_when_nothing_passes(calibrated):
