@@ -8,7 +8,7 @@ The output holds {"device", "model", "date", "command", "rows": [{"method", "tas
 setting, task and length, plus the suite average), and, with ``--same-prompts N``, a second
 summary restricted to seeds below N, where every setting answered exactly the same prompts.
 ``gaps_to_full`` gives each setting's score minus full attention's on the same prompts, with a
-95% paired bootstrap interval. TCA rows calibrated on docs or code become settings of their own.
+95% paired bootstrap interval. TCA rows calibrated on docs or code, or with options, become settings of their own.
 Plots (with the keep-ratio heatmap of ``--profile`` at each length) and the table go to a folder
 beside the JSON.
 """
@@ -54,13 +54,19 @@ def complete(rows: list[dict]) -> tuple[list[dict], list[str]]:
     return [r for r in rows if (r["setting"], r["length"]) in kept], dropped
 
 
-def tag_calibration(rows: list[dict]) -> list[dict]:
-    """TCA rows calibrated on another text than prose become their own setting and method
-    (``tca@tau0.9/docs``, ``tca/docs``), so the calibration-text study sits beside the rest."""
+def tag_variants(rows: list[dict]) -> list[dict]:
+    """TCA rows calibrated on another text than prose, or with TCAConfig options, become their own
+    setting and method (``tca@tau0.9/docs``, ``tca/docs``; ``tca,local_window=256``), so the
+    calibration-text study and any variant sit beside the rest rather than in TCA's tau sweep."""
     for r in rows:
+        if r["method"] != "tca":
+            continue
+        _, comma, options = r["setting"].partition(",")
+        if comma:
+            r["method"] = f"tca,{options}"
         kind = r.get("calibration")
-        if r["method"] == "tca" and kind not in (None, "prose"):
-            r["setting"], r["method"] = f"{r['setting']}/{kind}", f"tca/{kind}"
+        if kind not in (None, "prose"):
+            r["setting"], r["method"] = f"{r['setting']}/{kind}", f"{r['method']}/{kind}"
     return rows
 
 
@@ -86,7 +92,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     paths = [path for path in args.jsonl if not path.name.endswith(".runs.jsonl")]  # not provenance
-    rows = tag_calibration([row for path in paths for row in load_rows(path)])
+    rows = tag_variants([row for path in paths for row in load_rows(path)])
     keys = [(r["setting"], r["task"], r["length"], r["seed"]) for r in rows]
     if len(keys) != len(set(keys)):
         raise SystemExit("the inputs repeat a (setting, task, length, seed): not merging")

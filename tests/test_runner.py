@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from bruteforce import fresh_seed
@@ -68,15 +69,62 @@ def test_settings_order_and_keys():
     assert Setting("random", kept_fraction=0.25).key == "random@0.25"
 
 
-@pytest.mark.parametrize("key", ["full", "tca@tau0.9", "tca@tau0.35", "snapkv@0.1", "random@0.25"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "full",
+        "tca@tau0.9",
+        "tca@tau0.35",
+        "tca@tau0.9,alpha=0.25,local_window=256,retrieval_threshold=off",
+        "snapkv@0.1",
+        "random@0.25",
+    ],
+)
 def test_setting_keys_parse_back(key):
     assert Setting.parse(key).key == key
 
 
-@pytest.mark.parametrize("key", ["tca@0.9", "snapkv", "bogus@0.1", "full@0.1", "tca@tauX", "tca"])
+def test_tca_options_are_typed_and_sorted():
+    setting = Setting.parse("tca@tau0.8,retrieval_threshold=0.03,block_size=32")
+    assert setting.options == (("block_size", 32), ("retrieval_threshold", 0.03))
+    assert (
+        isinstance(setting.options[0][1], int)
+        and setting.key == "tca@tau0.8,block_size=32,retrieval_threshold=0.03"
+    )
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "tca@0.9",
+        "snapkv",
+        "bogus@0.1",
+        "full@0.1",
+        "tca@tauX",
+        "tca",
+        "tca@tau0.9,",
+        "tca@tau0.9,alpha",
+        "tca@tau0.9,alpha=x",
+        "tca@tau0.9,tau=0.5",
+        "tca@tau0.9,alpha=0.1,alpha=0.2",
+    ],
+)
 def test_bad_setting_keys_name_the_key(key):
     with pytest.raises(ValueError, match=f"setting '{key}'"):
         Setting.parse(key)
+
+
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        ("tca@tau0.9,alpha=2", "alpha must be in"),
+        ("tca@tau0.9,local_window=0.5", "local_window must be an integer"),
+        ("tca@tau0.9,retrieval_threshold=0", "retrieval_threshold must be in"),
+    ],
+)
+def test_out_of_range_tca_options_name_the_setting_and_the_field(key, message):
+    with pytest.raises(ValueError, match=f"setting '{key}': {message}"):
+        EvalSpec(only=[key]).check()
 
 
 def test_only_runs_the_named_settings_in_order_and_checks_them():
@@ -174,3 +222,25 @@ def test_exact_topk_never_below_random_drop(smollm2, tmp_path):
 
     assert total("topk_last", "score") >= total("random", "score")
     assert total("topk_last", "nll") <= total("random", "nll")
+
+
+def test_a_tca_setting_with_options_is_calibrated_with_them(smollm2):
+    """The profile behind ``tca@tau0.8,...`` equals ``tca.calibrate`` with those fields, run apart."""
+    from tca.calibrate import calibrate
+    from tca.config import TCAConfig
+    from tca.eval.runner import calibration_text
+
+    model, tokenizer = smollm2
+    spec = EvalSpec(calibration_tokens=900)
+    evaluator = Evaluator(model, tokenizer, spec, progress=False)
+    setting = Setting.parse("tca@tau0.8,block_size=32,local_window=128,retrieval_threshold=off")
+    profile = evaluator.selector(setting)
+    config = TCAConfig.for_model(model).replace(
+        tau=0.8, block_size=32, local_window=128, retrieval_threshold=None
+    )
+    alone = calibrate(model, tokenizer, calibration_text("prose"), config, 900, progress=False)
+    assert profile.config == alone.config == config
+    for field in ("mu", "sigma", "kept_tokens", "oracle_tokens"):
+        np.testing.assert_array_equal(getattr(profile, field), getattr(alone, field), err_msg=field)
+    default = evaluator.selector(Setting.parse("tca@tau0.8"))
+    assert default.config.retrieval_threshold == 0.05 and not np.array_equal(default.mu, profile.mu)

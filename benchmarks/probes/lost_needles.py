@@ -27,7 +27,7 @@ pairs = [("niah_single_uuid", s) for s in (9, 10, 11, 13, 19)] + [
 spec = EvalSpec(methods=["full", "tca"], tasks=["niah_single_uuid"], lengths=[length], samples=1)
 ev = Evaluator(model, tok, spec, progress=False)
 ev.profile(0.9)
-retention, retrieval, config, tokens, text = ev._retention
+retention, retrieval, config, tokens, text = ev._calibrations[()]
 variants = {
     "thr0.1": config.replace(tau=0.9, retrieval_threshold=0.1, observation_queries=16),
     "thr0.05": config.replace(tau=0.9, retrieval_threshold=0.05, observation_queries=16),
@@ -40,7 +40,9 @@ for name in sys.argv[1:] or ["full", *variants]:
     if name == "full":
         rows = ev._answers(Setting("full"), samples)
     else:
-        ev._profiles[0.9] = profile_from_retention(retention, model, variants[name], tokens, text, retrieval)
+        ev._profiles[(0.9, ())] = profile_from_retention(
+            retention, model, variants[name], tokens, text, retrieval
+        )
         rows = ev._answers(Setting("tca", tau=0.9), samples)
     print(
         name,

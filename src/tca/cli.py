@@ -464,7 +464,8 @@ def _add_eval_parser(commands: Any) -> None:
         "--settings",
         nargs="+",
         help="run exactly these settings, in order (e.g. full tca@tau0.9 snapkv@0.3) instead of "
-        "--methods x --taus x --kept-fractions",
+        "--methods x --taus x --kept-fractions; a tca setting may change TCAConfig fields: "
+        "tca@tau0.9,local_window=256,retrieval_threshold=off",
     )
     evaluate.add_argument("--seed", type=int, default=default.seed, help="first sample seed")
     evaluate.add_argument(

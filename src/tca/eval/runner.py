@@ -85,33 +85,34 @@ class Evaluator:
     def __init__(self, model, tokenizer, spec: EvalSpec, progress: bool = True):
         spec.check()
         self.model, self.tokenizer, self.spec, self.progress = model, tokenizer, spec, progress
-        self._retention: tuple | None = None
+        self._calibrations: dict[tuple, tuple] = {}  # by the setting's options
         self._windows: dict[int, list[torch.Tensor]] = {}
-        self._profiles: dict[float, Any] = {}
+        self._profiles: dict[tuple, Any] = {}  # by (tau, options)
         self._samples: dict[tuple[str, int, int], TaskSample] = {}
 
-    def profile(self, tau: float):
-        """TCA profile at ``tau``: one calibration pass and one profile per tau, both cached."""
-        if self._retention is None:
+    def profile(self, tau: float, options: tuple = ()):
+        """TCA profile at ``tau`` with the TCAConfig ``options`` of a setting: one calibration pass
+        per set of options and one profile per tau, both cached."""
+        if options not in self._calibrations:
             text = calibration_text(self.spec.calibration)
-            config = TCAConfig.for_model(self.model)
-            ids = calibration_ids(self.tokenizer, text, config, 4096)
+            config = TCAConfig.for_model(self.model).replace(**dict(options))
+            ids = calibration_ids(self.tokenizer, text, config, self.spec.calibration_tokens)
             retention = measure_retention(self.model, ids, config, progress=False)
             retrieval = measure_retrieval(self.model, ids, config, progress=False)
-            self._retention = (retention, retrieval, config, ids.shape[-1], text)
-        if tau not in self._profiles:
-            retention, retrieval, config, tokens, text = self._retention
-            self._profiles[tau] = profile_from_retention(
+            self._calibrations[options] = (retention, retrieval, config, ids.shape[-1], text)
+        if (tau, options) not in self._profiles:
+            retention, retrieval, config, tokens, text = self._calibrations[options]
+            self._profiles[(tau, options)] = profile_from_retention(
                 retention, self.model, config.replace(tau=tau), tokens, text, retrieval
             )
-        return self._profiles[tau]
+        return self._profiles[(tau, options)]
 
     def selector(self, setting: Setting):
         """What ``tca.apply`` takes for ``setting`` (None: dense)."""
         if setting.method == "full":
             return None
         if setting.method == "tca":
-            return self.profile(setting.tau)
+            return self.profile(setting.tau, setting.options)
         return MethodSelector(self.model, setting.method, setting.kept_fraction)
 
     def sample(self, task: str, length: int, seed: int) -> TaskSample:

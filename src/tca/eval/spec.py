@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..config import TCAConfig
 from .tasks import TASKS
 
 PERPLEXITY = "perplexity"
@@ -20,41 +21,84 @@ BASELINES = (  # tca.methods.METHODS (a test keeps the two equal)
 )
 ALL_METHODS = ("tca", *BASELINES)
 CALIBRATIONS = ("prose", "docs", "code")  # bundled text kinds TCA can be calibrated on
+TCA_OPTIONS = (  # TCAConfig fields a tca setting may change (tau is its own; query_chunk changes no result)
+    "alpha",
+    "block_size",
+    "candidates",
+    "local_window",
+    "observation_queries",
+    "pool_kernel",
+    "retrieval_threshold",
+)
+Option = tuple[str, "int | float | None"]
+
+
+def _option_value(text: str) -> int | float | None:
+    """``off`` -> None, ``256`` -> 256, ``0.03`` -> 0.03; ValueError otherwise."""
+    if text == "off":
+        return None
+    return int(text) if text.lstrip("-").isdigit() else float(text)
+
+
+def _option_text(value: int | float | None) -> str:
+    return "off" if value is None else f"{value:g}"
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One attention configuration: ``method`` with a ``kept_fraction`` (baselines) or ``tau`` (tca)."""
+    """One attention configuration: ``method`` with a ``kept_fraction`` (baselines) or ``tau`` (tca).
+
+    ``options``: TCAConfig fields a tca setting changes from the model's defaults (``TCA_OPTIONS``),
+    sorted by name, e.g. ``(("local_window", 256), ("retrieval_threshold", None))``.
+    """
 
     method: str
     kept_fraction: float | None = None
     tau: float | None = None
+    options: tuple[Option, ...] = ()
 
     @property
     def key(self) -> str:
-        """A short unique name: ``full``, ``tca@tau0.9`` or ``snapkv@0.3``."""
+        """A short unique name: ``full``, ``tca@tau0.9`` (``tca@tau0.9,local_window=256`` with
+        options) or ``snapkv@0.3``."""
         if self.method == "full":
             return "full"
         if self.method == "tca":
-            return f"tca@tau{self.tau:g}"
+            return f"tca@tau{self.tau:g}" + "".join(f",{n}={_option_text(v)}" for n, v in self.options)
         return f"{self.method}@{self.kept_fraction:g}"
 
     @classmethod
     def parse(cls, key: str) -> Setting:
-        """The setting named by ``key`` (``full``, ``tca@tau0.9``, ``snapkv@0.3``); ValueError otherwise."""
+        """The setting named by ``key`` (``full``, ``tca@tau0.9``, ``tca@tau0.9,NAME=VALUE,...``,
+        ``snapkv@0.3``); ValueError otherwise. Option values are numbers, or ``off`` for None."""
         method, _, value = key.partition("@")
         try:
             if method == "full" and not value:
                 return cls("full")
             if method == "tca" and value.startswith("tau"):
-                return cls("tca", tau=float(value[3:]))
+                tau, *pairs = value[3:].split(",")
+                options = dict(pair.split("=") for pair in pairs)  # ValueError unless NAME=VALUE
+                unknown = sorted(set(options) - set(TCA_OPTIONS))
+                if unknown:
+                    raise ValueError(
+                        f"setting {key!r}: unknown option {', '.join(unknown)}; "
+                        f"choose from {', '.join(TCA_OPTIONS)}."
+                    )
+                if len(options) != len(pairs):
+                    raise ValueError(f"setting {key!r}: an option is given twice.")
+                return cls(
+                    "tca",
+                    tau=float(tau),
+                    options=tuple(sorted((n, _option_value(v)) for n, v in options.items())),
+                )
             if method in BASELINES and method != "full" and value:
                 return cls(method, kept_fraction=float(value))
-        except ValueError:
-            pass
+        except ValueError as error:
+            if str(error).startswith(f"setting {key!r}"):
+                raise
         raise ValueError(
-            f"setting {key!r} is not 'full', 'tca@tauT' or 'METHOD@FRACTION' with METHOD one of "
-            f"{', '.join(BASELINES[1:])}."
+            f"setting {key!r} is not 'full', 'tca@tauT[,NAME=VALUE...]' or 'METHOD@FRACTION' with "
+            f"METHOD one of {', '.join(BASELINES[1:])}."
         )
 
 
@@ -72,6 +116,7 @@ class EvalSpec:
     batch_size: int = 8
     batch_tokens: int | None = None  # also cap a batch at this many prompt tokens (None: no cap)
     calibration: str = "prose"
+    calibration_tokens: int = 4096  # TCA calibrates on this many tokens of the calibration text
     only: list[str] | None = None  # setting keys to run instead of methods x taus x kept fractions
 
     def check(self) -> None:
@@ -90,14 +135,24 @@ class EvalSpec:
         for tau in [*self.taus, *(s.tau for s in chosen if s.tau is not None)]:
             if not 0 < tau <= 1:
                 raise ValueError(f"tau must be in (0, 1], got {tau!r}.")
+        for setting in chosen:
+            try:
+                TCAConfig(**dict(setting.options))  # each option's own range
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"setting {setting.key!r}: {error}") from None
         for fraction in [
             *self.kept_fractions,
             *(s.kept_fraction for s in chosen if s.kept_fraction is not None),
         ]:
             if not 0 < fraction <= 1:
                 raise ValueError(f"kept fractions must be in (0, 1], got {fraction!r}.")
-        if self.samples < 1 or self.batch_size < 1 or any(n < 1 for n in self.lengths):
-            raise ValueError("samples, batch size and lengths must be >= 1.")
+        if (
+            self.samples < 1
+            or self.batch_size < 1
+            or self.calibration_tokens < 1
+            or any(n < 1 for n in self.lengths)
+        ):
+            raise ValueError("samples, batch size, calibration tokens and lengths must be >= 1.")
         if self.batch_tokens is not None and self.batch_tokens < 1:
             raise ValueError(f"batch tokens must be >= 1, got {self.batch_tokens!r}.")
 
