@@ -8,9 +8,9 @@ The output holds {"device", "model", "date", "command", "rows": [{"method", "tas
 setting, task and length, plus the suite average), and, with ``--same-prompts N``, a second
 summary restricted to seeds below N, where every setting answered exactly the same prompts.
 ``gaps_to_full`` gives each setting's score minus full attention's on the same prompts, with a
-95% paired bootstrap interval. TCA rows calibrated on docs or code, or with options, become settings of their own.
-Plots (with the keep-ratio heatmap of ``--profile`` at each length) and the table go to a folder
-beside the JSON.
+95% paired bootstrap interval. TCA rows calibrated on docs or code, or with options, become
+settings of their own. Plots (with the keep-ratio heatmap of ``--profile`` at each length) and
+the table go to a folder beside the JSON.
 """
 
 from __future__ import annotations
