@@ -119,8 +119,9 @@ def main() -> None:
     needle_heatmap(rows, figures / "needle-heatmap.png")
     tau_sweep_plot(result["rows"], figures / "tau-sweep.png")
     perplexity_plot(result["rows"], figures / "perplexity.png")
+    profile = Profile.load(args.profile)
     for length in sorted({r["length"] for r in rows}):  # where TCA's budget goes, per layer and head
-        profile_heatmap(Profile.load(args.profile), length, figures / f"keep-ratio-{length}.png")
+        profile_heatmap(profile, length, figures / f"keep-ratio-{length}.png")
     (figures / "results.md").write_text("\n\n".join(tables) + "\n")
     args.out.write_text(json.dumps(result, indent=1))
     print("\n\n".join(tables))

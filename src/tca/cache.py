@@ -33,8 +33,8 @@ def valid_first(valid: torch.Tensor) -> torch.Tensor:
 class HeadStore:
     """Keys/values of one (layer, KV head): (B, capacity, d) with a (B,) valid length.
 
-    ``max_length`` mirrors ``lengths.max()`` on the host (an upper bound after a compression), so
-    appending a decode token needs no device synchronisation.
+    ``max_length`` mirrors ``lengths.max()`` on the host, so appending a decode token needs no
+    device synchronisation.
     """
 
     def __init__(
@@ -80,30 +80,43 @@ class HeadStore:
     ) -> None:
         """Cut each row's entries at positions [block_start, block_start + block) to their ``keep``
         most important for ``query`` (B, group, d) (softmax within the block, averaged over the group;
-        ties: the lower position). ``rows``: the rows to cut (None: all). All rows at once, no sync."""
+        ties: the lower position). ``rows``: the rows to cut (None: all).
+
+        All rows at once, with one device synchronisation; only the slots from the first row's block
+        onwards (about a window's worth) are scored and moved, not the whole store."""
         batch, capacity = self.positions.shape
-        slots = torch.arange(capacity, device=self.keys.device).view(1, -1)
-        valid = slots < self.lengths.view(-1, 1)  # (B, capacity)
-        in_block = valid & (self.positions >= block_start) & (self.positions < block_start + block)
+        device = self.keys.device
+        valid = torch.arange(capacity, device=device).view(1, -1) < self.lengths.view(-1, 1)  # (B, capacity)
+        chosen = torch.ones(batch, dtype=torch.bool, device=device)
         if rows is not None:
-            chosen = torch.zeros(batch, dtype=torch.bool, device=valid.device)
+            chosen = torch.zeros_like(chosen)
             chosen[list(rows)] = True
-            in_block &= chosen.view(-1, 1)
-        logits = (
-            torch.einsum("bgd,bcd->bgc", query.float(), self.keys.float()) * scale
-        )  # (B, group, capacity)
-        logits = logits.masked_fill(~in_block.unsqueeze(1), float("-inf"))
-        importance = torch.softmax(logits, -1).mean(1).nan_to_num(0.0)  # (B, capacity); rows with no block: 0
-        importance = importance.masked_fill(~in_block, -1.0)  # out-of-block entries rank last
+        before = (valid & (self.positions < block_start)).sum(-1)  # (B,) entries ahead of the block
+        in_block = ((valid & (self.positions < block_start + block)).sum(-1) - before) * chosen  # (B,)
+        lengths = self.lengths - (in_block - keep).clamp_min(0)
+        lo, new_max = torch.stack([before.min(), lengths.max()]).tolist()  # the one synchronisation
+        hi, self.max_length = self.max_length, new_max
+        if lo >= hi:
+            return
+        # the tail [lo, hi): slots before lo are ahead of the block in every row
+        positions = self.positions[:, lo:hi]
+        tail_valid = valid[:, lo:hi]
+        tail_in = tail_valid & (positions >= block_start) & (positions < block_start + block)
+        tail_in &= chosen.view(-1, 1)  # (B, T)
+        logits = torch.einsum("bgd,btd->bgt", query.float(), self.keys[:, lo:hi].float()) * scale
+        logits = logits.masked_fill(~tail_in.unsqueeze(1), float("-inf"))  # (B, group, T)
+        importance = torch.softmax(logits, -1).mean(1).nan_to_num(0.0)  # (B, T); rows with no block: 0
+        importance = importance.masked_fill(~tail_in, -1.0)  # out-of-block entries rank last
         order = torch.argsort(importance, dim=-1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(1, order, slots.expand(batch, -1))
-        kept = valid & (~in_block | (rank < keep))  # (B, capacity)
-        compact = valid_first(kept)
-        self.keys = torch.gather(self.keys, 1, compact.unsqueeze(-1).expand_as(self.keys))
-        self.values = torch.gather(self.values, 1, compact.unsqueeze(-1).expand_as(self.values))
-        self.positions = torch.gather(self.positions, 1, compact)
-        self.lengths = kept.sum(-1)
-        self.max_length = int(self.lengths.max())
+        slots = torch.arange(hi - lo, device=device).expand(batch, -1)
+        rank = torch.empty_like(order).scatter_(1, order, slots)
+        compact = valid_first(tail_valid & (~tail_in | (rank < keep)))  # (B, T)
+        for tensor in (self.keys, self.values):
+            tensor[:, lo:hi] = torch.gather(
+                tensor[:, lo:hi], 1, compact.unsqueeze(-1).expand(-1, -1, tensor.shape[-1])
+            )
+        self.positions[:, lo:hi] = torch.gather(positions, 1, compact)
+        self.lengths = lengths
 
 
 class TCACacheLayer(CacheLayerMixin):

@@ -30,7 +30,7 @@ TCA_OPTIONS = (  # TCAConfig fields a tca setting may change (tau is its own; qu
     "pool_kernel",
     "retrieval_threshold",
 )
-Option = tuple[str, "int | float | None"]
+Option = tuple[str, int | float | None]
 
 
 def _option_value(text: str) -> int | float | None:
