@@ -22,6 +22,7 @@ from pathlib import Path
 from tca.cli import profile_heatmap
 from tca.eval.compare import gaps_to_full
 from tca.eval.plots import (
+    gap_plot,
     load_rows,
     needle_heatmap,
     pareto_plot,
@@ -116,6 +117,7 @@ def main() -> None:
         tables.append(results_table(result["same_prompts"]["rows"]))
         pareto_plot(result["same_prompts"]["rows"], figures / "pareto-same-prompts.png")
     pareto_plot(result["rows"], figures / "pareto.png")
+    gap_plot(result["gaps_to_full"], figures / "gaps.png")
     needle_heatmap(rows, figures / "needle-heatmap.png")
     tau_sweep_plot(result["rows"], figures / "tau-sweep.png")
     perplexity_plot(result["rows"], figures / "perplexity.png")

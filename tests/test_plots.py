@@ -265,6 +265,26 @@ def test_tau_sweep_plot_writes_png(tmp_path, summary):
     _assert_png(out)
 
 
+def test_tau_sweep_plot_needs_two_taus(tmp_path, summary):
+    one_tau = [r for r in summary if r["method"] != "tca" or r["tau"] == 0.9]
+    out = tmp_path / "sweep.png"
+    assert plots.tau_sweep_plot(one_tau, out) is False
+    assert not out.exists()
+
+
+def test_gap_plot_draws_one_panel_per_length(tmp_path):
+    gaps = [
+        {"setting": s, "length": n, "prompts": 9, "gap": g, "ci95": [g - 1.0, g + 0.5]}
+        for s, g in (("tca@tau0.9", -0.7), ("snapkv@0.3", -12.0))
+        for n in (1000, 3000)
+    ]
+    out = tmp_path / "gaps.png"
+    assert plots.gap_plot(gaps, out) == 2
+    assert out.stat().st_size > 0
+    assert plots.gap_plot([], tmp_path / "none.png") is False
+    assert not (tmp_path / "none.png").exists()
+
+
 def test_perplexity_plot_writes_png_or_nothing(tmp_path, summary):
     out = tmp_path / "ppl.png"
     assert plots.perplexity_plot(summary, out) == len(LENGTHS)

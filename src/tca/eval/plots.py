@@ -374,13 +374,13 @@ def tau_sweep_plot(summary: list[dict[str, Any]], out_png: str | Path) -> int | 
     """TCA's suite-average score and measured KV fraction against tau, one line per length.
 
     Two panels; full attention's score at each length is a dashed line in that length's colour.
-    Returns the number of panels, or ``False`` (and writes nothing) without TCA average rows.
+    Returns the number of panels, or ``False`` (and writes nothing) with fewer than two taus.
     """
     from matplotlib import colormaps
 
     averages = _select(summary, AVERAGE)
     tca = [r for r in averages if r["method"] == "tca" and r["tau"] is not None]
-    if not tca:
+    if len({r["tau"] for r in tca}) < 2:  # one tau is no sweep
         return False
     lengths = _lengths(tca)
     palette = colormaps["tab10"].colors
@@ -406,6 +406,40 @@ def tau_sweep_plot(summary: list[dict[str, Any]], out_png: str | Path) -> int | 
     _figure_legend(fig, (ax_score, ax_kv))
     _save(fig, out_png)
     return 2
+
+
+def gap_plot(gaps: list[dict[str, Any]], out_png: str | Path, margin: float = 2.0) -> int | bool:
+    """Each setting's paired gap to full attention with its 95% interval, one panel per length.
+
+    ``gaps`` are ``tca.eval.compare.gaps_to_full`` rows. Zero is a solid line and ``-margin`` a
+    dotted one, so a reader sees at once which settings are within the margin and how sure that is.
+    Returns the number of panels, or ``False`` (and writes nothing) without gaps.
+    """
+    if not gaps:
+        return False
+    lengths = sorted({g["length"] for g in gaps})
+    method_of = {g["setting"]: g["setting"].split("@")[0] for g in gaps}  # tca variants share TCA's colour
+    settings = sorted(method_of, key=lambda s: setting_key({"method": method_of[s], "setting": s}))
+    styles = _method_styles(method_of.values())
+    fig, axes = _figure(len(lengths), panel_size=(4.6, 0.9 + 0.35 * len(settings)))
+    for ax, length in zip(axes, lengths, strict=True):
+        for y, setting in enumerate(settings):
+            for g in (g for g in gaps if g["length"] == length and g["setting"] == setting):
+                low, high = g["ci95"]
+                error = [[g["gap"] - low], [high - g["gap"]]]
+                ax.errorbar(
+                    g["gap"], y, xerr=error, linestyle="none", capsize=3, **styles[method_of[setting]]
+                )
+        ax.axvline(0.0, color="black", linewidth=1)
+        ax.axvline(-margin, color="grey", linestyle=":", linewidth=1)
+        ax.set_yticks(range(len(settings)), settings, fontsize="small")
+        ax.invert_yaxis()
+        ax.set_title(f"context {length_label(length)} ({length:,} tokens)")
+        ax.set_xlabel("score minus full attention (points)")
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.suptitle(f"Gap to full attention on the same prompts (95% paired bootstrap; dotted: -{margin:g})")
+    _save(fig, out_png)
+    return len(lengths)
 
 
 def perplexity_plot(summary: list[dict[str, Any]], out_png: str | Path) -> int | bool:
