@@ -5,6 +5,9 @@
 # calibrated on the bundled docs and code texts (the calibration-text study).
 #
 #   bash benchmarks/eval_grid.sh OUT_DIR SECONDS [PROCESSES_PER_GPU]   # the same OUT_DIR resumes
+#
+# The committed TCA rows were re-run on 2026-11-26 with the retrieval threshold 0.03 default by
+# eval_sharded.sh (runs/tca/ of eval-2026-11-25/); a resume over that folder must leave TCA out.
 set -euo pipefail
 out=${1:?usage: eval_grid.sh OUT_DIR SECONDS}
 seconds=${2:-86400}

@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--alpha", type=float, help="redundancy weight in [0, 1] (default: 0.5)")
     calibrate.add_argument(
         "--retrieval-threshold",
-        help="retrieval score from which a head keeps every token, in (0, 1], or 'off' (default: 0.05)",
+        help="retrieval score from which a head keeps every token, in (0, 1], or 'off' (default: 0.03)",
     )
     calibrate.add_argument(
         "--max-tokens", type=int, default=4096, help="text truncated to this (default: 4096)"

@@ -40,7 +40,7 @@ class TCAConfig:
             bounds peak memory to O(query_chunk * L) per head.
         retrieval_threshold: a KV head whose retrieval score (``tca.retrieval``: attention a
             copied passage's queries put on its first copy, beyond the window) reaches this keeps
-            every token; 0.05 decided here (docs/choices.md). None turns the detection off.
+            every token; 0.03 decided here (docs/choices.md). None turns the detection off.
     """
 
     tau: float = 0.9
@@ -51,7 +51,7 @@ class TCAConfig:
     observation_queries: int = 64
     pool_kernel: int = 1
     query_chunk: int = 256
-    retrieval_threshold: float | None = 0.05
+    retrieval_threshold: float | None = 0.03
 
     def __post_init__(self) -> None:
         if not (_is_real(self.tau) and 0.0 < self.tau <= 1.0):
