@@ -7,7 +7,9 @@ whether every token of the needle's value is among the kept keys (or the local w
 
     python benchmarks/probes/single_query_selection.py [--fraction 0.5] [--length 2048]
 
-Run on 2026-11-26: benchmarks/results/single-query-selection-cpu.log.
+Run on 2026-11-26: benchmarks/results/single-query-selection-cpu.log (top-k, SnapKV, random at 2K)
+and xattention-position-bias-cpu.log (XAttention-style against SnapKV- and FlexPrefill-style at 2K
+and 8K).
 """
 
 import argparse
@@ -28,6 +30,7 @@ class RecordingSelector(MethodSelector):
         self.needle = needle  # (n,) token positions of the needle's value
         self.kept: dict[int, list[bool]] = {}
         self.run_lengths: list[float] = []  # per (layer, KV head): kept tokens per contiguous run
+        self.early_shares: list[float] = []  # per (layer, KV head): kept candidates in the first half
 
     def select(self, layer, query, key, scale, key_start):
         """The method's selection, unchanged; notes which KV heads keep every needle token."""
@@ -39,6 +42,7 @@ class RecordingSelector(MethodSelector):
             heads.append(all(int(p) in kept or int(p) >= window_start for p in self.needle))
             runs = sum(1 for i in kept if i - 1 not in kept)
             self.run_lengths.append(len(kept) / max(runs, 1))
+            self.early_shares.append(sum(i < window_start / 2 for i in kept) / max(len(kept), 1))
         self.kept[layer] = heads
         return selection
 
@@ -62,9 +66,10 @@ def main() -> None:
     model, tokenizer = load_model("smollm2")
     print(f"niah_single_number, {args.length} tokens, kept fraction {args.fraction}")
     print("share of the (layer, KV head) pairs keeping every needle token; layers where none does;")
-    print("mean length of the runs of consecutive kept tokens (outside the window)")
+    print("mean length of the runs of consecutive kept tokens (outside the window);")
+    print("share of the kept candidates in the first half of the candidates (0.5 = no position bias)")
     for method in args.methods:
-        shares, blind_layers, run_lengths = [], [], []
+        shares, blind_layers, run_lengths, early = [], [], [], []
         for seed in args.seeds:
             sample = make_sample("niah_single_number", tokenizer, args.length, seed)
             conversation = [{"role": "user", "content": sample.turns[-1]}]
@@ -78,11 +83,13 @@ def main() -> None:
             shares.append(sum(heads) / len(heads))
             blind_layers.append(sum(not any(kept) for kept in selector.kept.values()))
             run_lengths += selector.run_lengths
+            early += selector.early_shares
         print(
             f"{method:10s} share {sum(shares) / len(shares):.2f} (per seed {[round(s, 2) for s in shares]}); "
             f"layers with no head keeping it: mean {sum(blind_layers) / len(blind_layers):.1f} "
             f"of {len(selector.kept)}; "
-            f"mean kept run {sum(run_lengths) / len(run_lengths):.1f} tokens",
+            f"mean kept run {sum(run_lengths) / len(run_lengths):.1f} tokens; "
+            f"first-half share {sum(early) / len(early):.2f}",
             flush=True,
         )
 
