@@ -421,15 +421,16 @@ def gap_plot(gaps: list[dict[str, Any]], out_png: str | Path, margin: float = 2.
     method_of = {g["setting"]: g["setting"].split("@")[0] for g in gaps}  # tca variants share TCA's colour
     settings = sorted(method_of, key=lambda s: setting_key({"method": method_of[s], "setting": s}))
     styles = _method_styles(method_of.values())
+    by_key = {(g["setting"], g["length"]): g for g in gaps}
     fig, axes = _figure(len(lengths), panel_size=(4.6, 0.9 + 0.35 * len(settings)))
     for ax, length in zip(axes, lengths, strict=True):
         for y, setting in enumerate(settings):
-            for g in (g for g in gaps if g["length"] == length and g["setting"] == setting):
-                low, high = g["ci95"]
-                error = [[g["gap"] - low], [high - g["gap"]]]
-                ax.errorbar(
-                    g["gap"], y, xerr=error, linestyle="none", capsize=3, **styles[method_of[setting]]
-                )
+            g = by_key.get((setting, length))
+            if g is None:
+                continue
+            low, high = g["ci95"]
+            error = [[g["gap"] - low], [high - g["gap"]]]
+            ax.errorbar(g["gap"], y, xerr=error, linestyle="none", capsize=3, **styles[method_of[setting]])
         ax.axvline(0.0, color="black", linewidth=1)
         ax.axvline(-margin, color="grey", linestyle=":", linewidth=1)
         ax.set_yticks(range(len(settings)), settings, fontsize="small")

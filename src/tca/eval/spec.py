@@ -72,34 +72,44 @@ class Setting:
         """The setting named by ``key`` (``full``, ``tca@tau0.9``, ``tca@tau0.9,NAME=VALUE,...``,
         ``snapkv@0.3``); ValueError otherwise. Option values are numbers, or ``off`` for None."""
         method, _, value = key.partition("@")
-        try:
-            if method == "full" and not value:
-                return cls("full")
-            if method == "tca" and value.startswith("tau"):
-                tau, *pairs = value[3:].split(",")
-                options = dict(pair.split("=") for pair in pairs)  # ValueError unless NAME=VALUE
-                unknown = sorted(set(options) - set(TCA_OPTIONS))
-                if unknown:
-                    raise ValueError(
-                        f"setting {key!r}: unknown option {', '.join(unknown)}; "
-                        f"choose from {', '.join(TCA_OPTIONS)}."
-                    )
-                if len(options) != len(pairs):
-                    raise ValueError(f"setting {key!r}: an option is given twice.")
-                return cls(
-                    "tca",
-                    tau=float(tau),
-                    options=tuple(sorted((n, _option_value(v)) for n, v in options.items())),
-                )
-            if method in BASELINES and method != "full" and value:
+        if method == "full" and not value:
+            return cls("full")
+        if method == "tca" and value.startswith("tau"):
+            return cls._parse_tca(key, value[3:])
+        if method in BASELINES and method != "full" and value:
+            try:
                 return cls(method, kept_fraction=float(value))
-        except ValueError as error:
-            if str(error).startswith(f"setting {key!r}"):
-                raise
-        raise ValueError(
-            f"setting {key!r} is not 'full', 'tca@tauT[,NAME=VALUE...]' or 'METHOD@FRACTION' with "
-            f"METHOD one of {', '.join(BASELINES[1:])}."
-        )
+            except ValueError:
+                pass
+        raise _not_a_setting(key)
+
+    @classmethod
+    def _parse_tca(cls, key: str, text: str) -> Setting:
+        """``tca@tau`` + ``text`` (``0.9`` or ``0.9,NAME=VALUE,...``)."""
+        tau, *pairs = text.split(",")
+        try:
+            options = dict(pair.split("=") for pair in pairs)
+        except ValueError:  # a pair is not NAME=VALUE
+            raise _not_a_setting(key) from None
+        unknown = sorted(set(options) - set(TCA_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"setting {key!r}: unknown option {', '.join(unknown)}; choose from {', '.join(TCA_OPTIONS)}."
+            )
+        if len(options) != len(pairs):
+            raise ValueError(f"setting {key!r}: an option is given twice.")
+        try:
+            values = tuple(sorted((name, _option_value(raw)) for name, raw in options.items()))
+            return cls("tca", tau=float(tau), options=values)
+        except ValueError:
+            raise _not_a_setting(key) from None
+
+
+def _not_a_setting(key: str) -> ValueError:
+    return ValueError(
+        f"setting {key!r} is not 'full', 'tca@tauT[,NAME=VALUE...]' or 'METHOD@FRACTION' with "
+        f"METHOD one of {', '.join(BASELINES[1:])}."
+    )
 
 
 @dataclass
