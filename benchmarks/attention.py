@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 import tca.ops as ops
-from tca.budgets import nominal_kept
-from tca.config import TCAConfig
+from tca.core.budgets import nominal_kept
+from tca.core.config import TCAConfig
 from tca.ops.triton import launchers
 
 SHAPES = {

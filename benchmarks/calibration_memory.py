@@ -18,11 +18,11 @@ from pathlib import Path
 import psutil
 import torch
 
-from tca import texts
-from tca.calibrate import calibrate
-from tca.config import TCAConfig
+from tca.bundled import texts
+from tca.bundled.models import load_model
+from tca.core.config import TCAConfig
 from tca.eval.provenance import provenance
-from tca.models import load_model
+from tca.integrations.transformers import calibrate
 
 
 def peak_rss_during(work) -> tuple[int, float]:

@@ -32,14 +32,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tca import texts
-from tca.budgets import candidate_grid
-from tca.calibrate import calibration_ids, measure_retention, profile_from_retention
-from tca.config import TCAConfig
+from tca.bundled import texts
+from tca.bundled.models import load_model
+from tca.core.budgets import candidate_grid
+from tca.core.calibration import calibration_ids, profile_from_retention
+from tca.core.config import TCAConfig
 from tca.eval.fidelity import evaluate_profile, prose_windows, score_window
 from tca.eval.provenance import provenance
-from tca.models import load_model
-from tca.retrieval import measure_retrieval
+from tca.integrations.transformers import measure_retention, measure_retrieval
 
 KINDS = ("prose", "docs", "code")
 

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from tca import texts
+from tca.bundled import texts
+from tca.bundled.models import load_model
+from tca.bundled.profiles import profile_for
 from tca.eval.error_accumulation import average_results, error_accumulation
 from tca.eval.fidelity import prose_windows
 from tca.eval.provenance import provenance
-from tca.models import load_model
-from tca.profiles import profile_for
 
 
 def parse_args() -> argparse.Namespace:

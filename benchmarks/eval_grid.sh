@@ -21,7 +21,7 @@ done
 export TCA_BACKEND=reference PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 gpus=$(nvidia-smi -L | wc -l)
 mkdir -p "$out"
-python3 -c "from tca.models import load_model; load_model('smollm2')"  # the de-quantised cache, once
+python3 -c "from tca import load_model; load_model('smollm2')"  # the de-quantised cache, once
 index=0
 for kind in docs code; do  # one process each, beside the grid's
     CUDA_VISIBLE_DEVICES=$(( index % gpus )) timeout "$seconds" python3 -m tca.cli eval "${common[@]}" \

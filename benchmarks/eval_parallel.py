@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(ours)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from tca.models import load_model
+    from tca.bundled.models import load_model
 
     load_model("smollm2")  # writes the de-quantised cache once, before the processes read it
     deadline = None if args.seconds is None else time.monotonic() + args.seconds

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from tca.cli import profile_heatmap
+from tca.core.profile import Profile
 from tca.eval.compare import gaps_to_full
 from tca.eval.plots import (
     gap_plot,
@@ -31,7 +32,6 @@ from tca.eval.plots import (
     summarize,
     tau_sweep_plot,
 )
-from tca.profile import Profile
 
 
 def complete(rows: list[dict]) -> tuple[list[dict], list[str]]:

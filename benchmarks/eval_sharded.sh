@@ -16,7 +16,7 @@ declare -A chunks=([2048]=1 [4096]=2 [8192]=4)  # processes per (setting, length
 export TCA_BACKEND=reference PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 gpus=$(nvidia-smi -L | wc -l)
 mkdir -p "$out"
-python3 -c "from tca.models import load_model; load_model('smollm2')"  # the de-quantised cache, once
+python3 -c "from tca import load_model; load_model('smollm2')"  # the de-quantised cache, once
 index=0
 for length in 8192 4096 2048; do
     per=$(( samples / chunks[$length] ))

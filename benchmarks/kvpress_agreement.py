@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tca.bundled.models import load_model
+from tca.bundled.texts import evaluation_texts
 from tca.eval.chat import chat_ids
 from tca.eval.provenance import provenance
-from tca.hf import attention_handler, attention_modules
+from tca.integrations.transformers.registration import attention_handler, attention_modules
 from tca.methods import get_method
-from tca.models import load_model
-from tca.texts import evaluation_texts
 
 QUESTION = "Who are the people named in the passage above, and what does each of them do?"
 

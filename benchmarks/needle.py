@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tca import texts
+from tca.bundled import texts
+from tca.bundled.models import load_model
+from tca.core.profile import Profile
 from tca.eval.chat import ask, ask_two_turns
 from tca.eval.needle import TASKS, make_sample, score
 from tca.eval.provenance import provenance
-from tca.hf import apply
-from tca.models import load_model
-from tca.profile import Profile
+from tca.integrations.transformers import apply
 
 
 def run_sample(model, tokenizer, sample, profile: Profile | None) -> dict:
@@ -78,8 +78,8 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2", dtype=getattr(torch, args.dtype), device=args.device)
     if not args.profile.exists():  # calibrate with the defaults, as `tca calibrate` does
-        from tca.calibrate import calibrate
-        from tca.config import TCAConfig
+        from tca.core.config import TCAConfig
+        from tca.integrations.transformers import calibrate
 
         overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
         calibrate(model, tokenizer, config=TCAConfig.for_model(model, **overrides)).save(args.profile)

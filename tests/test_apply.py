@@ -1,4 +1,4 @@
-"""``tca.hf.apply`` on a tiny random Llama against a brute-force model-level reference."""
+"""``tca.apply`` on a tiny random Llama against a brute-force model-level reference."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from bruteforce import fresh_seed, masked_attention, select_head, softmax64, vis
 from tiny_models import TINY, attention_override, build_profile, left_padded, tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from tca.config import TCAConfig
-from tca.hf import ContextTooLongError, UnsupportedModelError, apply
-from tca.profile import Profile
+from tca.core.config import TCAConfig
+from tca.core.profile import Profile
+from tca.integrations.transformers import ContextTooLongError, UnsupportedModelError, apply
 
 CONFIG = TCAConfig(block_size=16, local_window=32, query_chunk=64)
 MARGIN = 2e-5
@@ -295,7 +295,7 @@ def test_right_padding_raises():
 
 
 def test_profile_for_another_model_raises():
-    from tca.profile import ProfileError
+    from tca.core.profile import ProfileError
 
     model = tiny_llama(3, num_hidden_layers=3)
     with pytest.raises(ProfileError, match="n_layers: profile 2, model 3"), apply(model, dense_profile()):

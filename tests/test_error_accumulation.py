@@ -10,9 +10,9 @@ import torch
 from bruteforce import select_head, softmax64, visibility
 from tiny_models import TINY, attention_override, build_profile, tiny_llama
 
-from tca.config import TCAConfig
+from tca.core.config import TCAConfig
 from tca.eval.error_accumulation import average_results, error_accumulation
-from tca.hf import apply
+from tca.integrations.transformers import apply
 
 CONFIG = TCAConfig(block_size=16, local_window=32, query_chunk=64)
 LENGTH = 100

@@ -31,10 +31,10 @@ from transformers import (
     Qwen3Config,
 )
 
-from tca import hf
-from tca.config import TCAConfig
-from tca.hf import ContextTooLongError, UnsupportedModelError, apply, patch, unpatch
-from tca.profile import Profile, ProfileError
+from tca.core.config import TCAConfig
+from tca.core.profile import Profile, ProfileError
+from tca.integrations.transformers import ContextTooLongError, UnsupportedModelError, apply, patch, unpatch
+from tca.integrations.transformers import registration as hf
 
 CONFIG = TCAConfig(block_size=16, local_window=32, query_chunk=64)
 MARGIN = 2e-5  # selection gaps below this may flip between float32 and float64: such draws are skipped

@@ -22,10 +22,10 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from tca.config import TCAConfig  # noqa: E402
+from tca.core.config import TCAConfig  # noqa: E402
+from tca.core.selection import Selection, select  # noqa: E402
 from tca.ops import reference  # noqa: E402
 from tca.ops.triton import launchers  # noqa: E402
-from tca.select import Selection, select  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FULL = os.environ.get("TCA_TEST_FULL") == "1" and DEVICE.type == "cuda"
@@ -62,7 +62,7 @@ def random_selection(gen, batch, n_kv, context_len, window, fraction, key_start)
             keep = torch.rand(n_cand, generator=gen) < fraction
             row.append((keep.nonzero().squeeze(-1) + start).to(DEVICE))
         rows.append(row)
-    from tca.select import pack_selection
+    from tca.core.selection import pack_selection
 
     return pack_selection(rows, context_len, DEVICE)
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from transformers import LlamaConfig, Qwen2Config
 
-from tca.config import TCAConfig
-from tca.profile import FORMAT, Profile, ProfileError, model_fingerprint
+from tca.core.config import TCAConfig
+from tca.core.profile import FORMAT, Profile, ProfileError, model_fingerprint
 
 
 @pytest.mark.parametrize(

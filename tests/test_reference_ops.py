@@ -11,11 +11,11 @@ from bruteforce import causal_masks, fresh_seed, masked_attention, softmax64, vi
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tca.config import TCAConfig
-from tca.error_bound import last_query_dropped_mass, theorem1_bound
+from tca.core.config import TCAConfig
+from tca.core.error_bound import last_query_dropped_mass, theorem1_bound
+from tca.core.selection import Selection, select
+from tca.core.stats import pair_counts
 from tca.ops import reference
-from tca.select import Selection, select
-from tca.stats import pair_counts
 
 
 def random_case(

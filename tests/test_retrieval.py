@@ -10,9 +10,10 @@ import torch
 from bruteforce import fresh_seed, softmax64
 from tiny_models import TINY, capture_qk, tiny_llama
 
-from tca.calibrate import calibrate, measure_retention, profile_from_retention
-from tca.config import TCAConfig
-from tca.retrieval import head_retrieval_scores, measure_retrieval, probe_ids
+from tca.core.calibration import profile_from_retention
+from tca.core.config import TCAConfig
+from tca.core.retrieval import head_retrieval_scores, probe_ids
+from tca.integrations.transformers import calibrate, measure_retention, measure_retrieval
 
 CONFIG = TCAConfig(block_size=16, local_window=32, query_chunk=64, tau=0.8)
 

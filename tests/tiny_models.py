@@ -73,7 +73,7 @@ def left_padded(
 
 def build_profile(fingerprint: dict, mu, sigma, config):
     """A Profile with the given head configurations (mu, sigma: (n_layers, n_kv_heads) arrays)."""
-    from tca.profile import Profile
+    from tca.core.profile import Profile
 
     zeros = np.zeros_like(mu)
     return Profile(

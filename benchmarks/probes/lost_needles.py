@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from tca.calibrate import profile_from_retention
+from tca.bundled.models import load_model
+from tca.core.calibration import profile_from_retention
 from tca.eval.runner import Evaluator
 from tca.eval.spec import EvalSpec, Setting
-from tca.models import load_model
 
 torch.set_num_threads(2)
 model, tok = load_model("smollm2")

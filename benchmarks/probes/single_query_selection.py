@@ -16,10 +16,10 @@ import argparse
 
 import torch
 
+from tca.bundled.models import load_model
 from tca.eval.tasks import make_sample
-from tca.hf import apply
+from tca.integrations.transformers import apply
 from tca.methods.selector import MethodSelector
-from tca.models import load_model
 
 
 class RecordingSelector(MethodSelector):

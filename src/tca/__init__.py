@@ -11,36 +11,44 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import _aliases
+
 __version__ = "0.1.0"
 
 # Public names and the module that defines each. They are imported on first use (PEP 562), so
 # that `import tca` and `tca --help` do not pay for importing transformers (several seconds).
+_T = "integrations.transformers"
 _EXPORTS = {
-    "calibrate": "calibrate",
-    "TCAConfig": "config",
-    "ContextTooLongError": "hf",
-    "UnsupportedModelError": "hf",
-    "apply": "hf",
-    "patch": "hf",
-    "unpatch": "hf",
-    "load_model": "models",
-    "Profile": "profile",
-    "ProfileError": "profile",
-    "profile_for": "profiles",
+    "calibrate": f"{_T}.calibrate",
+    "TCAConfig": "core.config",
+    "ContextTooLongError": f"{_T}.registration",
+    "UnsupportedModelError": f"{_T}.registration",
+    "apply": f"{_T}.run",
+    "patch": f"{_T}.run",
+    "unpatch": f"{_T}.run",
+    "load_model": "bundled.models",
+    "Profile": "core.profile",
+    "ProfileError": "core.profile",
+    "profile_for": "bundled.profiles",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:  # for type checkers and IDEs; explicit re-exports
-    from .calibrate import calibrate as calibrate
-    from .config import TCAConfig as TCAConfig
-    from .hf import ContextTooLongError as ContextTooLongError
-    from .hf import UnsupportedModelError as UnsupportedModelError
-    from .hf import apply as apply
-    from .models import load_model as load_model
-    from .profile import Profile as Profile
-    from .profile import ProfileError as ProfileError
-    from .profiles import profile_for as profile_for
+    from .bundled.models import load_model as load_model
+    from .bundled.profiles import profile_for as profile_for
+    from .core.config import TCAConfig as TCAConfig
+    from .core.profile import Profile as Profile
+    from .core.profile import ProfileError as ProfileError
+    from .integrations.transformers.calibrate import calibrate as calibrate
+    from .integrations.transformers.registration import ContextTooLongError as ContextTooLongError
+    from .integrations.transformers.registration import UnsupportedModelError as UnsupportedModelError
+    from .integrations.transformers.run import apply as apply
+    from .integrations.transformers.run import patch as patch
+    from .integrations.transformers.run import unpatch as unpatch
+
+
+_aliases.install()  # old flat-layout module paths (tca.hf, tca.select, ...) for one release
 
 
 def __getattr__(name: str) -> Any:

@@ -30,11 +30,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..error_bound import last_query_dropped_mass, theorem1_bound
-from ..hf import ProfileSelector, apply, attention_handler, attention_modules, check_supported
+from ..core.error_bound import last_query_dropped_mass, theorem1_bound
+from ..core.profile import Profile
+from ..core.selection import Selection
+from ..integrations.transformers.registration import attention_handler, attention_modules, check_supported
+from ..integrations.transformers.run import apply
+from ..integrations.transformers.selector import ProfileSelector
 from ..ops import reference
-from ..profile import Profile
-from ..select import Selection
 
 TRACE_NAME = "tca-error-trace"
 TOLERANCE = 1e-5  # float32 slack of a bound check, relative to the value norm in the bound

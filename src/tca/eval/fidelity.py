@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..hf import apply
-from ..profile import Profile
+from ..core.profile import Profile
+from ..integrations.transformers import apply
 
 
 @dataclass

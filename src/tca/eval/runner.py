@@ -26,12 +26,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import texts
-from ..calibrate import calibration_ids, measure_retention, profile_from_retention
-from ..config import TCAConfig
-from ..hf import apply
+from ..bundled import texts
+from ..core.config import TCAConfig
+from ..integrations.transformers import apply, measure_calibration
 from ..methods import MethodSelector
-from ..retrieval import measure_retrieval
 from .fidelity import prose_windows, token_nll
 from .spec import PERPLEXITY, EvalSpec, Setting
 from .tasks import ANSWER_TOKENS, TaskSample, make_sample, score
@@ -85,7 +83,7 @@ class Evaluator:
     def __init__(self, model, tokenizer, spec: EvalSpec, progress: bool = True):
         spec.check()
         self.model, self.tokenizer, self.spec, self.progress = model, tokenizer, spec, progress
-        self._calibrations: dict[tuple, tuple] = {}  # by the setting's options
+        self._calibrations: dict[tuple, Any] = {}  # by the setting's options
         self._windows: dict[int, list[torch.Tensor]] = {}
         self._profiles: dict[tuple, Any] = {}  # by (tau, options)
         self._samples: dict[tuple[str, int, int], TaskSample] = {}
@@ -94,17 +92,17 @@ class Evaluator:
         """TCA profile at ``tau`` with the TCAConfig ``options`` of a setting: one calibration pass
         per set of options and one profile per tau, both cached."""
         if options not in self._calibrations:
-            text = calibration_text(self.spec.calibration)
             config = TCAConfig.for_model(self.model).replace(**dict(options))
-            ids = calibration_ids(self.tokenizer, text, config, self.spec.calibration_tokens)
-            retention = measure_retention(self.model, ids, config, progress=False)
-            retrieval = measure_retrieval(self.model, ids, config, progress=False)
-            self._calibrations[options] = (retention, retrieval, config, ids.shape[-1], text)
-        if (tau, options) not in self._profiles:
-            retention, retrieval, config, tokens, text = self._calibrations[options]
-            self._profiles[(tau, options)] = profile_from_retention(
-                retention, self.model, config.replace(tau=tau), tokens, text, retrieval
+            self._calibrations[options] = measure_calibration(
+                self.model,
+                self.tokenizer,
+                calibration_text(self.spec.calibration),
+                config,
+                self.spec.calibration_tokens,
+                progress=False,
             )
+        if (tau, options) not in self._profiles:
+            self._profiles[(tau, options)] = self._calibrations[options].profile(tau)
         return self._profiles[(tau, options)]
 
     def selector(self, setting: Setting):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import TCAConfig
+from ..core.config import TCAConfig
 from .tasks import TASKS
 
 PERPLEXITY = "perplexity"

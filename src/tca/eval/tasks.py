@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate, pairwise
 
-from tca.texts import evaluation_texts
+from ..bundled.texts import evaluation_texts
 
 TASKS: tuple[str, ...] = (
     "niah_single_number",

@@ -11,7 +11,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from ..select import Selection, pack_selection
+from ..core.selection import Selection, pack_selection
 
 
 class SelectionMethod(Protocol):

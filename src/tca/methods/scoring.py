@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ..select import keep_mask
+from ..core.selection import keep_mask
 
 
 def observation_probs(

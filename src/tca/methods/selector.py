@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from ..config import TCAConfig
-from ..profile import model_fingerprint
-from ..select import Selection, pack_selection
+from ..core.config import TCAConfig
+from ..core.profile import model_fingerprint
+from ..core.selection import Selection, pack_selection
 from . import get_method
 from .base import SelectionMethod
 from .budget import budget_for

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import triton
 
-from ...budgets import rank_fractions
-from ...config import TCAConfig
-from ...select import Selection
+from ...core.budgets import rank_fractions
+from ...core.config import TCAConfig
+from ...core.selection import Selection
 from . import kernels
 
 LOG2E = 1.4426950408889634

@@ -22,14 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from .. import __version__
 from .budgets import DENSE, block_budgets, candidate_grid, rank_fractions
 from .config import TCAConfig
-from .hf import check_context, check_supported
-from .layer_pass import measure_layers
 from .profile import Profile, model_fingerprint
-from .retrieval import measure_retrieval
-from .select import candidate_importance, keep_mask, rank_blocks
+from .selection import candidate_importance, keep_mask, rank_blocks
 
 TOLERANCE = 1e-6
 
@@ -143,20 +140,6 @@ def choose_heads(retention: list[LayerRetention], candidates: list[tuple[float, 
     return out
 
 
-def measure_retention(
-    model: torch.nn.Module, input_ids: torch.Tensor, config: TCAConfig, progress: bool = True
-) -> list[LayerRetention]:
-    """One dense forward pass over ``input_ids`` (1, L), scoring every candidate in every layer."""
-    check_supported(model)
-    check_context(model, input_ids.shape[-1])
-    candidates = candidate_grid(config.candidates)
-
-    def measure(query: torch.Tensor, key: torch.Tensor, scale: float) -> LayerRetention:
-        return layer_retention(query, key, config, scale, candidates)
-
-    return measure_layers(model, input_ids, measure, config, "calibrating layers", progress)
-
-
 def calibration_ids(tokenizer: Any, text: str, config: TCAConfig, max_tokens: int) -> torch.Tensor:
     """Tokenize and truncate the calibration text; (1, L) int64. Too short a text is an error."""
     prefix = text[
@@ -170,33 +153,6 @@ def calibration_ids(tokenizer: Any, text: str, config: TCAConfig, max_tokens: in
             f"(local_window {config.local_window} + 4 blocks of {config.block_size}): pass a longer text."
         )
     return ids
-
-
-def calibrate(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    text: str | None = None,
-    config: TCAConfig | None = None,
-    max_tokens: int = 4096,
-    progress: bool = True,
-) -> Profile:
-    """Calibrate per-head budgets for ``model`` with one forward pass (DESIGN 2.2).
-
-    Args:
-        text: calibration text; None uses the bundled calibration text (``tca.texts``).
-        config: None uses ``TCAConfig.for_model(model)``.
-        max_tokens: the text is truncated to this many tokens.
-    Returns:
-        A Profile for this model.
-    """
-    from .texts import calibration_text
-
-    config = config or TCAConfig.for_model(model)
-    text = calibration_text() if text is None else text
-    ids = calibration_ids(tokenizer, text, config, max_tokens)
-    retention = measure_retention(model, ids, config, progress)
-    retrieval = measure_retrieval(model, ids, config, progress)
-    return profile_from_retention(retention, model, config, ids.shape[-1], text, retrieval)
 
 
 def profile_from_retention(

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .. import __version__
 
 DTYPES = ("float32", "bfloat16", "float16")
 MIB = 1024 * 1024
@@ -45,7 +45,7 @@ def _check_device(device: str) -> str:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    from .models import load_model
+    from ..bundled.models import load_model
 
     device = _check_device(args.device)
     return load_model(args.model, dtype=_torch_dtype(args.dtype), device=device)
@@ -74,8 +74,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def _load_profile(args: argparse.Namespace) -> tuple[Any, str]:
     """The profile to use and a description of where it came from."""
-    from .profile import Profile
-    from .profiles import bundled_profiles, profile_for
+    from ..bundled.profiles import bundled_profiles, profile_for
+    from ..core.profile import Profile
 
     if args.profile:
         return Profile.load(args.profile), args.profile
@@ -89,7 +89,7 @@ def _load_profile(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def _document(args: argparse.Namespace) -> Any:
-    from .demo import Document, demo_document
+    from ..bundled.demo import Document, demo_document
 
     if args.file is None:
         document = demo_document()
@@ -132,7 +132,7 @@ def _progress_streamer(total: int) -> Any:
 
 def _dense_kv_bytes(model: Any, tokens: int) -> int:
     """Bytes a dense KV cache holds for ``tokens`` tokens (keys and values, all layers)."""
-    from .profile import model_fingerprint
+    from ..core.profile import model_fingerprint
 
     shape = model_fingerprint(model)
     element = next(model.parameters()).element_size()
@@ -145,7 +145,7 @@ def _generate(model: Any, tokenizer: Any, ids: Any, args: argparse.Namespace, pr
 
     import torch
 
-    from .hf import apply
+    from ..integrations.transformers import apply
 
     ids = ids.to(model.device)
     kwargs = {
@@ -213,8 +213,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import calibrate
-    from .config import TCAConfig
+    from ..core.config import TCAConfig
+    from ..integrations.transformers import calibrate
 
     text = None if args.text is None else _read_text(args.text, "--text")
     if args.max_tokens < 1:
@@ -316,7 +316,7 @@ def profile_heatmap(profile: Any, length: int, out: Path) -> None:
 
 
 def cmd_profile_show(args: argparse.Namespace) -> int:
-    from .profile import Profile
+    from ..core.profile import Profile
 
     profile = Profile.load(args.path)
     length = args.length or profile.calibration_tokens
@@ -337,9 +337,9 @@ def cmd_profile_show(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from .eval.plots import write_all
-    from .eval.runner import Evaluator
-    from .eval.spec import EvalSpec
+    from ..eval.plots import write_all
+    from ..eval.runner import Evaluator
+    from ..eval.spec import EvalSpec
 
     spec = EvalSpec(
         methods=args.methods,
@@ -359,7 +359,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise UserError(f"--out {args.out}: the folder {out.parent} does not exist.")
     model, tokenizer = _load(args)
-    from .eval.provenance import provenance
+    from ..eval.provenance import provenance
 
     with out.with_name(out.name + ".runs.jsonl").open("a") as log:  # who ran what, where: one line per run
         log.write(json.dumps(provenance(args.device) | {"model": args.model, "dtype": args.dtype}) + "\n")
@@ -439,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_eval_parser(commands: Any) -> None:
-    from .eval.spec import ALL_METHODS, CALIBRATIONS, EvalSpec  # light: no torch
+    from ..eval.spec import ALL_METHODS, CALIBRATIONS, EvalSpec  # light: no torch
 
     default = EvalSpec()
     evaluate = commands.add_parser(
@@ -499,7 +499,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tca: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .config import TCAConfig
-from .hf import CALIBRATION_NAME, attention_handler
-from .ops.reference import dense_causal
-from .profile import model_fingerprint
+from ...core.config import TCAConfig
+from ...core.profile import model_fingerprint
+from ...ops.reference import dense_causal
+from .registration import CALIBRATION_NAME, attention_handler
 
 
 def measure_layers(

@@ -17,11 +17,9 @@ copy's queries put on those two source tokens.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .config import TCAConfig
-from .layer_pass import measure_layers
 
 PASSAGE_TOKENS = 256
 
@@ -67,22 +65,3 @@ def head_retrieval_scores(
     source = torch.arange(len(rows), device=query.device)  # copy token i <- source token i
     mass = probs[..., source, source] + probs[..., source, source + 1]  # (G, group, passage - 1)
     return mass.mean(-1).amax(-1).cpu()
-
-
-def measure_retrieval(
-    model: torch.nn.Module, ids: torch.Tensor, config: TCAConfig, progress: bool = True
-) -> np.ndarray:
-    """Retrieval score of every (layer, KV head) from one forward pass over the probe.
-
-    Args:
-        ids: (1, L) calibration token ids.
-    Returns:
-        (n_layers, n_kv_heads) float64 in [0, 1].
-    """
-    probe, start, passage = probe_ids(ids, config)
-
-    def measure(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
-        return head_retrieval_scores(query, key, start, passage, scale)
-
-    scores = measure_layers(model, probe, measure, config, "finding retrieval heads", progress)
-    return np.stack([s.double().numpy() for s in scores])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from .profile import Profile
+from ..core.profile import Profile
 
 
 def bundled_profiles() -> list[str]:

@@ -20,9 +20,10 @@ from __future__ import annotations
 import math
 
 import torch
+
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .budgets import rank_fractions
+from ...core.budgets import rank_fractions
 
 
 def valid_first(valid: torch.Tensor) -> torch.Tensor:

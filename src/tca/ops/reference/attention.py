@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..select import Selection
+from ...core.selection import Selection
 
 
 def _masked_softmax_combine(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .select import Selection
+from .selection import Selection
 
 
 def last_query_dropped_mass(

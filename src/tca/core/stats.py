@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .select import Selection
+from .selection import Selection
 
 
 def pair_counts(

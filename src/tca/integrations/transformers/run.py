@@ -1,0 +1,190 @@
+"""``tca.apply``: a model runs with TCA attention and a compressed KV cache inside a ``with`` block.
+
+``TCARun`` is the handler of every attention call (see ``registration``): prefill selects and
+attends sparsely, decode and new turns go through the cache policy (``policy``), and the run's
+``stats`` fill as the model runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from ... import ops
+from ...core.error_bound import last_query_dropped_mass, theorem1_bound
+from ...core.profile import Profile, model_fingerprint
+from ...core.stats import RunStats
+from .cache import TCACache, TCACacheLayer
+from .policy import CachePolicy
+from .registration import (
+    ATTENTION_NAME,
+    attention_handler,
+    check_context,
+    check_supported,
+    key_start_from_mask,
+    row_starts,
+)
+from .selector import ProfileSelector
+
+
+class TCARun:
+    """The state of one ``tca.apply``: selector, configuration, the compressed cache and statistics.
+
+    ``cache`` is the ``TCACache`` that ``generate`` uses (a new one per call unless one is passed
+    as ``past_key_values``; ``new_cache()`` makes one to reuse across turns).
+    """
+
+    def __init__(self, model: torch.nn.Module, selector: Profile | Any, keep_history: bool = True):
+        check_supported(model)
+        if isinstance(selector, Profile):
+            selector = ProfileSelector(selector, model)
+        self.model = model
+        self.selector = selector
+        self.profile = getattr(selector, "profile", None)
+        self.config = selector.config
+        self.keep_history = keep_history
+        self.fingerprint = model_fingerprint(model)
+        self.group = self.fingerprint["n_heads"] // self.fingerprint["n_kv_heads"]
+        self.stats = RunStats(
+            self.fingerprint["n_layers"], self.fingerprint["n_kv_heads"], self.fingerprint["n_heads"]
+        )
+        self.cache: TCACache | None = None
+        self.decode_keep = selector.decode_keep
+        self.policy = CachePolicy(self.config, self.group, self.decode_keep)
+
+    def new_cache(self) -> TCACache:
+        """A fresh compressed cache, made the run's current one."""
+        self.cache = TCACache(self.fingerprint["n_layers"], self.keep_history)
+        return self.cache
+
+    def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
+        """Attention for one layer call (the AttentionInterface signature). Returns ((B, Lq, H, d), None)."""
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        layer_idx = module.layer_idx
+        layer = self._cache_layer(layer_idx, key)
+        if layer is not None:
+            check_context(self.model, layer.seen + key.shape[2])
+        if layer is None and query.shape[2] != key.shape[2]:  # decode over someone else's (dense) cache
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, scaling=scaling, **kwargs
+            )
+        if layer is not None and layer.seen > 0 and query.shape[2] == 1:
+            out = self.policy.decode(layer, query, key, value, scale)  # no mask work per decode step
+        else:
+            key_start = key_start_from_mask(
+                attention_mask, attention_mask.shape[-1] if attention_mask is not None else 0
+            )
+            if layer is None:
+                out, _ = self.prefill(layer_idx, query, key, value, key_start, scale)
+            elif layer.seen == 0:
+                out, selection = self.prefill(layer_idx, query, key, value, key_start, scale)
+                self.policy.store(layer, key, value, selection, key_start)
+                layer.remember(key, value)
+            else:
+                out = self._new_turn(layer, layer_idx, query, key, value, key_start, scale)
+        if layer is not None:
+            layer.seen += key.shape[2]
+            layer.pending = 0
+            self.policy.compress(layer, layer_idx, query, scale)
+            if layer_idx == self.fingerprint["n_layers"] - 1:
+                self.stats.record_cache(self.cache)
+        return out.transpose(1, 2).contiguous(), None
+
+    def _cache_layer(self, layer_idx: int, key: torch.Tensor) -> TCACacheLayer | None:
+        """The compressed-cache layer this call belongs to, or None when no TCA cache is in use."""
+        if self.cache is None:
+            return None
+        layer = self.cache.layers[layer_idx]
+        return layer if layer.pending == key.shape[2] and layer.pending > 0 else None
+
+    def prefill(self, layer, query, key, value, key_start, scale):
+        """TCA prefill of the whole context (or of a new turn's queries over ``key``): select,
+        attend sparsely, record statistics. Returns ((B, H, Lq, d), Selection)."""
+        context_len = key.shape[2]
+        check_context(self.model, context_len)
+        window = self.config.effective_window
+        selection = self.selector.select(layer, query, key, scale, key_start)
+        out = ops.sparse_prefill(
+            query, key, value, selection, window, scale, key_start, self.config.query_chunk
+        )
+        gamma = last_query_dropped_mass(query[:, :, -1], key, selection, window, scale, key_start)
+        start = row_starts(key_start, key.shape[0], key.device)
+        self.stats.record_prefill(layer, selection, start, window, gamma, theorem1_bound(gamma, value))
+        return out, selection
+
+    def _new_turn(self, layer: TCACacheLayer, layer_idx: int, query, key, value, key_start, scale):
+        """A prefill onto a non-empty cache: select again from the whole host history when it is
+        kept, else attend to the stored entries plus the new tokens (causal). (B, H, n, d)."""
+        if layer.history is None:
+            return self.policy.attend_new_turn(layer, query, key, value, scale)
+        full_key = torch.cat([layer.history[0].to(key.device, key.dtype), key], dim=2)
+        full_value = torch.cat([layer.history[1].to(value.device, value.dtype), value], dim=2)
+        out, selection = self.prefill(layer_idx, query, full_key, full_value, key_start, scale)
+        self.policy.store(layer, full_key, full_value, selection, key_start)
+        layer.remember(key, value)
+        return out
+
+
+def _generate_with_cache(run: TCARun, generate: Callable) -> Callable:
+    """``model.generate`` using the run's compressed cache unless the caller passes a cache."""
+    # newer transformers call it ``cache`` (``past_key_values`` deprecated); 5.17 knows only the old name
+    name = "cache" if "cache" in inspect.signature(type(run.model).forward).parameters else "past_key_values"
+
+    def tca_generate(*args, **kwargs):
+        given = kwargs.get("past_key_values", kwargs.get("cache"))
+        if given is None:
+            kwargs[name] = run.new_cache()
+        elif isinstance(given, TCACache):
+            run.cache = given
+        return generate(*args, **kwargs)
+
+    return tca_generate
+
+
+@contextlib.contextmanager
+def apply(model: torch.nn.Module, profile: Profile | Any, keep_history: bool = True) -> Iterator[TCARun]:
+    """Run ``model`` with TCA attention inside the block.
+
+    ``profile``: a calibrated ``Profile`` (TCA), or any selector with ``config``, ``decode_keep``
+    and ``select`` (``tca.methods.MethodSelector`` runs a baseline the same way).
+
+    Prefill uses TCA sparse attention; ``model.generate`` also uses a compressed per-head KV
+    cache (``run.cache``). ``keep_history`` keeps every token's K/V on the host so that a new
+    turn re-selects from the whole conversation. Yields the ``TCARun``, whose ``stats`` fill as
+    the model runs. Everything is restored on exit, also after an exception.
+    """
+    run = TCARun(model, profile, keep_history)
+    with attention_handler(model, ATTENTION_NAME, run):
+        model.generate = _generate_with_cache(run, type(model).generate.__get__(model))
+        try:
+            yield run
+        finally:
+            del model.generate
+
+
+_PATCHED: weakref.WeakKeyDictionary[torch.nn.Module, contextlib.ExitStack] = weakref.WeakKeyDictionary()
+
+
+def patch(model: torch.nn.Module, profile: Profile, keep_history: bool = True) -> TCARun:
+    """``apply`` without a ``with``: TCA stays on until ``unpatch(model)``. Returns the run."""
+    if model in _PATCHED:
+        raise RuntimeError("this model is already patched with TCA; call tca.unpatch(model) first.")
+    stack = contextlib.ExitStack()
+    run = stack.enter_context(apply(model, profile, keep_history))
+    _PATCHED[model] = stack
+    return run
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    """Undo ``patch``: the model is as it was before (parameters are never touched)."""
+    stack = _PATCHED.pop(model, None)
+    if stack is None:
+        raise RuntimeError("this model is not patched with TCA (tca.patch was not called on it).")
+    stack.close()

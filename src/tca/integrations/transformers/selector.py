@@ -1,0 +1,35 @@
+"""TCA's own selector: each KV head's budgets from a calibrated profile."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ... import ops
+from ...core.profile import Profile
+from .cache import mean_keep_fraction
+
+
+class ProfileSelector:
+    """TCA's own selection (DESIGN 2.1): each KV head's budgets from a calibrated profile.
+
+    A selector tells a ``TCARun`` which keys each head keeps: ``select`` at prefill (and at a new
+    turn) and ``decode_keep`` (tokens kept of each block that leaves the window during decode).
+    ``tca.methods.MethodSelector`` is the other kind, for the baselines.
+    """
+
+    def __init__(self, profile: Profile, model: torch.nn.Module):
+        profile.check_fits(model)
+        self.profile = profile
+        self.config = profile.config
+        self.decode_keep = [
+            [round(self.config.block_size * mean_keep_fraction(m, s)) for m, s in zip(mu, sigma, strict=True)]
+            for mu, sigma in zip(profile.mu.tolist(), profile.sigma.tolist(), strict=True)
+        ]  # [layer][kv head]
+
+    def select(self, layer: int, query, key, scale: float, key_start) -> Any:
+        """Kept keys of every (row, KV head): query (B, H, Lq, d), key (B, G, L, d) -> Selection."""
+        mu, sigma = self.profile.head_config(layer)
+        observed = query[:, :, -self.config.observation_queries :]
+        return ops.select(observed, key, mu, sigma, self.config, scale, key_start)

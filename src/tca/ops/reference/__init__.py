@@ -1,0 +1,29 @@
+"""The PyTorch reference backend: the specification every other backend meets, on any device."""
+
+from __future__ import annotations
+
+import torch
+
+from ...core.selection import select as _select
+from ..registry import register
+from .attention import attend_after_cache, decode_reference, dense_causal, sparse_prefill
+
+
+class ReferenceBackend:
+    """Plain PyTorch (float32 math) on every device."""
+
+    name = "reference"
+
+    def available(self, device: torch.device) -> bool:
+        """Always: the reference runs wherever PyTorch does."""
+        return True
+
+    select = staticmethod(_select)
+    sparse_prefill = staticmethod(sparse_prefill)
+    decode = staticmethod(decode_reference)
+    attend_after_cache = staticmethod(attend_after_cache)
+
+
+BACKEND = register(ReferenceBackend())
+
+__all__ = ["BACKEND", "attend_after_cache", "decode_reference", "dense_causal", "sparse_prefill"]

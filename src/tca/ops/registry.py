@@ -1,0 +1,42 @@
+"""The registry of attention backends: each registers one object with the same entry points.
+
+A backend answers ``select`` (online selection, DESIGN 2.1), ``sparse_prefill`` (DESIGN 2.3),
+``decode`` (one query over a compressed per-head cache, DESIGN 2.4) and ``attend_after_cache``
+(a new turn's tokens over the cache and, causally, each other), with the contracts documented in
+``tca.ops.reference``. ``available(device)`` says whether it can serve tensors on a device; a
+backend that cannot take a particular shape answers it with the reference itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+
+class Backend(Protocol):
+    """The entry points every backend provides (see ``tca.ops.reference`` for the contracts)."""
+
+    name: str
+
+    def available(self, device: torch.device) -> bool: ...
+
+    def select(self, query, key, mu, sigma, config, scale, key_start=None) -> Any: ...
+
+    def sparse_prefill(self, query, key, value, selection, local_window, scale, key_start=None,
+                       query_chunk=256) -> torch.Tensor: ...  # fmt: skip
+
+    def decode(self, query, key, value, lengths, scale=None) -> torch.Tensor: ...
+
+    def attend_after_cache(
+        self, query, cached_key, cached_value, lengths, key, value, scale
+    ) -> torch.Tensor: ...
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> Backend:
+    """Add ``backend`` under its ``name`` (a later registration of the same name replaces it)."""
+    BACKENDS[backend.name] = backend
+    return backend

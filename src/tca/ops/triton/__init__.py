@@ -1,0 +1,105 @@
+"""The Triton backend: fused kernels (``kernels.py``) behind launchers (``launchers.py``).
+
+Its tuning lives here: the measured crossover past which dense causal attention beats the
+sparse prefill kernel. Shapes the kernels do not take (head dim not a power of two >= 16, other
+dtypes, a new turn's queries over a longer history, pooled importance) are answered by the
+reference. Triton itself is imported on first use, so this module imports without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from .. import reference
+from ..registry import register
+
+# Sparse pays only when it skips enough pairs: the kernel runs at about `efficiency` of dense
+# SDPA's pair rate, so it wins when pairs_fraction < efficiency. Per head dim, the lowest
+# efficiency measured on the H100 (benchmarks/NOTES-kernels.md); past it dense causal attention
+# runs instead.
+DENSE_CROSSOVER = {128: 0.55, 64: 0.45}
+DEFAULT_CROSSOVER = 0.45
+
+
+def pairs_fraction(context_len: int, local_window: int, kept: int) -> float:
+    """Estimated TCA pairs over dense causal pairs for one head keeping ``kept`` candidates
+    (spread evenly over the candidates ``[0, L - w)``). Host-only arithmetic, no GPU sync."""
+    window = max(local_window, 1)
+    dense = context_len * (context_len + 1) / 2
+    inside = min(window, context_len)
+    window_pairs = inside * (inside + 1) / 2 + (context_len - inside) * window
+    candidates = max(context_len - window, 0)
+    kept_pairs = kept * (candidates + 1) / 2  # a kept key is seen by the queries >= its position + w
+    return min(1.0, (window_pairs + kept_pairs) / dense)
+
+
+def sparse_pays(context_len: int, local_window: int, kept: int, head_dim: int = 128) -> bool:
+    """Whether the sparse kernel beats dense attention for this shape (the measured crossover)."""
+    threshold = DENSE_CROSSOVER.get(head_dim, DEFAULT_CROSSOVER)
+    return pairs_fraction(context_len, local_window, kept) < threshold
+
+
+def dense_prefill(query, key, value, selection, local_window, scale, key_start=None):
+    """TCA prefill answered by dense causal attention (SDPA; left padding by slicing each row):
+    exact when the selection keeps every candidate, else the dense answer TCA approximates.
+    Used past the crossover, where the kernel would compute nearly the whole causal triangle."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if key_start is None:
+        return sdpa(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
+    out = torch.zeros_like(query)
+    for row, start in enumerate(key_start.tolist()):
+        q, k, v = (x[row : row + 1, :, start:] for x in (query, key, value))
+        if q.shape[2]:
+            out[row : row + 1, :, start:] = sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return out
+
+
+def _launchers():
+    from . import launchers
+
+    return launchers
+
+
+class TritonBackend:
+    """Triton kernels on CUDA devices (and on the CPU under ``TRITON_INTERPRET=1``, for tests)."""
+
+    name = "triton"
+
+    def available(self, device: torch.device) -> bool:
+        """On a CUDA device, when Triton imports."""
+        return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+
+    def select(self, query, key, mu, sigma, config, scale, key_start=None):
+        """Fused selection: the reference's indices and counts (the index tensor may be wider,
+        the extra columns being padding)."""
+        launchers = _launchers()
+        if launchers.supported(query, key) and config.pool_kernel == 1:
+            return launchers.select(query, key, mu, sigma, config, scale, key_start)
+        return reference.BACKEND.select(query, key, mu, sigma, config, scale, key_start)
+
+    def sparse_prefill(
+        self, query, key, value, selection, local_window, scale, key_start=None, query_chunk=256
+    ):
+        """The sparse kernel, or dense SDPA past the crossover (``sparse_pays`` on the widest kept row)."""
+        launchers = _launchers()
+        if launchers.supported(query, key) and query.shape[2] == key.shape[2]:
+            if not sparse_pays(query.shape[2], local_window, selection.indices.shape[-1], query.shape[-1]):
+                return dense_prefill(query, key, value, selection, local_window, scale, key_start)
+            return launchers.sparse_prefill(query, key, value, selection, local_window, scale, key_start)
+        return reference.sparse_prefill(
+            query, key, value, selection, local_window, scale, key_start, query_chunk
+        )
+
+    def decode(self, query, key, value, lengths, scale=None):
+        """Split-K decode over the per-head cache."""
+        launchers = _launchers()
+        if launchers.supported(query, key):
+            return launchers.decode(query, key, value, lengths, scale)
+        return reference.decode_reference(query, key, value, lengths, scale)
+
+    attend_after_cache = staticmethod(reference.attend_after_cache)
+
+
+BACKEND = register(TritonBackend())
