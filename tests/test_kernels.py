@@ -187,6 +187,40 @@ def test_decode_matches_reference(max_len, group, dtype, batch):
     )
 
 
+RAGGED_CASES = [(3, 1, "fp32", 1), (97, 2, "bf16", 2), (260, 3, "fp16", 3)]
+if FULL:
+    RAGGED_CASES += [(13109, 4, "bf16", 1), (65537, 4, "bf16", 2)]
+
+
+@pytest.mark.parametrize("max_len,group,dtype,batch", RAGGED_CASES)
+def test_ragged_decode_matches_padded(max_len, group, dtype, batch):
+    """Every head of a layer in one (B, S, d) buffer at its own offset and capacity (the cache's
+    layer store) gives what the padded (B, G, Kmax, d) layout gives, in float64."""
+    gen, seed = fresh_generator()
+    n_kv, dim = (8, 128) if FULL else (3, 32)
+    dt = DTYPES[dtype]
+    capacity = torch.randint(1, max_len + 1, (n_kv,), generator=gen).tolist()
+    offsets = [sum(capacity[:g]) for g in range(n_kv)]
+    q = randn(gen, batch, n_kv * group, 1, dim, dtype=dt)
+    k = randn(gen, batch, sum(capacity), dim, dtype=dt)
+    v = randn(gen, batch, sum(capacity), dim, dtype=dt)
+    lengths = torch.stack([torch.randint(0, c + 1, (batch,), generator=gen) for c in capacity], 1)
+    lengths[0, 0] = capacity[0]
+    padded_k = torch.zeros(batch, n_kv, max(capacity), dim, dtype=dt, device=DEVICE)
+    padded_v = torch.zeros_like(padded_k)
+    for g, (lo, cap) in enumerate(zip(offsets, capacity, strict=True)):
+        padded_k[:, g, :cap], padded_v[:, g, :cap] = k[:, lo : lo + cap], v[:, lo : lo + cap]
+    lengths, offsets_t = lengths.to(DEVICE), torch.tensor(offsets, device=DEVICE)
+    exact = decode_fp64(q, padded_k, padded_v, lengths, dim**-0.5)
+    low = reference.decode_ragged(q, k, v, lengths, offsets_t, max(capacity))
+    out = launchers.decode_ragged(q, k, v, lengths, offsets_t, max(capacity))
+    kernel_err, ref_err = rel_error(out, exact), rel_error(low, exact)
+    assert ref_err < (1e-6 if dtype == "fp32" else 2e-2), f"seed {seed}: reference {ref_err:.3g}"
+    assert kernel_err <= 2 * ref_err + 1e-6, (
+        f"seed {seed}: kernel {kernel_err:.3g} vs reference {ref_err:.3g}"
+    )
+
+
 def assert_same_selection(got: Selection, want: Selection, seed: int) -> None:
     assert torch.equal(got.counts.cpu(), want.counts.cpu()), f"seed {seed}: counts differ"
     width = want.indices.shape[-1]

@@ -72,6 +72,11 @@ def decode(query, key, value, lengths, scale=None):
     return backend(query.device).decode(query, key, value, lengths, scale)
 
 
+def decode_ragged(query, key, value, lengths, offsets, max_len, scale=None):
+    """Decode over a ragged layer store; see ``tca.ops.reference.decode_ragged``."""
+    return backend(query.device).decode_ragged(query, key, value, lengths, offsets, max_len, scale)
+
+
 def attend_after_cache(query, cached_key, cached_value, lengths, key, value, scale):
     """New tokens over a head's cache and, causally, each other; see ``tca.ops.reference``."""
     return backend(query.device).attend_after_cache(

@@ -1,7 +1,8 @@
 """The registry of attention backends: each registers one object with the same entry points.
 
 A backend answers ``select`` (online selection, DESIGN 2.1), ``sparse_prefill`` (DESIGN 2.3),
-``decode`` (one query over a compressed per-head cache, DESIGN 2.4) and ``attend_after_cache``
+``decode`` / ``decode_ragged`` (one query over a compressed per-head cache, DESIGN 2.4; the
+ragged form has every head of a layer in one buffer) and ``attend_after_cache``
 (a new turn's tokens over the cache and, causally, each other), with the contracts documented in
 ``tca.ops.reference``. ``available(device)`` says whether it can serve tensors on a device; a
 backend that cannot take a particular shape answers it with the reference itself.
@@ -27,6 +28,8 @@ class Backend(Protocol):
                        query_chunk=256) -> torch.Tensor: ...  # fmt: skip
 
     def decode(self, query, key, value, lengths, scale=None) -> torch.Tensor: ...
+
+    def decode_ragged(self, query, key, value, lengths, offsets, max_len, scale=None) -> torch.Tensor: ...
 
     def attend_after_cache(
         self, query, cached_key, cached_value, lengths, key, value, scale

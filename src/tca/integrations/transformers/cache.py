@@ -1,24 +1,33 @@
 """A compressed KV cache (DESIGN 2.3-2.4): each KV head stores only what it keeps, at its true length.
 
-Per layer and KV head, the cache holds (B, capacity, d) keys and values and a (B,) length: after
-prefill the selected tokens plus the window, with their true positions (keys are stored after
-RoPE, so positions stay right). Decode appends; each time ``block_size`` tokens have left the
-window, that block is cut to the head's budget by the current query's importance. Heads of one
-layer have different lengths; nothing is padded to the longest head.
+Per layer, all KV heads share one ragged buffer (``LayerStore``): head ``g``'s entries of row
+``b`` lie at slots ``[offset_g, offset_g + lengths[b, g])`` of (B, S, d) keys and values, each
+head with its own capacity, so a head keeping 5% takes 5% of the memory whatever its neighbours
+keep (nothing is padded to the longest head). After prefill a head holds its selected tokens plus
+the window, at their true positions (keys are stored after RoPE). Decode appends one token per
+head with a fixed handful of device ops; each time ``block_size`` tokens have left the window,
+that block is cut to the head's budget by the current query's importance (``policy``).
 
-Multi-turn: with ``keep_history=True`` (default) every token's K/V is also kept on the host, and
-a new turn (a prefill onto a non-empty cache) selects again from the whole history with the new
-turn's last query, so a needle that turn 1 dropped can come back for turn 2. The cost is host
-memory (dense) and one gather per layer per turn; ``host_kv_bytes`` reports it.
+Lengths live on the device (for the kernels) and, exactly mirrored, on the host: every change is
+known in advance (a decode step adds one entry per head; a cut removes ``block - keep``), so
+the host never waits for the GPU to know how much room a head needs.
 
-The attention itself is done by ``TCARun`` (``hf.py``): ``update`` only hands the new states
-over; the run reads and writes the per-head storage through this class's methods.
+Multi-turn: with ``keep_history=True`` (default) every token's K/V is also copied to the host
+(``HostHistory``), off the critical path: on a background thread and a side stream, a layer's
+prompt once, decode tokens a block at a time, so a new turn can select again from the whole
+conversation. The cost is host memory (dense); ``host_kv_bytes`` reports it.
+
+The attention itself is done by ``TCARun`` (``run.py``) and ``CachePolicy`` (``policy.py``):
+``update`` only hands the new states over.
 """
 
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -27,97 +36,238 @@ from ...core.budgets import rank_fractions
 
 
 def valid_first(valid: torch.Tensor) -> torch.Tensor:
-    """Per row, the column order that puts the ``valid`` (B, N) columns first, each part in order."""
+    """Per row, the column order that puts the ``valid`` (..., N) columns first, each part in order."""
     return torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
 
 
-class HeadStore:
-    """Keys/values of one (layer, KV head): (B, capacity, d) with a (B,) valid length.
+@dataclass
+class HeadView:
+    """One KV head's part of a ``LayerStore`` (views, no copy): keys/values (B, capacity, d),
+    positions (B, capacity), lengths (B,): row b's entries are the first ``lengths[b]``."""
 
-    ``max_length`` mirrors ``lengths.max()`` on the host, so appending a decode token needs no
-    device synchronisation.
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    lengths: torch.Tensor
+
+
+class LayerStore:
+    """Keys/values of every KV head of one layer in one ragged buffer (see the module docstring).
+
+    Attributes:
+        keys, values: (B, S, d); positions: (B, S) int64 (a slot past a head's length is garbage).
+        offsets: G host ints, head g's first slot; capacity: G host ints, its slots.
+        lengths: (B, G) int64 on the device; lengths_host: the same as a numpy array.
     """
 
-    def __init__(
-        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor
-    ):
-        self.keys, self.values, self.positions, self.lengths = keys, values, positions, lengths
-        self.max_length = int(lengths.max()) if lengths.numel() else 0
+    def __init__(self, keys, values, positions, offsets: list[int], capacity: list[int], lengths_host):
+        self.keys, self.values, self.positions = keys, values, positions
+        self.offsets, self.capacity = offsets, capacity
+        self.lengths_host = np.asarray(lengths_host, dtype=np.int64)  # (B, G)
+        self.lengths = torch.tensor(self.lengths_host, device=keys.device)  # a copy, never shared
+        self.offsets_device = torch.tensor(offsets, dtype=torch.int64, device=keys.device)
+        self.rows = torch.arange(keys.shape[0], device=keys.device).view(-1, 1, 1)
 
     @classmethod
-    def gather(cls, key: torch.Tensor, value: torch.Tensor, indices: torch.Tensor, lengths: torch.Tensor):
-        """Store ``key[b, indices[b, :lengths[b]]]`` (key, value: (B, L, d); indices (B, N) ascending)."""
-        safe = indices.clamp_max(key.shape[1] - 1)
-        expand = safe.unsqueeze(-1).expand(-1, -1, key.shape[-1])
-        return cls(torch.gather(key, 1, expand), torch.gather(value, 1, expand), indices, lengths)
+    def gather(cls, key, value, indices, lengths_host, reserve: int) -> LayerStore:
+        """Store ``key[b, g, indices[g][b, :lengths[b, g]]]`` for every head.
+
+        Args:
+            key, value: (B, G, L, d); indices: G tensors (B, N_g) ascending (padding past the length
+                may hold any index < L); lengths_host: (B, G) numpy; reserve: extra slots per head.
+        """
+        batch, n_kv, _, dim = key.shape
+        capacity = [int(lengths_host[:, g].max(initial=0)) + reserve for g in range(n_kv)]
+        offsets = np.concatenate([[0], np.cumsum(capacity)[:-1]]).tolist()
+        total = sum(capacity)
+        keys = key.new_zeros(batch, total, dim)
+        values = value.new_zeros(batch, total, dim)
+        positions = torch.full((batch, total), -1, dtype=torch.int64, device=key.device)
+        for g, index in enumerate(indices):
+            width = min(index.shape[1], capacity[g])
+            index = index[:, :width]
+            expand = index.unsqueeze(-1).expand(-1, -1, dim)
+            lo = offsets[g]
+            keys[:, lo : lo + width] = torch.gather(key[:, g], 1, expand)
+            values[:, lo : lo + width] = torch.gather(value[:, g], 1, expand)
+            positions[:, lo : lo + width] = index
+        return cls(keys, values, positions, offsets, capacity, lengths_host)
+
+    @property
+    def n_kv(self) -> int:
+        return len(self.offsets)
 
     @property
     def nbytes(self) -> int:
         """Bytes allocated for keys and values."""
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return 2 * self.keys.numel() * self.keys.element_size()
 
-    def extend(self, key: torch.Tensor, value: torch.Tensor, first_position: int) -> None:
-        """Write n tokens per row (key, value: (B, n, d)) after each row's last entry."""
-        batch, n, _ = key.shape
-        needed = self.max_length + n - self.keys.shape[1]
-        if needed > 0:
-            self._grow(max(needed, 16, self.keys.shape[1] // 8))
-        slots = self.lengths.view(-1, 1) + torch.arange(n, device=key.device).view(1, -1)  # (B, n)
-        rows = torch.arange(batch, device=key.device).view(-1, 1)
-        self.keys[rows, slots] = key
-        self.values[rows, slots] = value
-        self.positions[rows, slots] = first_position + torch.arange(n, device=key.device).view(1, -1)
+    def head(self, g: int) -> HeadView:
+        """Views of head ``g``'s slots."""
+        lo, hi = self.offsets[g], self.offsets[g] + self.capacity[g]
+        return HeadView(
+            self.keys[:, lo:hi], self.values[:, lo:hi], self.positions[:, lo:hi], self.lengths[:, g]
+        )
+
+    def append(self, key: torch.Tensor, value: torch.Tensor, first_position: int) -> None:
+        """Write n tokens per (row, head) after each one's last entry: key, value (B, G, n, d).
+
+        A fixed number of device ops and no synchronisation (the room needed is known on the host).
+        """
+        n = key.shape[2]
+        needed = self.lengths_host.max(0) + n  # (G,)
+        if any(int(need) > cap for need, cap in zip(needed, self.capacity, strict=True)):
+            self._grow(needed)
+        steps = torch.arange(n, device=key.device)
+        slots = (self.offsets_device.view(1, -1, 1) + self.lengths.unsqueeze(-1)) + steps  # (B, G, n)
+        self.keys.index_put_((self.rows, slots), key)
+        self.values.index_put_((self.rows, slots), value)
+        self.positions.index_put_((self.rows, slots), (steps + first_position).expand_as(slots))
         self.lengths += n
-        self.max_length += n
+        self.lengths_host += n
 
-    def _grow(self, extra: int) -> None:
-        pad = (0, 0, 0, extra)
-        self.keys = torch.nn.functional.pad(self.keys, pad)
-        self.values = torch.nn.functional.pad(self.values, pad)
-        self.positions = torch.nn.functional.pad(self.positions, (0, extra), value=-1)
+    def _grow(self, needed: np.ndarray) -> None:
+        """Reallocate with room for ``needed`` (G,) entries per head and an eighth more (amortised)."""
+        capacity = [
+            max(cap, int(need) + max(16, int(need) // 8))
+            for cap, need in zip(self.capacity, needed, strict=True)
+        ]
+        grown = LayerStore.empty_like(self, capacity)
+        for g in range(self.n_kv):
+            old, new = self.head(g), grown.head(g)
+            width = self.capacity[g]
+            new.keys[:, :width] = old.keys
+            new.values[:, :width] = old.values
+            new.positions[:, :width] = old.positions
+        self.keys, self.values, self.positions = grown.keys, grown.values, grown.positions
+        self.offsets, self.capacity, self.offsets_device = grown.offsets, grown.capacity, grown.offsets_device
 
-    def compress_block(
-        self, block_start: int, block: int, keep: int, query: torch.Tensor, scale: float, rows=None
+    @staticmethod
+    def empty_like(store: LayerStore, capacity: list[int]) -> LayerStore:
+        batch, _, dim = store.keys.shape
+        offsets = np.concatenate([[0], np.cumsum(capacity)[:-1]]).tolist()
+        total = sum(capacity)
+        keys = store.keys.new_zeros(batch, total, dim)
+        positions = torch.full((batch, total), -1, dtype=torch.int64, device=store.keys.device)
+        return LayerStore(keys, torch.zeros_like(keys), positions, offsets, capacity, store.lengths_host)
+
+    def region(self, tail: int) -> torch.Tensor:
+        """(B, G, tail) slots of each (row, head)'s last ``tail`` entries (device arithmetic only)."""
+        steps = torch.arange(tail, device=self.keys.device)
+        base = self.offsets_device.view(1, -1) + self.lengths - tail  # (B, G)
+        return base.unsqueeze(-1) + steps
+
+    def cut_block(
+        self, tail: int, block: int, keep: torch.Tensor, keep_host: np.ndarray, query, scale
     ) -> None:
-        """Cut each row's entries at positions [block_start, block_start + block) to their ``keep``
-        most important for ``query`` (B, group, d) (softmax within the block, averaged over the group;
-        ties: the lower position). ``rows``: the rows to cut (None: all).
+        """Cut the first ``block`` of each (row, head)'s last ``tail`` entries to its ``keep`` most
+        important for ``query`` (B, G, group, d) (softmax within the block, averaged over the group;
+        ties: the lower position), moving the rest of the tail down. No synchronisation.
 
-        All rows at once, with one device synchronisation; only the slots from the first row's block
-        onwards (about a window's worth) are scored and moved, not the whole store."""
-        batch, capacity = self.positions.shape
-        device = self.keys.device
-        valid = torch.arange(capacity, device=device).view(1, -1) < self.lengths.view(-1, 1)  # (B, capacity)
-        chosen = torch.ones(batch, dtype=torch.bool, device=device)
-        if rows is not None:
-            chosen = torch.zeros_like(chosen)
-            chosen[list(rows)] = True
-        before = (valid & (self.positions < block_start)).sum(-1)  # (B,) entries ahead of the block
-        in_block = ((valid & (self.positions < block_start + block)).sum(-1) - before) * chosen  # (B,)
-        lengths = self.lengths - (in_block - keep).clamp_min(0)
-        lo, new_max = torch.stack([before.min(), lengths.max()]).tolist()  # the one synchronisation
-        hi, self.max_length = self.max_length, new_max
-        if lo >= hi:
-            return
-        # the tail [lo, hi): slots before lo are ahead of the block in every row
-        positions = self.positions[:, lo:hi]
-        tail_valid = valid[:, lo:hi]
-        tail_in = tail_valid & (positions >= block_start) & (positions < block_start + block)
-        tail_in &= chosen.view(-1, 1)  # (B, T)
-        logits = torch.einsum("bgd,btd->bgt", query.float(), self.keys[:, lo:hi].float()) * scale
-        logits = logits.masked_fill(~tail_in.unsqueeze(1), float("-inf"))  # (B, group, T)
-        importance = torch.softmax(logits, -1).mean(1).nan_to_num(0.0)  # (B, T); rows with no block: 0
-        importance = importance.masked_fill(~tail_in, -1.0)  # out-of-block entries rank last
+        Args:
+            keep: (B, G) int64 device, entries kept per (row, head) (``block``: uncut);
+            keep_host: the same on the host.
+        """
+        batch, _, dim = self.keys.shape
+        slots = self.region(tail).clamp_min(0)  # (B, G, T); a row with no such block is masked by keep
+        flat = slots.flatten(1)  # (B, G*T)
+        keys = torch.gather(self.keys, 1, flat.unsqueeze(-1).expand(-1, -1, dim)).view(
+            batch, self.n_kv, tail, dim
+        )
+        logits = torch.einsum("bgqd,bgtd->bgqt", query.float(), keys[:, :, :block].float()) * scale
+        importance = torch.softmax(logits, -1).mean(2)  # (B, G, block)
         order = torch.argsort(importance, dim=-1, descending=True, stable=True)
-        slots = torch.arange(hi - lo, device=device).expand(batch, -1)
-        rank = torch.empty_like(order).scatter_(1, order, slots)
-        compact = valid_first(tail_valid & (~tail_in | (rank < keep)))  # (B, T)
+        rank = torch.empty_like(order).scatter_(
+            -1, order, torch.arange(block, device=order.device).expand_as(order)
+        )
+        kept = torch.cat(
+            [rank < keep.unsqueeze(-1), rank.new_ones(batch, self.n_kv, tail - block, dtype=torch.bool)], -1
+        )
+        source = torch.gather(slots, -1, valid_first(kept)).flatten(1)  # the survivors, in order, first
         for tensor in (self.keys, self.values):
-            tensor[:, lo:hi] = torch.gather(
-                tensor[:, lo:hi], 1, compact.unsqueeze(-1).expand(-1, -1, tensor.shape[-1])
-            )
-        self.positions[:, lo:hi] = torch.gather(positions, 1, compact)
-        self.lengths = lengths
+            moved = torch.gather(tensor, 1, source.unsqueeze(-1).expand(-1, -1, dim))
+            tensor.scatter_(1, flat.unsqueeze(-1).expand(-1, -1, dim), moved)
+        self.positions.scatter_(1, flat, torch.gather(self.positions, 1, source))
+        self.lengths -= block - keep
+        self.lengths_host -= block - keep_host
+
+
+class HostHistory:
+    """Every token's K/V of one layer on the host, copied off the critical path.
+
+    On CUDA, each copy waits for its data with an event on a background thread and runs on a side
+    stream, so the attention call that handed the states over returns at once; decode tokens gather
+    in a device staging block and go over ``block`` at a time. ``tensors()`` waits for the copies.
+    """
+
+    _executor: ThreadPoolExecutor | None = None
+
+    def __init__(self, block: int):
+        self.block = block
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor] | Future] = []
+        self.staging: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.staged = 0
+        self.length = 0
+        self.nbytes = 0
+
+    def add(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Append (B, G, n, d) states: a prompt goes over at once, single tokens through the staging block."""
+        n = key.shape[2]
+        self.length += n
+        self.nbytes += 2 * key.numel() * key.element_size()
+        if n > 1 or key.device.type != "cuda":
+            self._flush()
+            self.chunks.append(self._copy(key, value))
+            return
+        if self.staging is None:
+            shape = (*key.shape[:2], self.block, key.shape[-1])
+            self.staging = (key.new_empty(shape), value.new_empty(shape))
+        self.staging[0][:, :, self.staged : self.staged + 1] = key
+        self.staging[1][:, :, self.staged : self.staged + 1] = value
+        self.staged += 1
+        if self.staged == self.block:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.staged:
+            key, value = self.staging
+            self.chunks.append(self._copy(key[:, :, : self.staged], value[:, :, : self.staged]))
+            self.staging, self.staged = None, 0  # the copy holds the block; the next one is new
+
+    def _copy(self, key, value):
+        if key.device.type != "cuda":
+            return key.to("cpu", copy=True), value.to("cpu", copy=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        if HostHistory._executor is None:
+            HostHistory._executor = ThreadPoolExecutor(1, thread_name_prefix="tca-history")
+        return HostHistory._executor.submit(_copy_to_host, key, value, ready)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The history as host (B, G, length, d) keys and values (waits for the copies)."""
+        self._flush()
+        parts = [chunk.result() if isinstance(chunk, Future) else chunk for chunk in self.chunks]
+        if len(parts) > 1:
+            parts = [(torch.cat([k for k, _ in parts], 2), torch.cat([v for _, v in parts], 2))]
+        self.chunks = parts
+        return parts[0]
+
+
+def _copy_to_host(key: torch.Tensor, value: torch.Tensor, ready: torch.cuda.Event):
+    ready.synchronize()  # this thread waits, not the one running the model
+    stream = _side_stream(key.device)
+    with torch.cuda.stream(stream):
+        out = key.to("cpu"), value.to("cpu")
+    return out
+
+
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device)
+    return _STREAMS[device]
 
 
 class TCACacheLayer(CacheLayerMixin):
@@ -126,15 +276,15 @@ class TCACacheLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, keep_history: bool = True):
+    def __init__(self, keep_history: bool = True, block_size: int = 128):
         super().__init__()
-        self.keep_history = keep_history
-        self.heads: list[HeadStore] = []
+        self.keep_history, self.block_size = keep_history, block_size
+        self.store: LayerStore | None = None
         self.seen = 0  # tokens processed (index space, padding included)
         # per row: positions >= boundary[row] are not compressed yet (the window and what just left it)
         self.boundary: list[int] = []
         self.pending = 0  # length of the states handed over by the last update
-        self.history: tuple[torch.Tensor, torch.Tensor] | None = None  # host (B, G, seen, d) keys, values
+        self._history: HostHistory | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -157,39 +307,44 @@ class TCACacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.heads, self.seen, self.boundary, self.pending, self.history = [], 0, [], 0, None
+        self.store, self.seen, self.boundary, self.pending, self._history = None, 0, [], 0, None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("the TCA cache cannot be cropped (assisted decoding is not supported).")
 
     @property
+    def heads(self) -> list[HeadView]:
+        """Per KV head, views of its stored entries (empty before the first prefill)."""
+        return [] if self.store is None else [self.store.head(g) for g in range(self.store.n_kv)]
+
+    @property
     def nbytes(self) -> int:
         """Bytes the device cache of this layer holds."""
-        return sum(head.nbytes for head in self.heads)
+        return 0 if self.store is None else self.store.nbytes
+
+    @property
+    def history(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Host (B, G, seen, d) keys and values of every token so far (None when not kept)."""
+        return None if self._history is None else self._history.tensors()
 
     @property
     def host_nbytes(self) -> int:
         """Bytes of the host history of this layer."""
-        if self.history is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in self.history)
+        return 0 if self._history is None else self._history.nbytes
 
     def remember(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Append (B, G, n, d) states to the host history (when kept)."""
-        if not self.keep_history:
-            return
-        key, value = key.to("cpu", copy=True), value.to("cpu", copy=True)
-        if self.history is None:
-            self.history = (key, value)
-        else:
-            self.history = (torch.cat([self.history[0], key], 2), torch.cat([self.history[1], value], 2))
+        if self.keep_history:
+            if self._history is None:
+                self._history = HostHistory(self.block_size)
+            self._history.add(key, value)
 
 
 class TCACache(Cache):
     """The compressed cache for ``model.generate`` under ``tca.apply`` (one ``TCACacheLayer`` per layer)."""
 
-    def __init__(self, n_layers: int, keep_history: bool = True):
-        super().__init__(layers=[TCACacheLayer(keep_history) for _ in range(n_layers)])
+    def __init__(self, n_layers: int, keep_history: bool = True, block_size: int = 128):
+        super().__init__(layers=[TCACacheLayer(keep_history, block_size) for _ in range(n_layers)])
 
     @property
     def kv_bytes(self) -> int:
@@ -205,17 +360,9 @@ class TCACache(Cache):
         """Bytes a dense cache would hold for the same tokens (every head, the batch's padding included)."""
         total = 0
         for layer in self.layers:
-            if layer.heads:
-                head = layer.heads[0]
-                n_kv = len(layer.heads)
-                total += (
-                    2
-                    * head.keys.shape[0]
-                    * n_kv
-                    * layer.seen
-                    * head.keys.shape[-1]
-                    * head.keys.element_size()
-                )
+            if layer.store is not None:
+                batch, _, dim = layer.store.keys.shape
+                total += 2 * batch * layer.store.n_kv * layer.seen * dim * layer.store.keys.element_size()
         return total
 
 

@@ -61,7 +61,7 @@ class TCARun:
 
     def new_cache(self) -> TCACache:
         """A fresh compressed cache, made the run's current one."""
-        self.cache = TCACache(self.fingerprint["n_layers"], self.keep_history)
+        self.cache = TCACache(self.fingerprint["n_layers"], self.keep_history, self.config.block_size)
         return self.cache
 
     def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):

@@ -6,7 +6,7 @@ import torch
 
 from ...core.selection import select as _select
 from ..registry import register
-from .attention import attend_after_cache, decode_reference, dense_causal, sparse_prefill
+from .attention import attend_after_cache, decode_ragged, decode_reference, dense_causal, sparse_prefill
 
 
 class ReferenceBackend:
@@ -21,9 +21,17 @@ class ReferenceBackend:
     select = staticmethod(_select)
     sparse_prefill = staticmethod(sparse_prefill)
     decode = staticmethod(decode_reference)
+    decode_ragged = staticmethod(decode_ragged)
     attend_after_cache = staticmethod(attend_after_cache)
 
 
 BACKEND = register(ReferenceBackend())
 
-__all__ = ["BACKEND", "attend_after_cache", "decode_reference", "dense_causal", "sparse_prefill"]
+__all__ = [
+    "BACKEND",
+    "attend_after_cache",
+    "decode_ragged",
+    "decode_reference",
+    "dense_causal",
+    "sparse_prefill",
+]

@@ -170,6 +170,33 @@ def decode_reference(
     return out.view(batch, n_heads, 1, head_dim).to(query.dtype)
 
 
+def decode_ragged(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lengths: torch.Tensor,
+    offsets: torch.Tensor,
+    max_len: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``decode_reference`` over a ragged layer store: every KV head in one buffer.
+
+    Args:
+        query: (B, H, 1, d); key, value: (B, S, d), head g's keys of row b at slots
+            ``offsets[g] + [0, lengths[b, g])``; offsets: (G,) int64; max_len: a bound of the lengths.
+    Returns:
+        (B, H, 1, d) in the query's dtype.
+    """
+    batch, _, dim = key.shape
+    slots = (offsets.view(-1, 1) + torch.arange(max_len, device=key.device)).clamp_max(
+        key.shape[1] - 1
+    )  # (G, M)
+    index = slots.view(1, -1, 1).expand(batch, -1, dim)
+    padded_key = torch.gather(key, 1, index).view(batch, len(offsets), max_len, dim)  # (B, G, M, d)
+    padded_value = torch.gather(value, 1, index).view(batch, len(offsets), max_len, dim)
+    return decode_reference(query, padded_key, padded_value, lengths, scale)
+
+
 def attend_after_cache(
     query: torch.Tensor,
     cached_key: torch.Tensor,

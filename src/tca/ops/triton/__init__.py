@@ -99,6 +99,13 @@ class TritonBackend:
             return launchers.decode(query, key, value, lengths, scale)
         return reference.decode_reference(query, key, value, lengths, scale)
 
+    def decode_ragged(self, query, key, value, lengths, offsets, max_len, scale=None):
+        """Split-K decode over a ragged layer store (every head in one buffer, one launch)."""
+        launchers = _launchers()
+        if launchers.supported(query, key.unsqueeze(1)):
+            return launchers.decode_ragged(query, key, value, lengths, offsets, max_len, scale)
+        return reference.decode_ragged(query, key, value, lengths, offsets, max_len, scale)
+
     attend_after_cache = staticmethod(reference.attend_after_cache)
 
 

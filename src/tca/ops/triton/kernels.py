@@ -271,6 +271,7 @@ def decode_split_kernel(
     K,
     V,
     Lengths,
+    Offsets,
     PartMax,
     PartSum,
     PartAcc,
@@ -292,8 +293,12 @@ def decode_split_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    RAGGED: tl.constexpr,
 ):
     """Grid (splits, B * G): one split of one KV head's cache, all its query heads at once.
+
+    RAGGED: every head shares one (B, S, d) buffer (stride_kg = 0) and head g's keys start at
+    slot Offsets[g] (int64), as in the compressed cache's layer store.
 
     Writes the split's running max, sum (log2 units) and unnormalised output per query head to
     PartMax/PartSum (B*G, splits, GROUP_PAD) and PartAcc (B*G, splits, GROUP_PAD, d).
@@ -316,6 +321,10 @@ def decode_split_kernel(
     )
     k_base = K + b64 * stride_kb + g.to(tl.int64) * stride_kg
     v_base = V + b64 * stride_vb + g.to(tl.int64) * stride_vg
+    if RAGGED:
+        first = tl.load(Offsets + g)
+        k_base += first * stride_kl
+        v_base += first * stride_vl
 
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)

@@ -165,10 +165,35 @@ def decode(
         (B, H, 1, d) in the query's dtype.
     """
     _check(query, key, value)
+    return _decode(query, key, value, lengths, None, key.shape[2], scale)
+
+
+def decode_ragged(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lengths: torch.Tensor,
+    offsets: torch.Tensor,
+    max_len: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Decode over a ragged layer store; contract of ``reference.decode_ragged``.
+
+    Args:
+        query: (B, H, 1, d); key, value: (B, S, d), head g's keys of row b at slots
+            ``offsets[g] + [0, lengths[b, g])``; offsets: (G,) int64 on the device; max_len: a host
+            upper bound of the lengths.
+    """
+    if key.dim() != 3 or key.shape != value.shape or key.stride(-1) != 1 or value.stride(-1) != 1:
+        raise ValueError(f"ragged key/value must be (B, S, d) with contiguous rows, got {tuple(key.shape)}.")
+    return _decode(query, key.unsqueeze(1), value.unsqueeze(1), lengths, offsets, max_len, scale)
+
+
+def _decode(query, key, value, lengths, offsets, max_len: int, scale):
     batch, n_heads, q_len, head_dim = query.shape
     if q_len != 1:
         raise ValueError(f"decode takes one query per head, got {q_len}; use sparse_prefill for more.")
-    n_kv, max_len = key.shape[1], key.shape[2]
+    n_kv = lengths.shape[1]
     group = n_heads // n_kv
     scale = head_dim**-0.5 if scale is None else scale
     kind = _kind(query.device)
@@ -190,13 +215,18 @@ def decode(
         key,
         value,
         lengths,
+        lengths if offsets is None else offsets,
         part_max,
         part_sum,
         part_acc,
         query.stride(0),
         query.stride(1),
-        *key.stride()[:3],
-        *value.stride()[:3],
+        key.stride(0),
+        key.stride(1) if offsets is None else 0,
+        key.stride(2),
+        value.stride(0),
+        value.stride(1) if offsets is None else 0,
+        value.stride(2),
         *lengths.stride(),
         n_kv,
         keys_per_split,
@@ -206,6 +236,7 @@ def decode(
         HEAD_DIM=head_dim,
         BLOCK_N=block_n,
         PRECISION=_precision(query.dtype, query.device),
+        RAGGED=offsets is not None,
         **extra,
     )
     out = _empty(*query.shape, dtype=query.dtype, device=query.device)
