@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import tca.ops as ops
-from tca.core.budgets import nominal_kept
+from tca.core.budgets import mu_for_share
 from tca.core.config import TCAConfig
 from tca.ops.triton import launchers
 
@@ -87,16 +87,6 @@ def time_ms(fn, graph: bool = True, budget_ms: float = 400.0) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / inner)
     return statistics.median(times)
-
-
-def mu_for_fraction(fraction: float, n_cand: int, block: int, sigma: float = 1.0) -> float:
-    """Bisection on log mu so that the nominal kept share of ``n_cand`` candidates is ``fraction``."""
-    lo, hi = math.log(1e-4), math.log(50.0)
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        kept = int(nominal_kept(torch.tensor(math.exp(mid)), torch.tensor(sigma), n_cand, block))
-        lo, hi = (mid, hi) if kept < fraction * n_cand else (lo, mid)
-    return math.exp((lo + hi) / 2)
 
 
 def exact_pairs_fraction(selection, context_len: int, window: int) -> float:
@@ -172,7 +162,7 @@ def prefill_rows(name: str, shape: dict, context_len: int, fractions, use_flex: 
     n_cand = context_len - config.effective_window
     rows = []
     for fraction in fractions:
-        mu = torch.full((n_kv,), mu_for_fraction(fraction, n_cand, shape["block"]), dtype=torch.float64)
+        mu = torch.full((n_kv,), mu_for_share(fraction, n_cand, shape["block"]), dtype=torch.float64)
         sigma = torch.ones(n_kv, dtype=torch.float64)
         observed = q[:, :, -1:]
         selection = launchers.select(observed, k, mu, sigma, config, scale)
@@ -307,7 +297,7 @@ def sweep() -> None:
     v = torch.randn_like(k)
     config = TCAConfig(local_window=shape["window"], block_size=shape["block"])
     n_cand = context_len - shape["window"]
-    mu = torch.full((shape["n_kv"],), mu_for_fraction(0.1, n_cand, shape["block"]), dtype=torch.float64)
+    mu = torch.full((shape["n_kv"],), mu_for_share(0.1, n_cand, shape["block"]), dtype=torch.float64)
     selection = launchers.select(q[:, :, -1:], k, mu, torch.ones_like(mu), config, shape["head_dim"] ** -0.5)
     pairs = exact_pairs_fraction(selection, context_len, shape["window"])
     dense_ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))

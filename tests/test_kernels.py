@@ -298,3 +298,46 @@ def test_dispatcher_routes_and_crossover():
     assert not ops.sparse_pays(8192, 4096, 400)
     assert ops.sparse_pays(131072, 4096, 6000)
     assert ops.pairs_fraction(1000, 1000, 0) == 1.0
+
+
+# (L, kept share, observation queries) run one after another in one process, as a serving process
+# runs many lengths; on the GPU with TCA_TEST_FULL=1 up to 1M tokens at Llama-3.1-8B shapes (the
+# query handed to selection is a view of the whole query, whose head stride overflows 32 bits there).
+SEQUENCE = [(97, 0.3, 4), (300, 0.1, 1), (129, 0.5, 8), (300, 0.2, 4)]
+if FULL:
+    SEQUENCE = [(8192, 0.1, 64), (131072, 0.05, 64), (524288, 0.02, 1), (1048576, 0.05, 1), (32768, 0.1, 64)]
+
+
+def test_kernels_over_a_sequence_of_shapes():
+    """Selection, sparse prefill (the last queries) and decode at each shape, in one process, each
+    compared with the reference: nothing may depend on what ran before."""
+    gen, seed = fresh_generator()
+    n_heads, n_kv, dim, window, block = (32, 8, 128, 4096, 128) if FULL else (6, 2, 32, 16, 16)
+    dt = torch.bfloat16
+    for length, share, n_obs in SEQUENCE:
+        where = f"seed {seed}, L {length}, kept {share}"
+        q = randn(gen, 1, n_heads, length, dim, dtype=dt)
+        k = randn(gen, 1, n_kv, length, dim, dtype=dt)
+        v = randn(gen, 1, n_kv, length, dim, dtype=dt)
+        config = TCAConfig(local_window=window, block_size=block, observation_queries=n_obs)
+        mu = torch.full((n_kv,), 0.05 + share, dtype=torch.float64)
+        sigma = torch.ones(n_kv, dtype=torch.float64)
+        observed = q[:, :, -n_obs:]  # a view: the whole query's strides
+        got = launchers.select(observed, k, mu, sigma, config, dim**-0.5)
+        want = select(observed, k, mu, sigma, config, dim**-0.5)
+        assert_same_selection(got, want, seed)
+        tail = min(length, 256)
+        out = launchers.sparse_prefill(q, k, v, want, window, dim**-0.5)[:, :, -tail:]
+        ref = reference.sparse_prefill(q[:, :, -tail:], k, v, want, window, dim**-0.5)
+        assert rel_error(out, ref.double()) < 2e-2, where
+        lengths = torch.stack([want.counts[0] + min(window, length)]).to(DEVICE)
+        cache_k, cache_v = (
+            k[:, :, : int(lengths.max())].contiguous(),
+            v[:, :, : int(lengths.max())].contiguous(),
+        )
+        q1 = q[:, :, -1:].contiguous()
+        decoded = launchers.decode(q1, cache_k, cache_v, lengths)
+        assert (
+            rel_error(decoded, reference.decode_reference(q1, cache_k, cache_v, lengths).double()) < 2e-2
+        ), where
+        del q, k, v

@@ -88,3 +88,14 @@ def nominal_kept(mu: torch.Tensor, sigma: torch.Tensor, candidate_len: int, bloc
     lengths = torch.full((n_blocks,), block_size, dtype=torch.int64)
     lengths[-1] = candidate_len - block_size * (n_blocks - 1)
     return block_budgets(rank_fractions(mu, sigma, n_blocks), lengths).sum(-1)
+
+
+def mu_for_share(share: float, candidate_len: int, block_size: int, sigma: float = 1.0) -> float:
+    """The ``mu`` whose nominal kept share of ``candidate_len`` candidates is ``share`` (bisection on
+    log mu, at ``sigma``): how the benchmarks build uniform profiles at a target kept share."""
+    lo, hi = math.log(1e-4), math.log(50.0)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        kept = int(nominal_kept(torch.tensor(math.exp(mid)), torch.tensor(sigma), candidate_len, block_size))
+        lo, hi = (mid, hi) if kept < share * candidate_len else (lo, mid)
+    return math.exp((lo + hi) / 2)

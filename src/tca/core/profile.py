@@ -17,6 +17,12 @@ from .config import TCAConfig
 FORMAT = "tca-profile/1"
 
 
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
 class ProfileError(ValueError):
     """A profile file that cannot be read, or a profile that does not fit a model."""
 
@@ -58,6 +64,27 @@ class Profile:
     version: str
     extra: dict[str, Any] = field(default_factory=dict)
     retrieval: np.ndarray | None = None
+
+    @classmethod
+    def uniform(cls, model: Any, config: TCAConfig, mu: float, sigma: float = 1.0) -> Profile:
+        """Every (layer, KV head) with the same configuration, uncalibrated: for speed benchmarks
+        (see ``budgets.mu_for_share`` for the ``mu`` of a target kept share) and tests."""
+        fingerprint = model_fingerprint(model)
+        shape = (fingerprint["n_layers"], fingerprint["n_kv_heads"])
+        zeros = np.zeros(shape)
+        return cls(
+            config=config,
+            fingerprint=fingerprint,
+            mu=np.full(shape, mu),
+            sigma=np.full(shape, sigma),
+            retained=zeros,
+            kept_tokens=zeros,
+            oracle_tokens=zeros,
+            calibration_tokens=0,
+            text_sha256="",
+            version=_version(),
+            extra={"uniform": True},
+        )
 
     def head_config(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, sigma) of the layer's KV heads, each (n_kv_heads,) float64."""

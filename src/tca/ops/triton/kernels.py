@@ -317,7 +317,9 @@ def decode_split_kernel(
     cols = tl.arange(0, BLOCK_N)
     head = g * GROUP + rows
     q = tl.load(
-        Q + b64 * stride_qb + head[:, None] * stride_qh + dims[None, :], mask=rows[:, None] < GROUP, other=0.0
+        Q + b64 * stride_qb + head[:, None].to(tl.int64) * stride_qh + dims[None, :],
+        mask=rows[:, None] < GROUP,
+        other=0.0,
     )
     k_base = K + b64 * stride_kb + g.to(tl.int64) * stride_kg
     v_base = V + b64 * stride_vb + g.to(tl.int64) * stride_vg
@@ -422,7 +424,11 @@ def _importance_logits(
     key_ok = cand < n_cand
     b64 = b.to(tl.int64)
     q = tl.load(
-        Q + b64 * stride_qb + head[:, None] * stride_qh + obs[:, None] * stride_qo + dims[None, :],
+        Q
+        + b64 * stride_qb
+        + head[:, None].to(tl.int64) * stride_qh
+        + obs[:, None] * stride_qo
+        + dims[None, :],
         mask=row_ok[:, None],
         other=0.0,
     )

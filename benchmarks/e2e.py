@@ -1,0 +1,361 @@
+"""End-to-end speed and memory of what a user runs: ``model.generate()`` inside ``tca.apply`` with
+the library's defaults, against dense SDPA in the same process, on the GPU.
+
+    python benchmarks/e2e.py                                   # the grid of the README, Llama-3.1-8B
+    python benchmarks/e2e.py --lengths 32768 --kept 0.1 --new-tokens 16     # a quick look
+    python benchmarks/e2e.py --shape path/to/config.json       # any local model configuration
+
+The model is built from its configuration with RANDOM bf16 weights (no checkpoint is read): speed
+does not depend on the weight values once the kept sets are fixed. TCA runs a uniform profile
+(every KV head the same configuration, ``sigma`` 1) whose nominal kept share of the candidates
+(the keys outside the final window) is the target, as ``benchmarks/attention.py`` builds its
+kept sets; every other setting is ``TCAConfig.for_model``'s default, history kept (the default).
+
+Per (length, batch, kept target, mode) a row: ``ttft_ms`` (prompt in, first token out: the
+prefill and the first sampling step), ``decode_ms_per_token`` (mean over the next tokens),
+``peak_gib`` (peak allocated GPU memory during the generate), ``kv_bytes`` (device KV cache after
+it), ``kept_fraction`` / ``pairs_fraction`` (``run.stats``), ``attention_ms`` (prefill attention
+alone, summed over layers, timed with CUDA events in a separate pass: SDPA for dense, selection +
+sparse attention for TCA), ``amdahl_ttft_ms`` = dense ttft - dense attention + TCA attention (what
+TCA's first token would cost if the integration cost nothing), and ``host_syncs_per_token``
+(synchronisations made by tca code per decode step, counted with ``torch.cuda.set_sync_debug_mode``;
+for dense: by the whole generate loop). Timings are wall-clock with the device synchronised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, LogitsProcessor
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import tca
+import tca.ops as ops
+from tca.core.budgets import mu_for_share
+from tca.core.config import TCAConfig
+from tca.core.profile import Profile
+from tca.eval.provenance import provenance
+
+RESULTS = Path(__file__).parent / "results"
+SHAPES = {
+    "llama-3.1-8b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+    ),
+    "qwen2.5-7b": dict(
+        model_type="qwen2",
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        rope_theta=1000000.0,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-6,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also parsed by the tests for every committed result's command)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="llama-3.1-8b", help=f"{', '.join(SHAPES)} or a config.json path")
+    parser.add_argument("--lengths", default="8192,32768,65536,131072,262144")
+    parser.add_argument("--kept", default="0.05,0.1,0.2", help="kept share targets of the uniform profile")
+    parser.add_argument(
+        "--batch4-length", type=int, default=32768, help="also batch 4 at this length (0: no)"
+    )
+    parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed after the first token")
+    parser.add_argument("--out", default=None, help="JSON path (default results/e2e-<device>.json)")
+    parser.add_argument("--device", default="cuda", help="cuda (cpu only to try the script on a tiny config)")
+    return parser
+
+
+def model_config(shape: str, longest: int):
+    """The configuration, its position limit raised to ``longest`` where needed."""
+    if shape in SHAPES:
+        fields = dict(SHAPES[shape])
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    else:
+        config = AutoConfig.from_pretrained(shape)
+    config.max_position_embeddings = max(config.max_position_embeddings, longest)
+    return config
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Clock(LogitsProcessor):
+    """Called after every forward of ``generate``: device-synchronised times of each step."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        sync()
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def timed_generate(model, ids, new_tokens: int) -> tuple[float, float, float]:
+    """(ttft ms, decode ms per token, peak GiB) of one greedy generate of ``new_tokens + 1`` tokens."""
+    clock = Clock()
+    sync()
+    cuda = ids.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens + 1,
+        min_new_tokens=new_tokens + 1,
+        do_sample=False,
+        logits_processor=[clock],
+        pad_token_id=0,
+    )
+    ttft = (clock.times[0] - start) * 1e3
+    decode = (clock.times[-1] - clock.times[0]) * 1e3 / max(len(clock.times) - 1, 1)
+    return ttft, decode, torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+
+
+class AttentionTimer:
+    """Sums the times of wrapped calls: CUDA events on the GPU (read after one synchronisation),
+    the host clock elsewhere."""
+
+    def __init__(self):
+        self.pairs: list = []
+        self.host_ms = 0.0
+
+    def wrap(self, fn):
+        def timed(*args, **kwargs):
+            if not torch.cuda.is_available():
+                start = time.perf_counter()
+                out = fn(*args, **kwargs)
+                self.host_ms += (time.perf_counter() - start) * 1e3
+                return out
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(*args, **kwargs)
+            end.record()
+            self.pairs.append((start, end))
+            return out
+
+        return timed
+
+    def total_ms(self) -> float:
+        sync()
+        return self.host_ms + sum(start.elapsed_time(end) for start, end in self.pairs)
+
+
+def dense_attention_ms(model, ids) -> float:
+    """Prefill attention time of dense SDPA over ``ids``, summed over layers."""
+    timer = AttentionTimer()
+    AttentionInterface.register("sdpa-timed", timer.wrap(sdpa_attention_forward))
+    AttentionMaskInterface.register("sdpa-timed", sdpa_mask)
+    model.set_attn_implementation("sdpa-timed")
+    try:
+        with torch.no_grad():
+            model(ids, logits_to_keep=1)
+    finally:
+        model.set_attn_implementation("sdpa")
+    return timer.total_ms()
+
+
+def tca_attention_ms(model, profile, ids) -> float:
+    """Prefill selection + sparse attention time of TCA over ``ids``, summed over layers."""
+    timer = AttentionTimer()
+    originals = ops.select, ops.sparse_prefill
+    ops.select, ops.sparse_prefill = timer.wrap(ops.select), timer.wrap(ops.sparse_prefill)
+    try:
+        with torch.no_grad(), tca.apply(model, profile):
+            model(ids, logits_to_keep=1)
+    finally:
+        ops.select, ops.sparse_prefill = originals
+    return timer.total_ms()
+
+
+def syncs_per_token(model, ids, profile, steps: int) -> float:
+    """Synchronisations per decode step (steady state: the steps after the first token): by tca
+    code under TCA, by anything in the generate loop for dense (``profile`` None)."""
+    if ids.device.type != "cuda":
+        return float("nan")
+
+    def count(new_tokens: int) -> int:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                generate = model.generate
+                generate(
+                    ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+                )
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        return len([w for w in syncs if "/tca/" in w.filename] if profile is not None else syncs)
+
+    if profile is None:
+        return (count(1 + steps) - count(1)) / steps
+    with tca.apply(model, profile):
+        return (count(1 + steps) - count(1)) / steps
+
+
+def uniform_profile(model, kept: float, context_len: int) -> Profile:
+    """Every head keeping ``kept`` of the candidates, nominally, with the defaults of ``for_model``."""
+    config = TCAConfig.for_model(model)
+    n_cand = max(context_len - config.effective_window, 1)
+    return Profile.uniform(model, config, mu_for_share(kept, n_cand, config.block_size), 1.0)
+
+
+def measure(model, shape: str, length: int, batch: int, kept_targets, new_tokens: int) -> list[dict]:
+    """Dense, then TCA at each kept target, on one random prompt batch."""
+    generator = torch.Generator().manual_seed(length + batch)
+    ids = torch.randint(3, model.config.vocab_size, (batch, length), generator=generator).to(model.device)
+    n_kv, dim = model.config.num_key_value_heads, model.config.head_dim
+    dense_kv = 2 * model.config.num_hidden_layers * batch * n_kv * (length + new_tokens) * dim * 2
+    ttft, decode, peak = timed_generate(model, ids, new_tokens)
+    dense_attention = dense_attention_ms(model, ids)
+    base = dict(shape=shape, L=length, batch=batch, weights="random bf16")
+    rows = [
+        base
+        | dict(
+            mode="dense",
+            kept_target=None,
+            kept_fraction=1.0,
+            pairs_fraction=1.0,
+            ttft_ms=ttft,
+            decode_ms_per_token=decode,
+            peak_gib=peak,
+            kv_bytes=dense_kv,
+            attention_ms=dense_attention,
+            amdahl_ttft_ms=ttft,
+        )
+    ]
+    for i, kept in enumerate(kept_targets):
+        profile = uniform_profile(model, kept, length)
+        if i == 0:  # Triton specialises on shapes: compile outside the timed runs
+            with tca.apply(model, profile):
+                timed_generate(model, ids, 1)
+        with tca.apply(model, profile) as run:
+            ttft_tca, decode_tca, peak_tca = timed_generate(model, ids, new_tokens)
+            stats = dict(
+                kept_fraction=run.stats.kept_fraction,
+                pairs_fraction=run.stats.pairs_fraction,
+                kv_bytes=run.stats.kv_bytes,
+                host_kv_bytes=run.stats.host_kv_bytes,
+            )
+        attention = tca_attention_ms(model, profile, ids)
+        rows.append(
+            base
+            | stats
+            | dict(
+                mode="tca",
+                kept_target=kept,
+                ttft_ms=ttft_tca,
+                decode_ms_per_token=decode_tca,
+                peak_gib=peak_tca,
+                attention_ms=attention,
+                amdahl_ttft_ms=ttft - dense_attention + attention,
+                config=profile.config.to_dict(),
+                ttft_speedup=ttft / ttft_tca,
+                decode_speedup=decode / decode_tca,
+            )
+        )
+    return rows
+
+
+def commit() -> str | None:
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL
+        ).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def print_table(rows: list[dict]) -> None:
+    print("shape L batch mode kept | ttft_ms (amdahl) decode_ms peak_gib kv_GiB syncs/token")
+    for r in rows:
+        print(
+            f"{r['shape']} {r['L']} {r['batch']} {r['mode']} {r['kept_target']} | {r['ttft_ms']:.0f} "
+            f"({r['amdahl_ttft_ms']:.0f}) {r['decode_ms_per_token']:.1f} {r['peak_gib']:.1f} "
+            f"{r['kv_bytes'] / 2**30:.2f} {r['host_syncs_per_token']:.2f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    kept = [float(x) for x in args.kept.split(",") if x]
+    cases = [(length, 1) for length in lengths]
+    if args.batch4_length:
+        cases.append((args.batch4_length, 4))
+    config = model_config(args.shape, max(8192, *(length for length, _ in cases)) + args.new_tokens + 256)
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model.eval()
+    name = Path(args.shape).stem if args.shape not in SHAPES else args.shape
+    device = provenance(args.device)["device"]
+    out = Path(args.out) if args.out else RESULTS / f"e2e-{device.lower().replace(' ', '-')}.json"
+    record = provenance(args.device) | dict(
+        commit=commit(), shape=name, model_config=config.to_dict(), rows=[]
+    )
+    record["note"] = (
+        "random bf16 weights: speed does not depend on the weight values once the kept sets are fixed"
+    )
+    # warm-up: Triton compilation and cuBLAS/cuDNN handles stay out of the timed runs
+    measure(model, name, 8192, 1, kept[:1], 2)
+    # synchronisations per decode step, over more than one block-compression event (block + 8 steps)
+    warm = torch.randint(3, config.vocab_size, (1, 8192), generator=torch.Generator().manual_seed(0)).to(
+        model.device
+    )
+    block = TCAConfig.for_model(model).block_size
+    syncs = {
+        "dense": syncs_per_token(model, warm, None, block + 8),
+        "tca": syncs_per_token(model, warm, uniform_profile(model, 0.1, 8192), block + 8),
+    }
+    record["host_syncs_per_token"] = syncs | {"prompt": 8192, "steps": block + 8}
+    for length, batch in tqdm(cases, desc="e2e", unit="case"):
+        try:
+            rows = measure(model, name, length, batch, kept if batch == 1 else [0.1], args.new_tokens)
+        except torch.OutOfMemoryError as error:
+            print(f"L={length} batch={batch}: out of memory ({str(error)[:120]})", flush=True)
+            torch.cuda.empty_cache()
+            continue
+        record["rows"] += [row | {"host_syncs_per_token": syncs[row["mode"]]} for row in rows]
+        print_table(record["rows"][-len(rows) :])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1))  # after every case: an interrupted run keeps its rows
+    print_table(record["rows"])
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
