@@ -92,5 +92,5 @@ if __name__ == "__main__":
     print(attention_table(), "\n")
     print(fidelity_table("prefill-quality-cpu.json"), "\n")
     print(fidelity_table("prefill-frontier-h100.json"), "\n")
-    print(needle_table(["needle-h100-retrieval.json", "needle-h100-default.json"]), "\n")
+    print(needle_table(["needle-h200-retrieval.json", "needle-h100-retrieval.json"]), "\n")
     print(eval_tables("eval-2026-11-25.json"))

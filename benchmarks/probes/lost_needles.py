@@ -1,6 +1,6 @@
 """CPU probe: the (task, seed) prompts at 4K where TCA (threshold 0.1, 16 observation queries)
 lost a needle that full attention found in the development run
-(eval-2026-11-25-development.jsonl), answered under each variant.
+(benchmarks/results/archive/eval-2026-11-25-development.jsonl), answered under each variant.
 
     python benchmarks/probes/lost_needles.py [VARIANT ...]     # default: full and every variant
 
