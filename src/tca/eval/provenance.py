@@ -43,13 +43,16 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip()
 
 
+CODE = ("src", "benchmarks", ":(exclude)benchmarks/results")  # what computes a result
+
+
 def git_commit() -> tuple[str | None, bool | None]:
-    """(HEAD's 40-hex hash, whether tracked files differ from it) of the checkout that holds this
-    package; (None, None) when it is not a git checkout (an installed wheel)."""
+    """(HEAD's 40-hex hash, whether the code, tracked files under ``CODE``, differs from it) of the
+    checkout that holds this package; (None, None) when it is not a git checkout (a wheel)."""
     commit = _git("rev-parse", "HEAD")
     if not commit:
         return None, None
-    changes = _git("status", "--porcelain", "--untracked-files=no")
+    changes = _git("status", "--porcelain", "--untracked-files=no", "--", *CODE)
     return commit, None if changes is None else bool(changes)
 
 
