@@ -25,7 +25,6 @@ selection are captured in a CUDA graph (many small launches), prefill runs eager
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import statistics
@@ -38,7 +37,8 @@ import torch.nn.functional as F
 import tca.ops as ops
 from tca.core.budgets import mu_for_share
 from tca.core.config import TCAConfig
-from tca.ops.triton import launchers
+from tca.eval.provenance import provenance
+from tca.ops.triton import DENSE_CROSSOVER, launchers
 
 SHAPES = {
     # heads, kv heads, head dim, window, block (TCAConfig.for_model for each model)
@@ -359,7 +359,29 @@ def sweep_decode() -> None:
     print(f"sweep decode: using per_sm={per_sm} block_n={block_n} warps={warps} stages={stages}", flush=True)
 
 
-def main() -> None:
+def resolved_config(args: argparse.Namespace) -> dict:
+    """The options after defaults, the shapes timed, and the kernel tuning the timings ran with
+    (after ``--sweep``, the shapes it chose)."""
+    return {
+        "args": vars(args),
+        "shapes": {name: SHAPES[name] for name in args.shapes.split(",")},
+        "prefill_kernel": {
+            "rows": launchers.PREFILL_ROWS["cuda"],
+            "block_n": launchers.PREFILL_BLOCK_N["cuda"],
+            "warps": launchers.PREFILL_WARPS,
+            "stages": launchers.PREFILL_STAGES,
+        },
+        "decode_kernel": {
+            "programs_per_sm": launchers.DECODE_PROGRAMS_PER_SM,
+            "block_n": launchers.DECODE_BLOCK_N["cuda"],
+            "warps": launchers.DECODE_WARPS,
+            "stages": launchers.DECODE_STAGES,
+        },
+        "dense_crossover": {str(k): v for k, v in DENSE_CROSSOVER.items()},
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--lengths", default="8192,32768,65536,131072")
@@ -371,14 +393,16 @@ def main() -> None:
     )
     parser.add_argument("--plot-only", type=Path, default=None)
     parser.add_argument("--sweep", action="store_true", help="time prefill block shapes first, keep the best")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.plot_only:
         plot(args.plot_only)
         return
     if args.sweep:
         sweep()
-    import triton
-
     device_name = torch.cuda.get_device_name()
     flex = None
     if not args.no_flex:
@@ -395,29 +419,13 @@ def main() -> None:
     slug = device_name.lower().replace("nvidia ", "").replace(" ", "-")
     out = args.out or RESULTS / f"attention-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = dict(
-        device=device_name,
-        torch=torch.__version__,
-        triton=triton.__version__,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command="python " + " ".join(sys.argv),
-        timing="CUDA-graph replays (FlexAttention eager), CUDA events, median after warm-up",
-        kept_sets="real selection kernel on random bf16 inputs, mu bisected to the target fraction, sigma 1",
-        prefill_config=dict(
-            rows=launchers.PREFILL_ROWS["cuda"],
-            block_n=launchers.PREFILL_BLOCK_N["cuda"],
-            warps=launchers.PREFILL_WARPS,
-            stages=launchers.PREFILL_STAGES,
-        ),
-        decode_config=dict(
-            programs_per_sm=launchers.DECODE_PROGRAMS_PER_SM,
-            block_n=launchers.DECODE_BLOCK_N["cuda"],
-            warps=launchers.DECODE_WARPS,
-            stages=launchers.DECODE_STAGES,
-        ),
-        dense_crossover={str(k): v for k, v in ops.DENSE_CROSSOVER.items()},
-        rows=rows,
-    )
+    result = {
+        **provenance("cuda", config=resolved_config(args)),
+        "timing": "CUDA-graph replays (FlexAttention eager), CUDA events, median after warm-up",
+        "kept_sets": "real selection kernel on random bf16 inputs, mu bisected to the target fraction, "
+        "sigma 1",
+        "rows": rows,
+    }
     out.write_text(json.dumps(result, indent=1))
     try:
         plot(out)

@@ -48,13 +48,17 @@ def peak_rss_during(work) -> tuple[int, float]:
     return peak[0] - start, time.perf_counter() - began
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     model, tokenizer = load_model("smollm2")
     config = TCAConfig.for_model(model)
     text = texts.calibration_text()
@@ -76,7 +80,8 @@ def main() -> None:
             }
         )
         print(json.dumps(rows[-1]), flush=True)
-    out = {**provenance("cpu"), "model": "SmolLM2-135M-Instruct", "config": config.to_dict(), "rows": rows}
+    resolved = {"args": vars(args), "tca": config.to_dict()}
+    out = {**provenance("cpu", config=resolved), "model": "SmolLM2-135M-Instruct", "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
 

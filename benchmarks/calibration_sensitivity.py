@@ -44,7 +44,7 @@ from tca.integrations.transformers import measure_retention, measure_retrieval
 KINDS = ("prose", "docs", "code")
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -60,7 +60,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/calibration-sensitivity-cpu.json")
     )
-    return parser.parse_args()
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    return build_parser().parse_args()
 
 
 # ---------------------------------------------------------------------------------------------- texts
@@ -307,10 +311,9 @@ def main() -> None:
     print(json.dumps({"pairs": pairs, "cross_retention": cross}, indent=1), flush=True)
     quality = fidelity(model, tokenizer, profiles, args.lengths, args.windows, args.seed)
     out = {
-        **provenance(args.device),
+        **provenance(args.device, config={"args": vars(args), "tca": config.to_dict()}),
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised)",
         "dtype": args.dtype,
-        "config": config.to_dict(),
         "calibration": calibration,
         "evaluation_texts": sorted(texts.evaluation_texts("prose")),
         "windows_per_length": args.windows,

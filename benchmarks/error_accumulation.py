@@ -33,7 +33,7 @@ from tca.eval.fidelity import prose_windows
 from tca.eval.provenance import provenance
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -45,7 +45,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, default=256, help="queries processed at once")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
-    return parser.parse_args()
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    return build_parser().parse_args()
 
 
 def summary(length: int, result: dict) -> dict:
@@ -135,11 +139,10 @@ def main() -> None:
         results.append(result)
         print(json.dumps(summary(length, result)), flush=True)
     out = {
-        **provenance(args.device),
+        **provenance(args.device, config={"args": vars(args), "tca": profile.config.to_dict()}),
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised)",
         "dtype": args.dtype,
         "profile": "bundled smollm2",
-        "config": profile.config.to_dict(),
         "texts": sorted(texts.evaluation_texts()),
         "windows_per_length": args.windows,
         "seed": args.seed,

@@ -3,10 +3,12 @@
     python benchmarks/eval_report.py RUNS/*.jsonl --device "NVIDIA H100 80GB HBM3" \
         --command "tca eval ..." --out benchmarks/results/eval-2026-11-25.json
 
-The output holds {"device", "model", "date", "command", "rows": [{"method", "task", "length",
-"kept_fraction", "tau", "samples", "score", ...}]} (``tca.eval.plots.summarize``: one row per
-setting, task and length, plus the suite average), and, with ``--same-prompts N``, a second
-summary restricted to seeds below N, where every setting answered exactly the same prompts.
+The output holds the provenance of this report (``command``, ``commit``, ``tca``, ``config``), the
+run's "device", "versions", "model", "date" and "run_commands", the ``inputs`` read, and "rows":
+[{"method", "task", "length", "kept_fraction", "tau", "samples", "score", ...}]
+(``tca.eval.plots.summarize``: one row per setting, task and length, plus the suite average),
+and, with ``--same-prompts N``, a second summary restricted to seeds below N, where every
+setting answered exactly the same prompts.
 ``gaps_to_full`` gives each setting's score minus full attention's on the same prompts, with a
 95% paired bootstrap interval. TCA rows calibrated on docs or code, or with options, become
 settings of their own. Plots (with the keep-ratio heatmap of ``--profile`` at each length) and
@@ -32,6 +34,7 @@ from tca.eval.plots import (
     summarize,
     tau_sweep_plot,
 )
+from tca.eval.provenance import provenance
 
 
 def complete(rows: list[dict]) -> tuple[list[dict], list[str]]:
@@ -71,7 +74,7 @@ def tag_variants(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -79,7 +82,9 @@ def main() -> None:
     parser.add_argument("--device", required=True)
     parser.add_argument("--versions", default="", help="library versions of the run, as recorded")
     parser.add_argument("--date", required=True)
-    parser.add_argument("--command", action="append", required=True, help="each command of the run")
+    parser.add_argument(
+        "--command", action="append", required=True, help="each command of the run (stored as run_commands)"
+    )
     parser.add_argument("--same-prompts", type=int, default=None, help="also summarise seeds < N only")
     parser.add_argument(
         "--model", default="SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised)", help="as run, dtype included"
@@ -91,7 +96,20 @@ def main() -> None:
         help="keep-ratio heatmap of it",
     )
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    return parser
+
+
+def report_provenance(args: argparse.Namespace, inputs: list[Path]) -> dict:
+    """This script's command, commit and options, with the run's device and date (``--device``,
+    ``--date``); the libraries of the run are in ``--versions`` and each input's ``.runs.jsonl``."""
+    info = provenance("cpu", config={"args": vars(args)})
+    for key in ("backend", "torch", "transformers", "triton", "python"):  # this process's, not the run's
+        info.pop(key, None)
+    return info | {"device": args.device, "date": args.date, "inputs": [str(p) for p in inputs]}
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     paths = [path for path in args.jsonl if not path.name.endswith(".runs.jsonl")]  # not provenance
     rows = tag_variants([row for path in paths for row in load_rows(path)])
     keys = [(r["setting"], r["task"], r["length"], r["seed"]) for r in rows]
@@ -99,11 +117,10 @@ def main() -> None:
         raise SystemExit("the inputs repeat a (setting, task, length, seed): not merging")
     rows, dropped = complete(rows)
     result = {
-        "device": args.device,
+        **report_provenance(args, paths),
         "versions": args.versions,
         "model": args.model,
-        "date": args.date,
-        "command": args.command,
+        "run_commands": args.command,
         "rows": summarize(rows),
         "gaps_to_full": gaps_to_full(rows),
         "left_out_incomplete": dropped,

@@ -40,7 +40,7 @@ from tca.methods import get_method
 QUESTION = "Who are the people named in the passage above, and what does each of them do?"
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -54,7 +54,11 @@ def parse_args() -> argparse.Namespace:
         "--settings", nargs="+", default=["64:5", "32:7"], help="window_size:kernel_size pairs"
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kvpress-agreement-cpu.json"))
-    return parser.parse_args()
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    return build_parser().parse_args()
 
 
 def import_kvpress(site: Path) -> types.ModuleType:
@@ -269,7 +273,7 @@ def main() -> None:
             f"unpooled control mean {result['control_ours_unpooled']['jaccard_mean_all']:.4f}"
         )
     report = {
-        "provenance": provenance("cpu"),
+        **provenance("cpu", config={"args": vars(args)}),
         "kvpress_version": kvpress_version(args.kvpress_site),
         "kvpress_press_hook_under_this_transformers": hook_status,
         "model": "smollm2",

@@ -57,7 +57,7 @@ def _answer(model, tokenizer, sample, run) -> str:
     return ask(model, tokenizer, sample.document, sample.question)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -75,7 +75,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     model, tokenizer = load_model("smollm2", dtype=getattr(torch, args.dtype), device=args.device)
     if not args.profile.exists():  # calibrate with the defaults, as `tca calibrate` does
         from tca.core.config import TCAConfig
@@ -125,7 +129,7 @@ def main() -> None:
                 "kv_ratio_max": max(r["tca"]["kv_bytes"] / r["tca"]["dense_kv_bytes"] for r in part),
             }
     out = {
-        **provenance(args.device),
+        **provenance(args.device, config={"args": vars(args), "tca": profile.config.to_dict()}),
         "model": "SmolLM2-135M-Instruct",
         "dtype": args.dtype,
         "profile": str(args.profile),

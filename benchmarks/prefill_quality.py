@@ -28,7 +28,7 @@ from tca.eval.provenance import provenance
 from tca.integrations.transformers import measure_retention, measure_retrieval
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -43,7 +43,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
-    return parser.parse_args()
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    return build_parser().parse_args()
 
 
 def head_spread(profile, lengths):
@@ -101,13 +105,12 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "head_keep_ratios"}), flush=True)
     out = {
-        **provenance(args.device),
+        **provenance(args.device, config={"args": vars(args), "tca": default.to_dict()}),
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised)",
         "dtype": args.dtype,
         "texts": sorted(texts.evaluation_texts()),
         "windows_per_length": args.windows,
         "calibration_tokens": args.calibration_tokens,
-        "default_config": default.to_dict(),
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,96 +1,311 @@
-"""Markdown tables for the README, read from the committed results under benchmarks/results/.
+"""The README's result tables, written from the committed results under benchmarks/results/.
 
-python benchmarks/report.py
+    python benchmarks/report.py            # rewrite every table in README.md
+    python benchmarks/report.py --check    # exit 1, with a diff, if README.md's tables differ
+    python benchmarks/report.py --print    # print them
+
+Each table sits in README.md between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->``;
+everything between the two markers is replaced by ``TABLES[NAME]()``, which reads only files
+under benchmarks/results/ (never ``archive/``). The prose around the tables is the README's own.
+``tests/test_report.py`` runs the check.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import json
+import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+README = Path(__file__).parents[1] / "README.md"
+BLOCK = re.compile(
+    r"(<!-- report:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /report:(?P=name) -->)", re.DOTALL
+)
+METHODS = {  # baselines, in the order the tables list them
+    "flexprefill": "FlexPrefill-style",
+    "snapkv": "SnapKV-style",
+    "streaming": "StreamingLLM (sinks + window)",
+    "xattention": "XAttention-style",
+    "vertical_slash": "vertical-slash (MInference-style)",
+    "topk_last": "exact top-k by the last query",
+    "random": "random drop",
+}
+OPTION_NAMES = {"retrieval_threshold": "retrieval threshold", "local_window": "window", "block_size": "block"}
 
 
 def load(name: str) -> dict:
     return json.loads((RESULTS / name).read_text())
 
 
+def markdown(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align or ["---"] * len(header)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def short_length(tokens: int) -> str:
+    return f"{tokens // 1024}K"
+
+
+# ---------------------------------------------------------------------------------------- speed
+
+
+ATTENTION_ROWS = [  # (phase, L, target kept fraction): the rows the README shows
+    ("prefill", 32768, 0.1),
+    ("prefill", 65536, 0.1),
+    *(("prefill", 131072, f) for f in (0.05, 0.1, 0.2, 0.4)),
+    ("decode", 65536, 0.1),
+    ("decode", 131072, 0.1),
+    ("decode", 131072, 0.4),
+]
+
+
+def milliseconds(value: float) -> str:
+    """Three significant digits, at most three decimals: 239, 19.0, 7.28, 0.096."""
+    text = f"{value:#.3g}".rstrip(".")
+    return f"{value:.3f}" if len(text.partition(".")[2]) > 3 else text
+
+
 def attention_table(name: str = "attention-h100-80gb-hbm3.json", shape: str = "llama-3.1-8b") -> str:
-    data = load(name)
-    lines = [
-        f"Per layer, {shape} shapes, {data['device']}, torch {data['torch']}, Triton {data['triton']} "
-        f"(`{data['command']}`, `benchmarks/results/{name}`)",
-        "",
-        "| phase | L | kept | pairs | dense ms | TCA ms | selection ms | efficiency | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in data["rows"]:
-        if row["shape"] != shape or row["L"] < 32768:
-            continue
-        pairs = f"{row['pairs_fraction']:.2f}"
-        lines.append(
-            f"| {row['phase']} | {row['L'] // 1024}K | {row['kept_fraction']:.0%} | {pairs} | "
-            f"{row['dense_ms']:.3g} | {row['tca_ms']:.3g} | {row['selection_ms']:.3g} | "
-            f"{row['efficiency']:.2f} | {row['speedup']:.2f}x |"
+    rows = {(r["phase"], r["L"], r["target_fraction"]): r for r in load(name)["rows"] if r["shape"] == shape}
+    header = ["phase", "L", "kept", "pairs", "dense ms", "TCA ms", "selection ms", "efficiency", "speed-up"]
+    cells = []
+    for key in ATTENTION_ROWS:
+        r = rows[key]
+        selection = milliseconds(r["selection_ms"]) if r["phase"] == "prefill" else "-"
+        cells.append(
+            [r["phase"], short_length(r["L"]), f"{r['target_fraction']:.0%}", f"{r['pairs_fraction']:.2f}"]
+            + [milliseconds(r["dense_ms"]), milliseconds(r["tca_ms"]), selection]
+            + [f"{r['efficiency']:.2f}", f"{r['speedup']:.2f}x"]
         )
-    return "\n".join(lines)
+    return markdown(header, cells)
 
 
-def fidelity_table(name: str) -> str:
-    data = load(name)
-    lines = [
-        f"{data['device']}, {data['dtype']}, {data['windows_per_length']} windows of real prose per length "
-        f"(`{data['command']}`, `benchmarks/results/{name}`)",
-        "",
-        "| window | block | tau | L | last-position KL | ppl ratio (2nd half) | by quarter | kept | pairs |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in data["rows"]:
-        quarters = " / ".join(f"{q:.3f}" for q in row["ppl_ratio_by_quarter"])
-        lines.append(
-            f"| {row['local_window']} | {row['block_size']} | {row['tau']} | {row['length']} | "
-            f"{row['kl_last_mean']:.4f} | {row['ppl_ratio_second_half']:.3f} | {quarters} | "
-            f"{row['kept_fraction']:.2f} | {row['pairs_fraction']:.2f} |"
+# ------------------------------------------------------------------------------ fidelity, needles
+
+
+def fidelity_table(name: str = "prefill-quality-cpu.json") -> str:
+    header = ["window", "block", "tau", "L", "last-position KL", "ppl ratio (2nd half)", "by quarter"]
+    rows = []
+    for r in load(name)["rows"]:
+        quarters = " / ".join(f"{q:.3f}" for q in r["ppl_ratio_by_quarter"])
+        rows.append(
+            [str(r["local_window"]), str(r["block_size"]), f"{r['tau']:g}", str(r["length"])]
+            + [f"{r['kl_last_mean']:.4f}", f"{r['ppl_ratio_second_half']:.3f}", quarters]
+            + [f"{r['kept_fraction']:.2f}", f"{r['pairs_fraction']:.2f}"]
         )
-    return "\n".join(lines)
+    return markdown([*header, "kept", "pairs"], rows)
 
 
-def needle_table(names: list[str]) -> str:
-    lines = [
-        "| profile | task | L | dense right | TCA right | KV bytes (TCA / dense, max) | file |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name in names:
+NEEDLE_TASKS = {"single": "single", "multi": "three, asked for one", "two_turn": "two-turn chat"}
+
+
+def needle_table(name: str = "needle-h200-retrieval.json") -> str:
+    header = ["task", "L", "dense right", "TCA right", "TCA misses where dense is right"]
+    rows = []
+    for key, part in load(name)["summary"].items():
+        task, length = key.split("@")
+        n = part["samples"]
+        rows.append(
+            [NEEDLE_TASKS[task], short_length(int(length)), f"{part['dense_correct']}/{n}"]
+            + [f"{part['tca_correct']}/{n}", str(part["tca_misses_where_dense_right"])]
+            + [f"{part['kv_ratio_max']:.2f}"]
+        )
+    return markdown([*header, "KV bytes (TCA / dense, max)"], rows)
+
+
+# ------------------------------------------------------------------------------------ task suite
+
+GRID, CONFIRMATION, POOLED = "eval-2026-11-25.json", "eval-2026-11-26.json", "eval-pooled-2026-11-26.json"
+DEFAULT_TCA = {GRID: "tca@tau0.9", CONFIRMATION: "tca@tau0.9,retrieval_threshold=0.03", POOLED: "tca@tau0.9"}
+
+
+def setting_label(key: str) -> str:
+    """``snapkv@0.5`` -> "SnapKV-style, 50%"; ``tca@tau0.9,retrieval_threshold=0.03`` -> "TCA, tau
+    0.9, retrieval threshold 0.03 (default now)": an option spelled out at today's default says so."""
+    from tca.core.config import TCAConfig
+
+    if key == "full":
+        return "full attention"
+    method, _, value = key.partition("@")
+    if method != "tca":
+        return f"{METHODS[method]}, {float(value):.0%}"
+    tau, *options = value.removeprefix("tau").split(",")
+    label = f"TCA, tau {tau}"
+    for option in options:
+        field, _, text = option.partition("=")
+        label += f", {OPTION_NAMES.get(field, field)} {text}"
+        if getattr(TCAConfig(), field) == float(text):
+            label += " (default now)"
+    return label
+
+
+def gap_text(gap: dict) -> str:
+    low, high = gap["ci95"]
+    return f"{gap['gap']:+.1f} ({low:.1f}, {high:.1f})"
+
+
+def averages(data: dict) -> dict[tuple[str, int], dict]:
+    return {(r["setting"], r["length"]): r for r in data["rows"] if r["task"] == "average"}
+
+
+def gaps(data: dict) -> dict[tuple[str, int], dict]:
+    return {(g["setting"], g["length"]): g for g in data["gaps_to_full"]}
+
+
+def seed_ranges(data: dict) -> str:
+    """The seeds of a run's answers, from the provenance records beside its inputs: "100-119"."""
+    seeds = set()
+    for answers in data["inputs"]:
+        runs = Path(__file__).parents[1] / f"{answers}.runs.jsonl"
+        for line in runs.read_text().splitlines():
+            spec = json.loads(line)["config"]["eval"]
+            seeds |= set(range(spec["seed"], spec["seed"] + spec["samples"]))
+    return ranges(seeds)
+
+
+def ranges(numbers: set[int]) -> str:
+    """{1, 2, 3, 7, 8} -> "1-3, 7-8"."""
+    ordered, out = sorted(numbers), []
+    start = ordered[0]
+    for number, following in zip(ordered, [*ordered[1:], None], strict=True):
+        if following != number + 1:
+            out.append(f"{start}-{number}")
+            start = following
+    return ", ".join(out)
+
+
+def eval_runs_table() -> str:
+    what = {
+        GRID: "every method at 10/30/50%, TCA at tau 0.3-0.9, perplexity",
+        CONFIRMATION: "full, TCA with today's defaults, FlexPrefill-style 50%",
+        POOLED: "TCA at tau 0.9 (today's defaults) against full",
+    }
+    rows = []
+    for run, name in (("the grid", GRID), ("confirmation", CONFIRMATION), ("pooled", POOLED)):
         data = load(name)
-        label = (
-            data["command"].split("--set", 1)[1].split("--profile")[0].strip()
-            if "--set" in data["command"]
-            else "default"
-        )
-        for key, part in data["summary"].items():
-            task, length = key.split("@")
-            lines.append(
-                f"| {label} | {task} | {length} | {part['dense_correct']}/{part['samples']} | "
-                f"{part['tca_correct']}/{part['samples']} | {part['kv_ratio_max']:.2f} | `{name}` |"
-            )
-    return "\n".join(lines)
+        prompts = max(g["prompts"] for g in data["gaps_to_full"] if g["setting"] == DEFAULT_TCA[name])
+        rows.append([run, f"{prompts:,}", seed_ranges(data), what[name], f"`{name}`"])
+    return markdown(
+        ["run", "prompts per length", "seeds", "what", "file"], rows, ["---", "---:", "---", "---", "---"]
+    )
 
 
-def eval_tables(name: str) -> str:
-    """The task-suite tables: every setting, then every setting on the prompts all of them answered."""
-    from tca.eval.plots import results_table
+def tca_gaps_table() -> str:
+    rows = []
+    for run, name in (("grid", GRID), ("confirmation", CONFIRMATION), ("pooled", POOLED)):
+        data, setting = load(name), DEFAULT_TCA[name]
+        by_length = gaps(data)
+        kv = {k: r["kv_fraction"] for k, r in averages(data).items()} if "rows" in data else {}
+        prompts = max(g["prompts"] for g in data["gaps_to_full"] if g["setting"] == setting)
+        cells = [f"{run} ({prompts:,} prompts)" if run == "grid" else f"{run} ({prompts:,})"]
+        for length in (2048, 4096, 8192):
+            gap = by_length[setting, length]
+            cells += [gap_text(gap), f"{kv.get((setting, length), gap.get('kv_fraction')):.2f}"]
+        rows.append(cells)
+    header = ["run", "2K gap", "KV", "4K gap", "KV", "8K gap", "KV"]
+    return markdown(header, rows, ["---", "---", "---:", "---", "---:", "---", "---:"])
 
+
+def scores_table(name: str, settings: list[str]) -> str:
+    """Per setting and length: suite score, KV fraction and gap to full attention with its interval."""
     data = load(name)
-    tables = [results_table(data["rows"])]
-    if "same_prompts" in data:
-        tables.append(f"same prompts (seeds {data['same_prompts']['seeds']}):")
-        tables.append(results_table(data["same_prompts"]["rows"]))
-    return f"{data['device']}, `{name}`\n\n" + "\n\n".join(tables)
+    score, gap = averages(data), gaps(data)
+    rows = []
+    for setting in settings:
+        cells = [setting_label(setting)]
+        for length in (2048, 4096, 8192):
+            row = score[setting, length]
+            cells += [f"{row['score']:.1f}", f"{row['kv_fraction']:.2f}"]
+            cells.append("" if setting == "full" else gap_text(gap[setting, length]))
+        rows.append(cells)
+    header = ["setting"]
+    for length in (2048, 4096, 8192):
+        header += [f"{short_length(length)} score", "KV", "gap"]
+    return markdown(header, rows, ["---"] + ["---:", "---:", "---"] * 3)
+
+
+def confirmation_table() -> str:
+    settings = sorted({r["setting"] for r in load(CONFIRMATION)["rows"]}, key=_setting_order)
+    return scores_table(CONFIRMATION, settings)
+
+
+def grid_table() -> str:
+    """Every setting of the grid but the calibration-text variants (``/docs``, ``/code``)."""
+    settings = {r["setting"] for r in load(GRID)["rows"] if "/" not in r["setting"]}
+    return scores_table(GRID, sorted(settings, key=_setting_order))
+
+
+def _setting_order(key: str) -> tuple:
+    """full, TCA by tau (highest first), then baselines by kept fraction (highest first) and method."""
+    method, _, value = key.partition("@")
+    if method == "full":
+        return (0,)
+    if method == "tca":
+        return (1, -float(value.removeprefix("tau").split(",")[0]), key)
+    return (2, -float(value), list(METHODS).index(method))
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "attention": attention_table,
+    "fidelity": fidelity_table,
+    "needles": needle_table,
+    "eval-runs": eval_runs_table,
+    "tca-gaps": tca_gaps_table,
+    "confirmation": confirmation_table,
+    "grid": grid_table,
+}
+
+
+# ---------------------------------------------------------------------------------------- README
+
+
+def render(text: str) -> str:
+    """``text`` with every report block's body rewritten; an unknown block name is an error."""
+    unknown = sorted({m["name"] for m in BLOCK.finditer(text)} - set(TABLES))
+    if unknown:
+        raise SystemExit(f"README.md names report tables that report.py does not write: {unknown}")
+    return BLOCK.sub(lambda m: f"{m.group(1)}{TABLES[m['name']]()}\n{m.group(4)}", text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="exit 1 if README.md's tables differ")
+    mode.add_argument("--print", action="store_true", help="print every table")
+    parser.add_argument("--readme", type=Path, default=README)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.print:
+        for name, table in TABLES.items():
+            print(f"<!-- report:{name} -->\n{table()}\n")
+        return 0
+    text = args.readme.read_text()
+    missing = [name for name in TABLES if f"<!-- report:{name} -->" not in text]
+    if missing:
+        print(f"{args.readme}: no report block for {missing}", file=sys.stderr)
+        return 1
+    written = render(text)
+    if not args.check:
+        args.readme.write_text(written)
+        return 0
+    if written != text:
+        diff = difflib.unified_diff(
+            text.splitlines(), written.splitlines(), "README.md", "report.py", lineterm=""
+        )
+        print("\n".join(diff), file=sys.stderr)
+        print("README.md's tables differ from the results: run python benchmarks/report.py", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    print(attention_table(), "\n")
-    print(fidelity_table("prefill-quality-cpu.json"), "\n")
-    print(fidelity_table("prefill-frontier-h100.json"), "\n")
-    print(needle_table(["needle-h100-retrieval.json", "needle-h100-default.json"]), "\n")
-    print(eval_tables("eval-2026-11-25.json"))
+    sys.exit(main())

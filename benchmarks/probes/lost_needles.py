@@ -1,6 +1,6 @@
 """CPU probe: the (task, seed) prompts at 4K where TCA (threshold 0.1, 16 observation queries)
 lost a needle that full attention found in the development run
-(eval-2026-11-25-development.jsonl), answered under each variant.
+(benchmarks/results/archive/eval-2026-11-25-development.jsonl), answered under each variant.
 
     python benchmarks/probes/lost_needles.py [VARIANT ...]     # default: full and every variant
 
@@ -8,13 +8,13 @@ Run on 2026-11-25 in two invocations: full thr0.1 thr0.05 obs64
 (benchmarks/results/lost-needles-cpu.log), then thr0.05+obs64 (lost-needles-combined-cpu.log).
 """
 
+import dataclasses
 import sys
 import time
 
 import torch
 
 from tca.bundled.models import load_model
-from tca.core.calibration import profile_from_retention
 from tca.eval.runner import Evaluator
 from tca.eval.spec import EvalSpec, Setting
 
@@ -27,7 +27,8 @@ pairs = [("niah_single_uuid", s) for s in (9, 10, 11, 13, 19)] + [
 spec = EvalSpec(methods=["full", "tca"], tasks=["niah_single_uuid"], lengths=[length], samples=1)
 ev = Evaluator(model, tok, spec, progress=False)
 ev.profile(0.9)
-retention, retrieval, config, tokens, text = ev._calibrations[()]
+calibration = ev._calibrations[()]  # the measured passes (tca.integrations.transformers.Calibration)
+config = calibration.config
 variants = {
     "thr0.1": config.replace(tau=0.9, retrieval_threshold=0.1, observation_queries=16),
     "thr0.05": config.replace(tau=0.9, retrieval_threshold=0.05, observation_queries=16),
@@ -40,9 +41,7 @@ for name in sys.argv[1:] or ["full", *variants]:
     if name == "full":
         rows = ev._answers(Setting("full"), samples)
     else:
-        ev._profiles[(0.9, ())] = profile_from_retention(
-            retention, model, variants[name], tokens, text, retrieval
-        )
+        ev._profiles[(0.9, ())] = dataclasses.replace(calibration, config=variants[name]).profile()
         rows = ev._answers(Setting("tca", tau=0.9), samples)
     print(
         name,
