@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -42,7 +41,7 @@ import tca.ops as ops
 from tca.core.budgets import mu_for_share
 from tca.core.config import TCAConfig
 from tca.core.profile import Profile
-from tca.eval.provenance import provenance
+from tca.eval.provenance import device_name, provenance
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = {
@@ -291,15 +290,6 @@ def measure(model, shape: str, length: int, batch: int, kept_targets, new_tokens
     return rows
 
 
-def commit() -> str | None:
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def print_table(rows: list[dict]) -> None:
     print("shape L batch mode kept | ttft_ms (amdahl) decode_ms peak_gib kv_GiB syncs/token")
     for r in rows:
@@ -322,11 +312,10 @@ def main(argv: list[str] | None = None) -> None:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     model.eval()
     name = Path(args.shape).stem if args.shape not in SHAPES else args.shape
-    device = provenance(args.device)["device"]
+    device = device_name(args.device)
     out = Path(args.out) if args.out else RESULTS / f"e2e-{device.lower().replace(' ', '-')}.json"
-    record = provenance(args.device) | dict(
-        commit=commit(), shape=name, model_config=config.to_dict(), rows=[]
-    )
+    resolved = vars(args) | {"tca": TCAConfig.for_model(model).to_dict(), "profile": "uniform, sigma 1"}
+    record = provenance(args.device, resolved) | dict(shape=name, model_config=config.to_dict(), rows=[])
     record["note"] = (
         "random bf16 weights: speed does not depend on the weight values once the kept sets are fixed"
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import os
 import platform
 import shlex
 import subprocess
@@ -48,10 +49,12 @@ CODE = ("src", "benchmarks", ":(exclude)benchmarks/results")  # what computes a 
 
 def git_commit() -> tuple[str | None, bool | None]:
     """(HEAD's 40-hex hash, whether the code, tracked files under ``CODE``, differs from it) of the
-    checkout that holds this package; (None, None) when it is not a git checkout (a wheel)."""
+    checkout that holds this package; outside a git checkout, ``$TCA_COMMIT`` (set by whoever copied
+    the tree there) or (None, None) (a wheel)."""
     commit = _git("rev-parse", "HEAD")
-    if not commit:
-        return None, None
+    if not commit:  # a copy without .git (a GPU machine): the commit it was copied from, if given
+        given = os.environ.get("TCA_COMMIT")
+        return (given, None) if given else (None, None)
     changes = _git("status", "--porcelain", "--untracked-files=no", "--", *CODE)
     return commit, None if changes is None else bool(changes)
 
