@@ -221,6 +221,36 @@ def test_ragged_decode_matches_padded(max_len, group, dtype, batch):
     )
 
 
+@pytest.mark.parametrize("max_len,group,dtype,batch", RAGGED_CASES)
+def test_ragged_append_then_decode_matches_reference(max_len, group, dtype, batch):
+    """Two decode steps that append a token per (row, head) inside the kernels: the same stored
+    entries, positions and lengths as the reference's writes, and the same output."""
+    gen, seed = fresh_generator()
+    n_kv, dim = (8, 128) if FULL else (3, 32)
+    dt = DTYPES[dtype]
+    capacity = [c + 2 for c in torch.randint(1, max_len + 1, (n_kv,), generator=gen).tolist()]
+    offsets = torch.tensor([sum(capacity[:g]) for g in range(n_kv)], device=DEVICE)
+    lengths = torch.stack([torch.randint(0, c - 1, (batch,), generator=gen) for c in capacity], 1)
+    state = [randn(gen, batch, sum(capacity), dim, dtype=dt) for _ in range(2)]
+    state.append(torch.randint(0, 10**6, (batch, sum(capacity)), generator=gen).to(DEVICE))
+    kernel = [t.clone() for t in state] + [lengths.to(DEVICE, torch.int32)]
+    refs = [t.clone() for t in state] + [lengths.to(DEVICE, torch.int64)]
+    for step in range(2):
+        q = randn(gen, batch, n_kv * group, 1, dim, dtype=dt)
+        new_k, new_v = (randn(gen, batch, n_kv, 1, dim, dtype=dt) for _ in range(2))
+        args = (offsets, max(capacity), 1000 + step)
+        out = launchers.decode_ragged_append(q, new_k, new_v, *kernel, *args)
+        ref = reference.decode_ragged_append(q, new_k, new_v, *refs, *args)
+        where = f"seed {seed}, step {step}"
+        assert torch.equal(kernel[3].long(), refs[3]), where
+        for g in range(n_kv):
+            for b in range(batch):
+                lo, n = int(offsets[g]), int(refs[3][b, g])
+                for got, want in zip(kernel[:3], refs[:3], strict=True):
+                    assert torch.equal(got[b, lo : lo + n], want[b, lo : lo + n]), where
+        assert rel_error(out, ref.double()) < (1e-5 if dtype == "fp32" else 2e-2), where
+
+
 def assert_same_selection(got: Selection, want: Selection, seed: int) -> None:
     assert torch.equal(got.counts.cpu(), want.counts.cpu()), f"seed {seed}: counts differ"
     width = want.indices.shape[-1]

@@ -77,6 +77,15 @@ def decode_ragged(query, key, value, lengths, offsets, max_len, scale=None):
     return backend(query.device).decode_ragged(query, key, value, lengths, offsets, max_len, scale)
 
 
+def decode_ragged_append(
+    query, new_key, new_value, key, value, positions, lengths, offsets, max_len, position, scale=None
+):
+    """Append one token per head to a ragged layer store and decode; see ``tca.ops.reference``."""
+    return backend(query.device).decode_ragged_append(
+        query, new_key, new_value, key, value, positions, lengths, offsets, max_len, position, scale
+    )
+
+
 def attend_after_cache(query, cached_key, cached_value, lengths, key, value, scale):
     """New tokens over a head's cache and, causally, each other; see ``tca.ops.reference``."""
     return backend(query.device).attend_after_cache(

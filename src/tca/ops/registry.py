@@ -24,12 +24,28 @@ class Backend(Protocol):
 
     def select(self, query, key, mu, sigma, config, scale, key_start=None) -> Any: ...
 
-    def sparse_prefill(self, query, key, value, selection, local_window, scale, key_start=None,
-                       query_chunk=256) -> torch.Tensor: ...  # fmt: skip
+    def sparse_prefill(
+        self, query, key, value, selection, local_window, scale, key_start=None, query_chunk=256
+    ) -> torch.Tensor: ...
 
     def decode(self, query, key, value, lengths, scale=None) -> torch.Tensor: ...
 
     def decode_ragged(self, query, key, value, lengths, offsets, max_len, scale=None) -> torch.Tensor: ...
+
+    def decode_ragged_append(
+        self,
+        query,
+        new_key,
+        new_value,
+        key,
+        value,
+        positions,
+        lengths,
+        offsets,
+        max_len,
+        position,
+        scale=None,
+    ) -> torch.Tensor: ...
 
     def attend_after_cache(
         self, query, cached_key, cached_value, lengths, key, value, scale

@@ -13,8 +13,8 @@ known in advance (a decode step adds one entry per head; a cut removes ``block -
 the host never waits for the GPU to know how much room a head needs.
 
 Multi-turn: with ``keep_history=True`` (default) every token's K/V is also copied to the host
-(``HostHistory``), off the critical path: on a background thread and a side stream, a layer's
-prompt once, decode tokens a block at a time, so a new turn can select again from the whole
+(``HostHistory``), off the critical path: into pinned memory on a side stream, a layer's prompt
+once, decode tokens a block at a time, so a new turn can select again from the whole
 conversation. The cost is host memory (dense); ``host_kv_bytes`` reports it.
 
 The attention itself is done by ``TCARun`` (``run.py``) and ``CachePolicy`` (``policy.py``):
@@ -24,7 +24,6 @@ The attention itself is done by ``TCARun`` (``run.py``) and ``CachePolicy`` (``p
 from __future__ import annotations
 
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +31,7 @@ import torch
 
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ... import ops
 from ...core.budgets import rank_fractions
 
 
@@ -64,7 +64,8 @@ class LayerStore:
         self.keys, self.values, self.positions = keys, values, positions
         self.offsets, self.capacity = offsets, capacity
         self.lengths_host = np.asarray(lengths_host, dtype=np.int64)  # (B, G)
-        self.lengths = torch.tensor(self.lengths_host, device=keys.device)  # a copy, never shared
+        # int32 (the decode kernels update it in place); a copy, never sharing the host mirror's memory
+        self.lengths = torch.tensor(self.lengths_host, dtype=torch.int32, device=keys.device)
         self.offsets_device = torch.tensor(offsets, dtype=torch.int64, device=keys.device)
         self.rows = torch.arange(keys.shape[0], device=keys.device).view(-1, 1, 1)
 
@@ -109,15 +110,29 @@ class LayerStore:
             self.keys[:, lo:hi], self.values[:, lo:hi], self.positions[:, lo:hi], self.lengths[:, g]
         )
 
+    def _make_room(self, n: int) -> None:
+        """Grow first if some head cannot take ``n`` more entries (known on the host: no sync)."""
+        needed = self.lengths_host.max(0) + n  # (G,)
+        if any(int(need) > cap for need, cap in zip(needed, self.capacity, strict=True)):
+            self._grow(needed)
+
+    def decode_step(self, query, key, value, position: int, scale: float) -> torch.Tensor:
+        """Append one token per (row, head) (key, value (B, G, 1, d)) and attend over every head's
+        entries with ``query`` (B, H, 1, d): the two launches of ``ops.decode_ragged_append``."""
+        self._make_room(1)
+        self.lengths_host += 1
+        return ops.decode_ragged_append(
+            query, key, value, self.keys, self.values, self.positions, self.lengths, self.offsets_device,
+            max(self.capacity), position, scale,
+        )  # fmt: skip
+
     def append(self, key: torch.Tensor, value: torch.Tensor, first_position: int) -> None:
         """Write n tokens per (row, head) after each one's last entry: key, value (B, G, n, d).
 
         A fixed number of device ops and no synchronisation (the room needed is known on the host).
         """
         n = key.shape[2]
-        needed = self.lengths_host.max(0) + n  # (G,)
-        if any(int(need) > cap for need, cap in zip(needed, self.capacity, strict=True)):
-            self._grow(needed)
+        self._make_room(n)
         steps = torch.arange(n, device=key.device)
         slots = (self.offsets_device.view(1, -1, 1) + self.lengths.unsqueeze(-1)) + steps  # (B, G, n)
         self.keys.index_put_((self.rows, slots), key)
@@ -195,29 +210,26 @@ class LayerStore:
 class HostHistory:
     """Every token's K/V of one layer on the host, copied off the critical path.
 
-    On CUDA, each copy waits for its data with an event on a background thread and runs on a side
-    stream, so the attention call that handed the states over returns at once; decode tokens gather
-    in a device staging block and go over ``block`` at a time. ``tensors()`` waits for the copies.
+    On CUDA each copy goes to pinned host memory with ``non_blocking`` on a side stream that waits
+    for the data with an event: the model's stream and the Python thread never wait for it. Decode
+    tokens gather in a device staging block and go over ``block`` at a time. ``tensors()`` waits
+    for the copies (a new turn, or a caller reading the history).
     """
-
-    _executor: ThreadPoolExecutor | None = None
 
     def __init__(self, block: int):
         self.block = block
-        self.chunks: list[tuple[torch.Tensor, torch.Tensor] | Future] = []
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.done: torch.cuda.Event | None = None  # the last copy's completion
         self.staging: tuple[torch.Tensor, torch.Tensor] | None = None
         self.staged = 0
-        self.length = 0
         self.nbytes = 0
 
     def add(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Append (B, G, n, d) states: a prompt goes over at once, single tokens through the staging block."""
-        n = key.shape[2]
-        self.length += n
         self.nbytes += 2 * key.numel() * key.element_size()
-        if n > 1 or key.device.type != "cuda":
+        if key.shape[2] > 1 or key.device.type != "cuda":
             self._flush()
-            self.chunks.append(self._copy(key, value))
+            self._copy(key, value)
             return
         if self.staging is None:
             shape = (*key.shape[:2], self.block, key.shape[-1])
@@ -231,34 +243,32 @@ class HostHistory:
     def _flush(self) -> None:
         if self.staged:
             key, value = self.staging
-            self.chunks.append(self._copy(key[:, :, : self.staged], value[:, :, : self.staged]))
-            self.staging, self.staged = None, 0  # the copy holds the block; the next one is new
+            self._copy(key[:, :, : self.staged], value[:, :, : self.staged])
+            self.staging, self.staged = None, 0  # the copy reads the block; the next one is new
 
-    def _copy(self, key, value):
+    def _copy(self, key: torch.Tensor, value: torch.Tensor) -> None:
         if key.device.type != "cuda":
-            return key.to("cpu", copy=True), value.to("cpu", copy=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        if HostHistory._executor is None:
-            HostHistory._executor = ThreadPoolExecutor(1, thread_name_prefix="tca-history")
-        return HostHistory._executor.submit(_copy_to_host, key, value, ready)
+            self.chunks.append((key.to("cpu", copy=True), value.to("cpu", copy=True)))
+            return
+        stream = _side_stream(key.device)
+        stream.wait_stream(torch.cuda.current_stream(key.device))
+        with torch.cuda.stream(stream):
+            host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (key, value))
+            for target, source in zip(host, (key, value), strict=True):
+                target.copy_(source, non_blocking=True)
+                source.record_stream(stream)  # its memory is not reused before the copy is done
+            self.done = torch.cuda.Event()
+            self.done.record(stream)
+        self.chunks.append(host)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The history as host (B, G, length, d) keys and values (waits for the copies)."""
         self._flush()
-        parts = [chunk.result() if isinstance(chunk, Future) else chunk for chunk in self.chunks]
-        if len(parts) > 1:
-            parts = [(torch.cat([k for k, _ in parts], 2), torch.cat([v for _, v in parts], 2))]
-        self.chunks = parts
-        return parts[0]
-
-
-def _copy_to_host(key: torch.Tensor, value: torch.Tensor, ready: torch.cuda.Event):
-    ready.synchronize()  # this thread waits, not the one running the model
-    stream = _side_stream(key.device)
-    with torch.cuda.stream(stream):
-        out = key.to("cpu"), value.to("cpu")
-    return out
+        if self.done is not None:
+            self.done.synchronize()
+        if len(self.chunks) > 1:
+            self.chunks = [tuple(torch.cat(parts, 2) for parts in zip(*self.chunks, strict=True))]
+        return self.chunks[0]
 
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}

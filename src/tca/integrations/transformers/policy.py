@@ -53,13 +53,8 @@ class CachePolicy:
 
     def decode(self, layer: TCACacheLayer, query, key, value, scale) -> torch.Tensor:
         """One new token: append it to every head, attend over each head's entries. (B, H, 1, d)."""
-        store = layer.store
-        store.append(key, value, layer.seen)
         layer.remember(key, value)
-        max_len = max(store.capacity)
-        return ops.decode_ragged(
-            query, store.keys, store.values, store.lengths, store.offsets_device, max_len, scale
-        )
+        return layer.store.decode_step(query, key, value, layer.seen, scale)
 
     def attend_new_turn(self, layer: TCACacheLayer, query, key, value, scale) -> torch.Tensor:
         """New tokens (no history kept): attend to each head's stored entries plus, causally, each
@@ -98,5 +93,5 @@ class CachePolicy:
         """``keep_host`` on the device, made once per distinct table (no copy per compression)."""
         key = (keep_host.tobytes(), keep_host.shape, device)
         if key not in self._keep_device:
-            self._keep_device[key] = torch.tensor(keep_host, device=device)
+            self._keep_device[key] = torch.tensor(keep_host, dtype=torch.int32, device=device)
         return self._keep_device[key]

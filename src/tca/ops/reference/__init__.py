@@ -6,7 +6,14 @@ import torch
 
 from ...core.selection import select as _select
 from ..registry import register
-from .attention import attend_after_cache, decode_ragged, decode_reference, dense_causal, sparse_prefill
+from .attention import (
+    attend_after_cache,
+    decode_ragged,
+    decode_ragged_append,
+    decode_reference,
+    dense_causal,
+    sparse_prefill,
+)
 
 
 class ReferenceBackend:
@@ -22,6 +29,7 @@ class ReferenceBackend:
     sparse_prefill = staticmethod(sparse_prefill)
     decode = staticmethod(decode_reference)
     decode_ragged = staticmethod(decode_ragged)
+    decode_ragged_append = staticmethod(decode_ragged_append)
     attend_after_cache = staticmethod(attend_after_cache)
 
 
@@ -31,6 +39,7 @@ __all__ = [
     "BACKEND",
     "attend_after_cache",
     "decode_ragged",
+    "decode_ragged_append",
     "decode_reference",
     "dense_causal",
     "sparse_prefill",

@@ -197,6 +197,37 @@ def decode_ragged(
     return decode_reference(query, padded_key, padded_value, lengths, scale)
 
 
+def decode_ragged_append(
+    query: torch.Tensor,
+    new_key: torch.Tensor,
+    new_value: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    positions: torch.Tensor,
+    lengths: torch.Tensor,
+    offsets: torch.Tensor,
+    max_len: int,
+    position: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Write one new token per (row, KV head) after its last entry of a ragged layer store, add 1 to
+    ``lengths`` (in place), and attend over the result (``decode_ragged``).
+
+    Args:
+        new_key, new_value: (B, G, 1, d); key, value: (B, S, d); positions: (B, S) int64 (the
+            token's slot gets ``position``); lengths: (B, G); max_len: a bound of the new lengths.
+    Returns:
+        (B, H, 1, d) in the query's dtype.
+    """
+    slots = offsets.view(1, -1) + lengths  # (B, G)
+    rows = torch.arange(key.shape[0], device=key.device).view(-1, 1)
+    key[rows, slots] = new_key[:, :, 0]
+    value[rows, slots] = new_value[:, :, 0]
+    positions[rows, slots] = position
+    lengths += 1
+    return decode_ragged(query, key, value, lengths, offsets, max_len, scale)
+
+
 def attend_after_cache(
     query: torch.Tensor,
     cached_key: torch.Tensor,

@@ -106,6 +106,30 @@ class TritonBackend:
             return launchers.decode_ragged(query, key, value, lengths, offsets, max_len, scale)
         return reference.decode_ragged(query, key, value, lengths, offsets, max_len, scale)
 
+    def decode_ragged_append(
+        self,
+        query,
+        new_key,
+        new_value,
+        key,
+        value,
+        positions,
+        lengths,
+        offsets,
+        max_len,
+        position,
+        scale=None,
+    ):
+        """Append and decode in two launches (the append folded into the decode kernels)."""
+        launchers = _launchers()
+        if launchers.supported(query, key.unsqueeze(1)) and lengths.dtype == torch.int32:
+            return launchers.decode_ragged_append(
+                query, new_key, new_value, key, value, positions, lengths, offsets, max_len, position, scale
+            )
+        return reference.decode_ragged_append(
+            query, new_key, new_value, key, value, positions, lengths, offsets, max_len, position, scale
+        )
+
     attend_after_cache = staticmethod(reference.attend_after_cache)
 
 

@@ -272,6 +272,9 @@ def decode_split_kernel(
     V,
     Lengths,
     Offsets,
+    NewK,
+    NewV,
+    Positions,
     PartMax,
     PartSum,
     PartAcc,
@@ -285,6 +288,10 @@ def decode_split_kernel(
     stride_vl,
     stride_lb,
     stride_lg,
+    stride_nb,
+    stride_ng,
+    stride_pb,
+    position,
     n_kv,
     keys_per_split,
     qk_scale,
@@ -294,11 +301,15 @@ def decode_split_kernel(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
     RAGGED: tl.constexpr,
+    APPEND: tl.constexpr,
 ):
     """Grid (splits, B * G): one split of one KV head's cache, all its query heads at once.
 
     RAGGED: every head shares one (B, S, d) buffer (stride_kg = 0) and head g's keys start at
     slot Offsets[g] (int64), as in the compressed cache's layer store.
+    APPEND: the step's new token (NewK/NewV (B, G, d) rows with strides stride_nb, stride_ng) is
+    attended by split 0 as one more key, which also writes it (and ``position`` into Positions) at
+    the slot after the cache's last; ``decode_combine_kernel`` then adds 1 to Lengths.
 
     Writes the split's running max, sum (log2 units) and unnormalised output per query head to
     PartMax/PartSum (B*G, splits, GROUP_PAD) and PartAcc (B*G, splits, GROUP_PAD, d).
@@ -338,6 +349,20 @@ def decode_split_kernel(
         v = tl.load(v_base + keys[:, None] * stride_vl + dims[None, :], mask=valid[:, None], other=0.0)
         visible = tl.broadcast_to(valid[None, :], [GROUP_PAD, BLOCK_N])
         acc, m_i, l_i = _online_softmax_tile(q, k, v, acc, m_i, l_i, visible, qk_scale, True, PRECISION)
+    if APPEND:
+        if pid_s == 0:
+            new = cols == 0
+            row = b64 * stride_nb + g.to(tl.int64) * stride_ng
+            k = tl.load(NewK + row + cols[:, None] * 0 + dims[None, :], mask=new[:, None], other=0.0)
+            v = tl.load(NewV + row + cols[:, None] * 0 + dims[None, :], mask=new[:, None], other=0.0)
+            visible = tl.broadcast_to(new[None, :], [GROUP_PAD, BLOCK_N])
+            acc, m_i, l_i = _online_softmax_tile(q, k, v, acc, m_i, l_i, visible, qk_scale, True, PRECISION)
+            tl.store(k_base + length * stride_kl + dims, tl.load(NewK + row + dims))
+            tl.store(v_base + length * stride_vl + dims, tl.load(NewV + row + dims))
+            slot = length
+            if RAGGED:
+                slot += tl.load(Offsets + g)
+            tl.store(Positions + b64 * stride_pb + slot, position)
 
     part = pid_bg * tl.num_programs(0) + pid_s
     tl.store(PartMax + part * GROUP_PAD + rows, m_i)
@@ -351,8 +376,11 @@ def decode_combine_kernel(
     PartSum,
     PartAcc,
     Out,
+    Lengths,
     stride_ob,
     stride_oh,
+    stride_lb,
+    stride_lg,
     n_kv,
     n_splits,
     GROUP: tl.constexpr,
@@ -360,8 +388,10 @@ def decode_combine_kernel(
     HEAD_DIM: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
+    APPEND: tl.constexpr,
 ):
-    """Grid (B * H,): merge one query head's splits; a head with no valid key outputs 0."""
+    """Grid (B * H,): merge one query head's splits; a head with no valid key outputs 0.
+    APPEND: the first query head of each KV head adds the appended token to Lengths."""
     pid = tl.program_id(0)
     n_heads = n_kv * GROUP
     b = pid // n_heads
@@ -384,6 +414,10 @@ def decode_combine_kernel(
     tl.store(
         Out + b.to(tl.int64) * stride_ob + h * stride_oh + dims, _cast(out, Out.dtype.element_ty, PRECISION)
     )
+    if APPEND:
+        if r == 0:
+            at = Lengths + b * stride_lb + (h // GROUP) * stride_lg
+            tl.store(at, tl.load(at) + 1)
 
 
 # ----------------------------------------------------------------------------- selection

@@ -189,7 +189,34 @@ def decode_ragged(
     return _decode(query, key.unsqueeze(1), value.unsqueeze(1), lengths, offsets, max_len, scale)
 
 
-def _decode(query, key, value, lengths, offsets, max_len: int, scale):
+def decode_ragged_append(
+    query,
+    new_key,
+    new_value,
+    key,
+    value,
+    positions,
+    lengths,
+    offsets,
+    max_len: int,
+    position: int,
+    scale=None,
+) -> torch.Tensor:
+    """Append one token per (row, KV head) to a ragged layer store and attend over it, in two
+    launches; contract of ``reference.decode_ragged_append``.
+
+    Args:
+        new_key, new_value: (B, G, 1, d); key, value: (B, S, d); positions: (B, S) int64;
+        lengths: (B, G) int32 on the device, incremented in place; max_len: a host bound of the
+        lengths after the append; position: the token's position (host int).
+    """
+    if lengths.dtype != torch.int32 or positions.stride(-1) != 1:
+        raise ValueError("appending needs int32 lengths (updated in place) and contiguous positions.")
+    new = (new_key, new_value, positions, position)
+    return _decode(query, key.unsqueeze(1), value.unsqueeze(1), lengths, offsets, max_len, scale, new)
+
+
+def _decode(query, key, value, lengths, offsets, max_len: int, scale, append=None):
     batch, n_heads, q_len, head_dim = query.shape
     if q_len != 1:
         raise ValueError(f"decode takes one query per head, got {q_len}; use sparse_prefill for more.")
@@ -208,7 +235,16 @@ def _decode(query, key, value, lengths, offsets, max_len: int, scale):
     part_max = _empty(batch * n_kv, n_splits, group_pad, dtype=torch.float32, device=query.device)
     part_sum = _empty(batch * n_kv, n_splits, group_pad, dtype=torch.float32, device=query.device)
     part_acc = _empty(batch * n_kv, n_splits, group_pad, head_dim, dtype=torch.float32, device=query.device)
-    lengths = lengths.to(device=query.device, dtype=torch.int32)
+    if append is None:
+        lengths = lengths.to(device=query.device, dtype=torch.int32)
+        new_key = new_value = positions = lengths  # unused pointers
+        position = 0
+    else:
+        new_key, new_value, positions, position = append
+        new_key, new_value = (
+            x.squeeze(2) if x.stride(-1) == 1 else x.squeeze(2).contiguous() for x in append[:2]
+        )
+    precision = _precision(query.dtype, query.device)
     extra = {"num_warps": DECODE_WARPS, "num_stages": DECODE_STAGES} if kind == "cuda" else {}
     kernels.decode_split_kernel[(n_splits, batch * n_kv)](
         query,
@@ -216,6 +252,9 @@ def _decode(query, key, value, lengths, offsets, max_len: int, scale):
         value,
         lengths,
         lengths if offsets is None else offsets,
+        new_key,
+        new_value,
+        positions,
         part_max,
         part_sum,
         part_acc,
@@ -228,6 +267,9 @@ def _decode(query, key, value, lengths, offsets, max_len: int, scale):
         value.stride(1) if offsets is None else 0,
         value.stride(2),
         *lengths.stride(),
+        *(new_key.stride()[:2] if append is not None else (0, 0)),
+        positions.stride(0) if append is not None else 0,
+        position,
         n_kv,
         keys_per_split,
         scale * LOG2E,
@@ -235,8 +277,9 @@ def _decode(query, key, value, lengths, offsets, max_len: int, scale):
         GROUP_PAD=group_pad,
         HEAD_DIM=head_dim,
         BLOCK_N=block_n,
-        PRECISION=_precision(query.dtype, query.device),
+        PRECISION=precision,
         RAGGED=offsets is not None,
+        APPEND=append is not None,
         **extra,
     )
     out = _empty(*query.shape, dtype=query.dtype, device=query.device)
@@ -245,15 +288,18 @@ def _decode(query, key, value, lengths, offsets, max_len: int, scale):
         part_sum,
         part_acc,
         out,
+        lengths,
         out.stride(0),
         out.stride(1),
+        *lengths.stride(),
         n_kv,
         n_splits,
         GROUP=group,
         GROUP_PAD=group_pad,
         HEAD_DIM=head_dim,
         SPLITS_PAD=triton.next_power_of_2(n_splits),
-        PRECISION=_precision(query.dtype, query.device),
+        PRECISION=precision,
+        APPEND=append is not None,
     )
     return out
 
