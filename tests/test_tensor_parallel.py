@@ -24,6 +24,7 @@ import torch
 import tp_scenarios
 from transformers import AutoModelForCausalLM
 
+from tca.cli import main
 from tca.core.calibration import join_heads
 from tca.core.profile import Profile
 from tca.core.stats import RunStats
@@ -62,21 +63,20 @@ def launched(models) -> set[int]:
 def folder(models, launched, world) -> Path:
     """The models' folder, holding each rank's results for ``world`` ranks (one torchrun per size)."""
     if world not in launched:
-        torchrun(models, world)
+        result = torchrun(world, str(WORKER), str(models), str(SEED))
+        assert result.returncode == 0, result.stderr[-6000:]
         launched.add(world)
     return models
 
 
-def torchrun(folder: Path, world: int) -> None:
-    """Run the worker on ``world`` CPU ranks; a hang fails after a timeout instead of blocking CI."""
+def torchrun(world: int, *args: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node world ARGS`` on CPU ranks (gloo); a hang fails after a timeout."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
     started = time.perf_counter()
-    result = subprocess.run(
-        [*command, str(WORKER), str(folder), str(SEED)], capture_output=True, text=True, env=env, timeout=240
-    )
+    result = subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=240)
     print(f"torchrun with {world} ranks: {time.perf_counter() - started:.1f} s")
-    assert result.returncode == 0, result.stderr[-6000:]
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +183,50 @@ def test_user_errors_are_one_clear_line_on_every_rank(folder, world):
         assert "divides 3 (1, 3)" in message and "\n" not in message, message
         assert errors["profile"].startswith("ProfileError: this profile was calibrated for another model")
         assert "architecture: profile 'llama', model 'qwen2'" in errors["profile"]
+
+
+@pytest.mark.slow
+def test_tca_commands_under_torchrun(tmp_path, capsys):
+    """``tca calibrate`` writes one profile, the one a single process writes; ``tca generate`` prints
+    once, what a single process prints; a world size that splits KV heads is one line per rank."""
+    tokenizer = tp_scenarios.char_tokenizer()
+    for name, changes in (
+        ("llama", {}),
+        ("odd", dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=96)),
+    ):
+        tp_scenarios.tiny_lm("llama", SEED, **changes).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 33)
+    calibrate = ["calibrate", "--text", str(text), "--window", "32", "--block", "16"]
+    generate = ["generate", "--file", str(text), "--max-new-tokens", "8"]
+    model = ["--model", str(tmp_path / "llama")]
+
+    assert main([*calibrate, *model, "--out", str(tmp_path / "one.json")]) == 0
+    result = torchrun(2, "-m", "tca.cli", *calibrate, *model, "--out", str(tmp_path / "two.json"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("wrote ") == 1, result.stdout
+    one, two = Profile.load(tmp_path / "one.json"), Profile.load(tmp_path / "two.json")
+    np.testing.assert_array_equal(one.mu, two.mu)
+    np.testing.assert_array_equal(one.sigma, two.sigma)
+
+    capsys.readouterr()
+    assert main([*generate, *model, "--profile", str(tmp_path / "one.json")]) == 0
+    alone = capsys.readouterr().out.splitlines()
+    result = torchrun(2, "-m", "tca.cli", *generate, *model, "--profile", str(tmp_path / "two.json"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    shown = result.stdout.splitlines()
+    assert [line for line in shown if not line.startswith("time:")] == [
+        line.replace("one.json", "two.json") for line in alone if not line.startswith("time:")
+    ]
+
+    result = torchrun(
+        2, "-m", "tca.cli", *calibrate, "--model", str(tmp_path / "odd"), "--out", str(tmp_path / "odd.json")
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("tca: error:")]
+    assert result.returncode != 0 and len(errors) == 2, result.stderr[-4000:]
+    assert all("tensor parallelism over 2 processes splits the model's 3 KV heads" in e for e in errors)
+    assert not (tmp_path / "odd.json").exists()
 
 
 # ---- one process: the layout and the merging that the ranks rely on ---------------------------------------

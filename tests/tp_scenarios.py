@@ -51,6 +51,18 @@ def tiny_lm(family: str, seed: int, sharpen: float = 12.0, **changes) -> torch.n
     return model
 
 
+def char_tokenizer():
+    """A character-level fast tokenizer over printable ASCII (id 0 unknown): 96 ids, as SHAPE's vocab."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{chr(c): c - 31 for c in range(32, 127)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", eos_token="~", pad_token="[UNK]"
+    )
+
+
 def sparse_profile(model: torch.nn.Module, seed: int) -> Profile:
     """Random sparse budgets per (layer, KV head); the last layer's last KV head keeps everything."""
     rng = np.random.default_rng(seed)
