@@ -30,6 +30,7 @@ class ProfileSelector:
         self.config = profile.config
         self.layout = head_layout(model)
         held = list(self.layout.kv_heads)
+        self._held = torch.tensor(held)
         block = self.config.block_size
         self.decode_keep = [
             [round(block * mean_keep_fraction(m, s)) for m, s in zip(mu, sigma, strict=True)]
@@ -38,7 +39,6 @@ class ProfileSelector:
 
     def select(self, layer: int, query, key, scale: float, key_start) -> Any:
         """Kept keys of every (row, KV head): query (B, H, Lq, d), key (B, G, L, d) -> Selection."""
-        heads = torch.tensor(self.layout.kv_heads)
-        mu, sigma = (config[heads] for config in self.profile.head_config(layer))
+        mu, sigma = (config[self._held] for config in self.profile.head_config(layer))  # held heads
         observed = query[:, :, -self.config.observation_queries :]
         return ops.select(observed, key, mu, sigma, self.config, scale, key_start)
