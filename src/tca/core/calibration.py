@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,27 @@ class LayerRetention:
         need = short.sum(-1)
         need = torch.where(self.base.double() >= tau - TOLERANCE, torch.zeros_like(need), need + 1)
         return need.clamp_max(self.values.shape[-1]).numpy()
+
+    @classmethod
+    def join(cls, parts: Sequence[tuple[Sequence[int], LayerRetention]]) -> LayerRetention:
+        """One layer's retention over all KV heads from parts over disjoint heads (each with the
+        global KV heads it covers: tensor-parallel ranks measure their own heads)."""
+        return cls(
+            base=join_heads([(kv, p.base) for kv, p in parts], 0),
+            values=join_heads([(kv, p.values) for kv, p in parts], 0),
+            retained=join_heads([(kv, p.retained) for kv, p in parts], 1),
+            kept=join_heads([(kv, p.kept) for kv, p in parts], 1),
+        )
+
+
+def join_heads(parts: Sequence[tuple[Sequence[int], torch.Tensor]], dim: int) -> torch.Tensor:
+    """Tensors over disjoint KV heads (along ``dim``), each with its global heads -> one tensor in
+    global head order. The heads must be each of 0..G-1 exactly once."""
+    heads = [g for kv_heads, _ in parts for g in kv_heads]
+    if sorted(heads) != list(range(len(heads))):
+        raise ValueError(f"the parts cover KV heads {sorted(heads)}, not each of {len(heads)} once.")
+    joined = torch.cat([tensor for _, tensor in parts], dim)
+    return joined.index_select(dim, torch.tensor(heads).argsort().to(joined.device))
 
 
 def window_and_outside_mass(query: torch.Tensor, key: torch.Tensor, window: int, scale: float, chunk: int):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,11 +37,16 @@ class RunStats:
 
     Per layer, arrays are over KV heads (batch-averaged): ``kept_counts`` kept global tokens,
     ``kept_entries`` KV entries kept (global + window), ``context_tokens`` valid tokens;
+    ``tca_pairs`` (n_layers, n_kv_heads) the query-key pairs each KV head's prefill computed
+    (per query head, summed over the batch), ``dense_pairs`` (n_layers,) dense causal pairs;
     ``gamma`` (n_layers, n_heads) the last query's dropped attention mass and
     ``error_bound`` the Theorem 1 bound ``2 * gamma * max|V|`` per output element. After a
     generation with the compressed cache: ``kv_bytes`` (what the device cache holds, all layers),
     ``dense_kv_bytes`` (a dense cache for the same tokens) and ``host_kv_bytes`` (history kept on
     the host for multi-turn re-selection).
+
+    The head counts are those of the heads one process holds; under tensor parallelism each rank
+    records its own heads and ``gather_from`` assembles the whole model's statistics.
     """
 
     n_layers: int
@@ -63,7 +69,7 @@ class RunStats:
         self.kept_counts = np.zeros(per_kv)
         self.kept_entries = np.zeros(per_kv)
         self.context_tokens = np.zeros(self.n_layers)
-        self.tca_pairs = np.zeros(self.n_layers)
+        self.tca_pairs = np.zeros(per_kv)
         self.dense_pairs = np.zeros(self.n_layers)
         self.gamma = np.zeros((self.n_layers, self.n_heads))
         self.error_bound = np.zeros((self.n_layers, self.n_heads))
@@ -84,7 +90,7 @@ class RunStats:
         self.kept_counts[layer] = counts.mean(0).cpu().numpy()
         self.kept_entries[layer] = (counts + n.clamp(max=local_window).view(-1, 1)).mean(0).cpu().numpy()
         self.context_tokens[layer] = float(n.mean())
-        self.tca_pairs[layer] = float(tca_pairs.double().mean(1).sum())
+        self.tca_pairs[layer] = tca_pairs.double().sum(0).cpu().numpy()
         self.dense_pairs[layer] = float(dense_pairs.double().sum())
         self.gamma[layer] = gamma.double().mean(0).cpu().numpy()
         self.error_bound[layer] = bound.double().mean(0).cpu().numpy()
@@ -105,9 +111,31 @@ class RunStats:
     @property
     def pairs_fraction(self) -> float:
         """Query-key pairs computed over dense causal pairs (the prefill's attention cost)."""
-        return float(self.tca_pairs.sum() / max(self.dense_pairs.sum(), 1.0))
+        return float(self.tca_pairs.mean(1).sum() / max(self.dense_pairs.sum(), 1.0))
 
     @property
     def gamma_per_kv_head(self) -> np.ndarray:
         """(n_layers, n_kv_heads): the largest dropped mass among each KV head's query heads."""
         return self.gamma.reshape(self.n_layers, self.n_kv_heads, -1).max(-1)
+
+    def gather_from(self, parts: Sequence[tuple[Sequence[int], RunStats]]) -> None:
+        """Fill these whole-model statistics from per-process ones, each with the global KV heads
+        it holds (``HeadLayout.gather``): per-head arrays go to their heads, byte counts add up, and
+        per-layer figures (identical on every process) are taken from the first."""
+        group = self.n_heads // self.n_kv_heads
+        covered = sorted(g for kv_heads, _ in parts for g in kv_heads)
+        if covered != list(range(self.n_kv_heads)):
+            raise ValueError(f"the parts cover KV heads {covered}, not each of {self.n_kv_heads} once.")
+        for kv_heads, part in parts:
+            kv = list(kv_heads)
+            query = [g * group + i for g in kv for i in range(group)]
+            for name in ("kept_counts", "kept_entries", "tca_pairs"):
+                getattr(self, name)[:, kv] = getattr(part, name)
+            self.gamma[:, query] = part.gamma
+            self.error_bound[:, query] = part.error_bound
+        first = parts[0][1]
+        self.context_tokens[:] = first.context_tokens
+        self.dense_pairs[:] = first.dense_pairs
+        self.prefills = first.prefills
+        for name in ("kv_bytes", "dense_kv_bytes", "host_kv_bytes"):
+            setattr(self, name, sum(getattr(part, name) for _, part in parts))

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from ..core.config import TCAConfig
-from ..core.profile import model_fingerprint
 from ..core.selection import Selection, pack_selection
+from ..integrations.transformers.layout import head_layout
 from . import get_method
 from .base import SelectionMethod
 from .budget import budget_for
@@ -40,9 +40,9 @@ class MethodSelector:
         self.kept_fraction = kept_fraction
         base = TCAConfig.for_model(model)
         self.config = base.replace(local_window=base.block_size if window is None else window)
-        fingerprint = model_fingerprint(model)
+        self.layout = head_layout(model)  # the KV heads this process holds (tensor parallel: a slice)
         keep = max(1, round(self.config.block_size * kept_fraction))
-        self.decode_keep = [[keep] * fingerprint["n_kv_heads"] for _ in range(fingerprint["n_layers"])]
+        self.decode_keep = [[keep] * self.layout.local_kv_heads for _ in range(self.layout.n_layers)]
 
     def select(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float, key_start: torch.Tensor | None

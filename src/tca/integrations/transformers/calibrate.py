@@ -3,23 +3,46 @@
 One sequence serves ``tca.calibrate`` and the evaluation runner alike: ``measure_calibration``
 makes the two forward passes (retention over the calibration text, the retrieval probe) once,
 and ``Calibration.profile(tau)`` thresholds them into a Profile without another pass.
+
+Under tensor parallelism every rank measures the KV heads it holds during the same sharded pass
+(the measuring work splits with the heads), then the ranks gather the measurements, so every rank
+builds the same whole-model Profile; the ``tca calibrate`` command writes it from rank 0 alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from ...core.budgets import candidate_grid
-from ...core.calibration import LayerRetention, calibration_ids, layer_retention, profile_from_retention
+from ...core.calibration import (
+    LayerRetention,
+    calibration_ids,
+    join_heads,
+    layer_retention,
+    profile_from_retention,
+)
 from ...core.config import TCAConfig
 from ...core.profile import Profile
 from ...core.retrieval import head_retrieval_scores, probe_ids
 from .layer_pass import measure_layers
+from .layout import HeadLayout, head_layout
 from .registration import check_context, check_supported
+
+T = TypeVar("T")
+
+
+def _whole_model(layout: HeadLayout, per_layer: list[T], join: Callable[[list], T]) -> list[T]:
+    """Per-layer measurements of this process's KV heads -> the whole model's (a collective when
+    the heads are sharded: every rank gathers every rank's, then ``join`` merges them per layer)."""
+    if not layout.sharded:
+        return per_layer
+    parts = layout.gather(per_layer)
+    return [join([(heads, layers[i]) for heads, layers in parts]) for i in range(len(per_layer))]
 
 
 def measure_retention(
@@ -33,7 +56,10 @@ def measure_retention(
     def measure(query: torch.Tensor, key: torch.Tensor, scale: float) -> LayerRetention:
         return layer_retention(query, key, config, scale, candidates)
 
-    return measure_layers(model, input_ids, measure, config, "calibrating layers", progress)
+    layout = head_layout(model)
+    progress = progress and layout.rank == 0
+    retention = measure_layers(model, input_ids, measure, config, "calibrating layers", progress)
+    return _whole_model(layout, retention, LayerRetention.join)
 
 
 def measure_retrieval(
@@ -46,7 +72,10 @@ def measure_retrieval(
     def measure(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
         return head_retrieval_scores(query, key, start, passage, scale)
 
+    layout = head_layout(model)
+    progress = progress and layout.rank == 0
     scores = measure_layers(model, probe, measure, config, "finding retrieval heads", progress)
+    scores = _whole_model(layout, scores, lambda parts: join_heads(parts, 0))
     return np.stack([s.double().numpy() for s in scores])
 
 

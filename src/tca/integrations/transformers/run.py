@@ -3,6 +3,11 @@
 ``TCARun`` is the handler of every attention call (see ``registration``): prefill selects and
 attends sparsely, decode and new turns go through the cache policy (``policy``), and the run's
 ``stats`` fill as the model runs.
+
+Under tensor parallelism each rank runs its own ``TCARun`` over the KV heads it holds
+(``layout``): its own budgets, its own compressed cache. ``stats`` report the whole model: the
+ranks gather their statistics after each prefill and after each ``generate`` (points every rank
+reaches together; no collective runs per decode step).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from ...core.error_bound import last_query_dropped_mass, theorem1_bound
 from ...core.profile import Profile, model_fingerprint
 from ...core.stats import RunStats
 from .cache import TCACache, TCACacheLayer
+from .layout import head_layout
 from .policy import CachePolicy
 from .registration import (
     ATTENTION_NAME,
@@ -51,17 +57,26 @@ class TCARun:
         self.config = selector.config
         self.keep_history = keep_history
         self.fingerprint = model_fingerprint(model)
-        self.group = self.fingerprint["n_heads"] // self.fingerprint["n_kv_heads"]
-        self.stats = RunStats(
-            self.fingerprint["n_layers"], self.fingerprint["n_kv_heads"], self.fingerprint["n_heads"]
-        )
+        self.layout = layout = head_layout(model)
+        self.group = layout.group
+        self.stats = RunStats(layout.n_layers, layout.n_kv_heads, layout.n_heads)  # the whole model
+        # what this process records: its own heads (the same object when it holds them all)
+        self._stats = RunStats(layout.n_layers, layout.local_kv_heads, layout.local_heads)
+        if not layout.sharded:
+            self._stats = self.stats
         self.cache: TCACache | None = None
         self.decode_keep = selector.decode_keep
+        if [len(heads) for heads in self.decode_keep] != [layout.local_kv_heads] * layout.n_layers:
+            raise ValueError(
+                f"the selector's decode_keep is not one entry per KV head held here for each of "
+                f"{layout.n_layers} layers ({layout.local_kv_heads} KV heads); build it from the "
+                "model's layout (tca.integrations.transformers.layout.head_layout(model))."
+            )
         self.policy = CachePolicy(self.config, self.group, self.decode_keep)
 
     def new_cache(self) -> TCACache:
         """A fresh compressed cache, made the run's current one."""
-        self.cache = TCACache(self.fingerprint["n_layers"], self.keep_history, self.config.block_size)
+        self.cache = TCACache(self.layout.n_layers, self.keep_history, self.config.block_size)
         return self.cache
 
     def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
@@ -75,7 +90,8 @@ class TCARun:
             return sdpa_attention_forward(
                 module, query, key, value, attention_mask, scaling=scaling, **kwargs
             )
-        if layer is not None and layer.seen > 0 and query.shape[2] == 1:
+        decoding = layer is not None and layer.seen > 0 and query.shape[2] == 1
+        if decoding:
             out = self.policy.decode(layer, query, key, value, scale)  # no mask work per decode step
         else:
             key_start = key_start_from_mask(
@@ -93,8 +109,10 @@ class TCARun:
             layer.seen += key.shape[2]
             layer.pending = 0
             self.policy.compress(layer, layer_idx, query, scale)
-            if layer_idx == self.fingerprint["n_layers"] - 1:
-                self.stats.record_cache(self.cache)
+            if layer_idx == self.layout.layers[-1]:
+                self._stats.record_cache(self.cache)
+        if layer_idx == self.layout.layers[-1] and not decoding:
+            self.gather_stats()  # a prefill's last layer: every rank is here together
         return out.transpose(1, 2).contiguous(), None
 
     def _cache_layer(self, layer_idx: int, key: torch.Tensor) -> TCACacheLayer | None:
@@ -116,8 +134,17 @@ class TCARun:
         )
         gamma = last_query_dropped_mass(query[:, :, -1], key, selection, window, scale, key_start)
         start = row_starts(key_start, key.shape[0], key.device)
-        self.stats.record_prefill(layer, selection, start, window, gamma, theorem1_bound(gamma, value))
+        self._stats.record_prefill(layer, selection, start, window, gamma, theorem1_bound(gamma, value))
         return out, selection
+
+    def gather_stats(self) -> None:
+        """Bring ``stats`` up to date with every rank's heads (tensor parallel; otherwise nothing to do).
+
+        A collective: every rank calls it at the same point. The run calls it after each prefill and
+        after each ``generate``; a hand-written decode loop calls it when it wants the cache sizes.
+        """
+        if self.layout.sharded:
+            self.stats.gather_from(self.layout.gather(self._stats))
 
     def _new_turn(self, layer: TCACacheLayer, layer_idx: int, query, key, value, key_start, scale):
         """A prefill onto a non-empty cache: select again from the whole host history when it is
@@ -143,7 +170,9 @@ def _generate_with_cache(run: TCARun, generate: Callable) -> Callable:
             kwargs[name] = run.new_cache()
         elif isinstance(given, TCACache):
             run.cache = given
-        return generate(*args, **kwargs)
+        output = generate(*args, **kwargs)
+        run.gather_stats()  # the cache sizes after decoding, from every rank
+        return output
 
     return tca_generate
 
