@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from tca.eval.compare import gaps_to_full
-from tca.eval.plots import load_rows
+from tca.eval.summary import load_rows
 
 RESULTS = Path(__file__).parent / "results"
 # (file pattern, setting in those files, name by what ran)

@@ -4,7 +4,7 @@
         --command "tca eval ..." --out benchmarks/results/eval-2026-11-25.json
 
 The output holds {"device", "model", "date", "command", "rows": [{"method", "task", "length",
-"kept_fraction", "tau", "samples", "score", ...}]} (``tca.eval.plots.summarize``: one row per
+"kept_fraction", "tau", "samples", "score", ...}]} (``tca.eval.summary.summarize``: one row per
 setting, task and length, plus the suite average), and, with ``--same-prompts N``, a second
 summary restricted to seeds below N, where every setting answered exactly the same prompts.
 ``gaps_to_full`` gives each setting's score minus full attention's on the same prompts, with a
@@ -22,16 +22,8 @@ from pathlib import Path
 from tca.cli import profile_heatmap
 from tca.core.profile import Profile
 from tca.eval.compare import gaps_to_full
-from tca.eval.plots import (
-    gap_plot,
-    load_rows,
-    needle_heatmap,
-    pareto_plot,
-    perplexity_plot,
-    results_table,
-    summarize,
-    tau_sweep_plot,
-)
+from tca.eval.plots import gap_plot, needle_heatmap, pareto_plot, perplexity_plot, tau_sweep_plot
+from tca.eval.summary import load_rows, results_table, summarize
 
 
 def complete(rows: list[dict]) -> tuple[list[dict], list[str]]:

@@ -78,7 +78,7 @@ def needle_table(names: list[str]) -> str:
 
 def eval_tables(name: str) -> str:
     """The task-suite tables: every setting, then every setting on the prompts all of them answered."""
-    from tca.eval.plots import results_table
+    from tca.eval.summary import results_table
 
     data = load(name)
     tables = [results_table(data["rows"])]
