@@ -19,10 +19,10 @@ import argparse
 import json
 from pathlib import Path
 
-from tca.cli import profile_heatmap
 from tca.core.profile import Profile
 from tca.eval.compare import gaps_to_full
 from tca.eval.plots import gap_plot, needle_heatmap, pareto_plot, perplexity_plot, tau_sweep_plot
+from tca.eval.profile_view import profile_heatmap
 from tca.eval.summary import load_rows, results_table, summarize
 
 
