@@ -51,9 +51,23 @@ def needle_value(rng: random.Random, kind: str, avoid: set[str]) -> str:
             return value
 
 
+def needle_values(rng: random.Random, kind: str, keys: list[str]) -> list[str]:
+    """One seeded value of ``kind`` per key: distinct, and none a word of a key."""
+    avoid = {word for key in keys for word in key.split("-")}
+    values: list[str] = []
+    for _ in keys:
+        values.append(needle_value(rng, kind, avoid | set(values)))
+    return values
+
+
 def needle_sentence(kind: str, key: str, value: str) -> str:
     """The needle sentence stating ``value`` for ``key``."""
     return f"The special magic {kind} for {key} is: {value}."
+
+
+def needle_question(kind: str, key: str, source: str = "the text above") -> str:
+    """The question asking for the one needle of ``key``, mentioned in ``source``."""
+    return f"What is the special magic {kind} for {key} mentioned in {source}? Answer with the {kind} only."
 
 
 def _niah_question(task: str, kind: str, keys: list[str]) -> str:
@@ -69,10 +83,7 @@ def _niah_question(task: str, kind: str, keys: list[str]) -> str:
             f"What are the special magic {kind}s for {listed} mentioned in the text above? "
             f"Answer with the {kind} for each of them."
         )
-    return (
-        f"What is the special magic {kind} for {keys[0]} mentioned in the text above? "
-        f"Answer with the {kind} only."
-    )
+    return needle_question(kind, keys[0])
 
 
 def build_niah(tokenizer, rng: random.Random, length: int, task: str) -> Built:
@@ -81,10 +92,7 @@ def build_niah(tokenizer, rng: random.Random, length: int, task: str) -> Built:
     book = choose_book(rng, length)
     count = 1 if task.startswith("niah_single") else 4
     keys = needle_keys(rng, 1) * count if task == "niah_multivalue" else needle_keys(rng, count)
-    avoid = {word for key in keys for word in key.split("-")}
-    values: list[str] = []
-    for _ in keys:
-        values.append(needle_value(rng, kind, avoid | set(values)))
+    values = needle_values(rng, kind, keys)
     depths = seeded_depths(rng, count)
     asked = [rng.randrange(count)] if task == "niah_multikey" else list(range(count))
     question = _niah_question(task, kind, list(dict.fromkeys(keys[i] for i in asked)))
@@ -106,10 +114,7 @@ def build_multi_turn_needle(tokenizer, rng: random.Random, length: int) -> Built
     book = choose_book(rng, length)
     key = needle_keys(rng, 1)[0]
     number = needle_value(rng, "number", set())
-    question = (
-        f"What is the special magic number for {key} mentioned in the document I gave you? "
-        f"Answer with the number only."
-    )
+    question = needle_question("number", key, "the document I gave you")
 
     def turns_of(document: str) -> Turns:
         return [f"{document}\n\n{FIRST_TURN}", SECOND_TURN, question]
