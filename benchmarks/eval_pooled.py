@@ -21,9 +21,9 @@ import json
 from pathlib import Path
 
 from tca.eval.compare import gaps_to_full
-from tca.eval.plots import load_rows
 from tca.eval.provenance import provenance
 from tca.eval.spec import TCA_OPTIONS
+from tca.eval.summary import load_rows
 
 RESULTS = Path(__file__).parent / "results"
 INPUTS = [  # the fresh-seed answers of full attention and of TCA at tau 0.9 with the defaults

@@ -6,7 +6,7 @@
 The output holds the provenance of this report (``command``, ``commit``, ``tca``, ``config``), the
 run's "device", "versions", "model", "date" and "run_commands", the ``inputs`` read, and "rows":
 [{"method", "task", "length", "kept_fraction", "tau", "samples", "score", ...}]
-(``tca.eval.plots.summarize``: one row per setting, task and length, plus the suite average),
+(``tca.eval.summary.summarize``: one row per setting, task and length, plus the suite average),
 and, with ``--same-prompts N``, a second summary restricted to seeds below N, where every
 setting answered exactly the same prompts.
 ``gaps_to_full`` gives each setting's score minus full attention's on the same prompts, with a
@@ -21,20 +21,12 @@ import argparse
 import json
 from pathlib import Path
 
-from tca.cli import profile_heatmap
 from tca.core.profile import Profile
 from tca.eval.compare import gaps_to_full
-from tca.eval.plots import (
-    gap_plot,
-    load_rows,
-    needle_heatmap,
-    pareto_plot,
-    perplexity_plot,
-    results_table,
-    summarize,
-    tau_sweep_plot,
-)
+from tca.eval.plots import gap_plot, needle_heatmap, pareto_plot, perplexity_plot, tau_sweep_plot
+from tca.eval.profile_view import profile_heatmap
 from tca.eval.provenance import provenance
+from tca.eval.summary import load_rows, results_table, summarize
 
 
 def complete(rows: list[dict]) -> tuple[list[dict], list[str]]:

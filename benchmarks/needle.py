@@ -1,9 +1,10 @@
 """Needle-in-a-haystack on real prose with SmolLM2: dense vs TCA on the same prompts (issue 5's check).
 
 Tasks: a single needle, three needles asked for one, and a needle given in turn 1 of a chat and
-asked for in turn 2 (the TCA cache re-selects from its host history at turn 2). Reports, per task
-and length, how many answers are right with each, and the KV bytes the TCA cache held against a
-dense cache for the same tokens.
+asked for in turn 2 (the TCA cache re-selects from its host history at turn 2); the samples are
+made by the task suite's needle code (``tca.eval.needle``), a length is the context in tokens.
+Reports, per task and length, how many answers are right with each, and the KV bytes the TCA
+cache held against a dense cache for the same tokens.
 
     python benchmarks/needle.py --profile PATH --out benchmarks/results/needle-cpu.json
 """
@@ -18,7 +19,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tca.bundled import texts
 from tca.bundled.models import load_model
 from tca.core.profile import Profile
 from tca.eval.chat import ask, ask_two_turns
@@ -58,6 +58,7 @@ def _answer(model, tokenizer, sample, run) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line (a committed result's ``command`` parses with it)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -88,18 +89,15 @@ def main() -> None:
         overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
         calibrate(model, tokenizer, config=TCAConfig.for_model(model, **overrides)).save(args.profile)
     profile = Profile.load(args.profile)
-    prose = texts.evaluation_texts()
-    names = sorted(prose)
     rows = []
     jobs = [(t, n, s) for t in args.tasks for n in args.lengths for s in range(args.samples)]
     for task, length, seed in tqdm(jobs, desc="needles"):
-        text = prose[names[seed % len(names)]]
-        sample = make_sample(tokenizer, task, text, length, seed)
+        sample = make_sample(tokenizer, task, length, seed)
         row = {
             "task": task,
             "length": length,
             "seed": seed,
-            "text": names[seed % len(names)],
+            "text": sample.book,
             "expected": sample.answer,
             "depths": sample.depths,
             "dense": run_sample(model, tokenizer, sample, None),

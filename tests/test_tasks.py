@@ -328,3 +328,35 @@ def test_depths(tokenizer, task):
 def test_no_depths_without_a_document(tokenizer):
     assert _sample(tokenizer, "common_words", 1024, 0).depths == []
     assert _sample(tokenizer, "frequent_words", 1024, 0).depths == []
+
+
+# --- the needle benchmark's samples (tca.eval.needle: the suite's needles in one or two turns) ---
+
+
+@pytest.mark.parametrize("task", ["single", "multi", "two_turn"])
+def test_needle_benchmark_samples(tokenizer, task):
+    from tca.eval import needle
+
+    books = _book_paragraphs()
+    for length, seed in [(1024, 0), (2048, 3)]:
+        sample = needle.make_sample(tokenizer, task, length, seed)
+        assert sample == needle.make_sample(tokenizer, task, length, seed)
+        needles = NEEDLE.findall(sample.document)
+        assert len(needles) == (3 if task == "multi" else 1) == len(sample.depths)
+        assert all(kind == "number" and re.fullmatch(r"[1-9]\d{6}", value) for kind, _, value in needles)
+        asked = [value for _, key, value in needles if key in sample.question]
+        assert asked == [sample.answer] and sample.document.count(sample.answer) == 1
+        assert ("the document I gave you" if task == "two_turn" else "the text above") in sample.question
+        prose = [p for p in sample.document.split("\n\n") if not NEEDLE.fullmatch(p)]
+        assert {books.get(p) for p in prose} == {sample.book}  # whole paragraphs of one bundled book
+        starts = [match.start() for match in NEEDLE.finditer(sample.document)]
+        for start, depth in zip(starts, sorted(sample.depths), strict=True):  # by characters here
+            assert abs(start / len(sample.document) - depth) < 0.1
+        turns = sample.turns()
+        assert len(turns) == (2 if task == "two_turn" else 1)
+        limit = length - ANSWER_TOKENS * len(turns)
+        assert 0.85 * limit <= _rendered_tokens(tokenizer, turns) <= limit
+        assert needle.score(sample, f"It is {sample.answer}.") == 100.0
+        assert needle.score(sample, "I do not know.") == 0.0
+    with pytest.raises(ValueError, match="unknown needle task"):
+        needle.make_sample(tokenizer, "niah_single_number", 1024, 0)

@@ -28,6 +28,7 @@ from .budgets import DENSE, block_budgets, candidate_grid, rank_fractions
 from .config import TCAConfig
 from .profile import Profile, model_fingerprint
 from .selection import candidate_importance, keep_mask, rank_blocks
+from .softmax import causal_prob_chunks
 
 TOLERANCE = 1e-6
 
@@ -89,20 +90,14 @@ def window_and_outside_mass(query: torch.Tensor, key: torch.Tensor, window: int,
         base: (G,) summed window mass; outside: (G, L - window) summed mass per key from
         queries that see it outside their window; count: number of (query, head) rows summed.
     """
-    n_heads, context_len, head_dim = query.shape
-    n_kv = key.shape[0]
-    group = n_heads // n_kv
+    n_kv, context_len = key.shape[0], key.shape[1]
+    group = query.shape[0] // n_kv
     n_candidates = context_len - window
-    q = query.float().view(n_kv, group, context_len, head_dim)
-    k = key.float()
     base = torch.zeros(n_kv, dtype=torch.float64)
     outside = torch.zeros(n_kv, n_candidates, dtype=torch.float64)
-    for lo in range(window, context_len, chunk):
-        hi = min(lo + chunk, context_len)
-        scores = torch.matmul(q[:, :, lo:hi], k[:, None, :hi].transpose(-1, -2)) * scale  # (G, group, C, hi)
+    for lo, hi, probs in causal_prob_chunks(query, key, scale, chunk, start=window):  # (G, group, C, hi)
         rows = torch.arange(lo, hi, device=query.device).view(-1, 1)
         cols = torch.arange(hi, device=query.device).view(1, -1)
-        probs = torch.softmax(scores.masked_fill(cols > rows, float("-inf")), dim=-1)
         in_window = cols > rows - window
         base += (probs * in_window).sum((1, 2, 3)).double().cpu()
         seen_outside = probs.masked_fill(in_window, 0.0)[..., :n_candidates]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .selection import Selection
+from .softmax import causal_probs
 
 
 def last_query_dropped_mass(
@@ -27,16 +28,10 @@ def last_query_dropped_mass(
     Returns:
         (B, H) float32 in [0, 1].
     """
-    batch, n_heads, head_dim = query.shape
+    batch, n_heads, _ = query.shape
     n_kv, context_len = key.shape[1], key.shape[2]
-    group = n_heads // n_kv
-    q = query.float().view(batch, n_kv, group, head_dim)
-    scores = torch.einsum("bgqd,bgkd->bgqk", q, key.float()) * scale  # (B, G, group, L)
+    probs = causal_probs(query.unsqueeze(2), key, scale, key_start=key_start).squeeze(3)  # (B, G, group, L)
     cols = torch.arange(context_len, device=key.device)
-    valid = torch.ones(batch, context_len, dtype=torch.bool, device=key.device)
-    if key_start is not None:
-        valid = cols.view(1, -1) >= key_start.view(-1, 1)
-    probs = torch.softmax(scores.masked_fill(~valid.view(batch, 1, 1, -1), float("-inf")), dim=-1)
     attended = (cols >= context_len - local_window).view(1, 1, -1).expand(batch, n_kv, -1).long()
     in_range = (selection.indices < context_len).long()
     attended = attended.scatter_add(-1, selection.indices.clamp_max(context_len - 1), in_range) > 0

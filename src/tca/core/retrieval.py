@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .config import TCAConfig
+from .softmax import causal_probs
 
 PASSAGE_TOKENS = 256
 
@@ -54,14 +55,8 @@ def head_retrieval_scores(
         (G,) float32: per KV head, the max over its query heads of the mean (over the copy's
         queries but its last) softmax mass on the source token and its successor.
     """
-    n_heads, _, head_dim = query.shape
-    n_kv = key.shape[0]
-    group = n_heads // n_kv
-    rows = torch.arange(start, start + passage - 1, device=query.device)  # copy queries
-    q = query[:, rows].float().view(n_kv, group, len(rows), head_dim)
-    logits = torch.matmul(q, key[:, None, : int(rows[-1]) + 1].float().transpose(-1, -2)) * scale
-    cols = torch.arange(logits.shape[-1], device=query.device).view(1, -1)
-    probs = torch.softmax(logits.masked_fill(cols > rows.view(-1, 1), float("-inf")), dim=-1)
-    source = torch.arange(len(rows), device=query.device)  # copy token i <- source token i
+    end = start + passage - 1  # the copy's queries but its last
+    probs = causal_probs(query[:, start:end], key[:, :end], scale)  # (G, group, passage - 1, end)
+    source = torch.arange(passage - 1, device=query.device)  # copy token i <- source token i
     mass = probs[..., source, source] + probs[..., source, source + 1]  # (G, group, passage - 1)
     return mass.mean(-1).amax(-1).cpu()

@@ -33,6 +33,7 @@ import torch
 from ..core.error_bound import last_query_dropped_mass, theorem1_bound
 from ..core.profile import Profile
 from ..core.selection import Selection
+from ..core.softmax import causal_prob_chunks
 from ..integrations.transformers.registration import attention_handler, attention_modules, check_supported
 from ..integrations.transformers.run import apply
 from ..integrations.transformers.selector import ProfileSelector
@@ -96,18 +97,13 @@ def dropped_mass(
     Returns:
         (H, L) float32 in [0, 1].
     """
-    _, n_heads, context_len, head_dim = query.shape
+    _, n_heads, context_len, _ = query.shape
     n_kv = key.shape[1]
-    q = query[0].float().view(n_kv, n_heads // n_kv, context_len, head_dim)
-    k = key[0].float()
     kept = kept_mask(selection, n_kv).view(n_kv, 1, 1, context_len)
     cols = torch.arange(context_len, device=key.device)
     parts = []
-    for lo in range(0, context_len, chunk):
-        hi = min(lo + chunk, context_len)
+    for lo, hi, probs in causal_prob_chunks(query[0], key[0], scale, chunk):  # (G, group, C, hi)
         rows = torch.arange(lo, hi, device=key.device).view(-1, 1)
-        scores = torch.matmul(q[:, :, lo:hi], k[:, None, :hi].transpose(-1, -2)) * scale  # (G, g, C, hi)
-        probs = torch.softmax(scores.masked_fill(cols[:hi] > rows, float("-inf")), dim=-1)
         seen = (cols[:hi] > rows - local_window) | (kept[..., :hi] & (cols[:hi] <= rows - local_window))
         parts.append((probs * ~seen).sum(-1))  # (G, group, C); non-causal keys have probability 0
     return torch.cat(parts, dim=-1).reshape(n_heads, context_len)
@@ -126,13 +122,11 @@ def value_inf_norm(value: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def dense_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, chunk: int = 256
 ) -> torch.Tensor:
-    """Dense causal attention in float32 (SDPA, GQA): query (1, H, L, d), key, value (1, G, L, d)
-    -> (1, H, L, d) float32."""
-    return torch.nn.functional.scaled_dot_product_attention(
-        query.float(), key.float(), value.float(), is_causal=True, scale=scale, enable_gqa=True
-    )
+    """Dense causal attention in float32 (``reference.dense_causal``, GQA, ``chunk`` queries at a
+    time): query (1, H, L, d), key, value (1, G, L, d) -> (1, H, L, d) float32."""
+    return reference.dense_causal(query.float(), key.float(), value.float(), scale, query_chunk=chunk)
 
 
 def isolated_layer_error(
@@ -156,7 +150,7 @@ def isolated_layer_error(
     q, k, v = (t.float() for t in (query, key, value))
     n_heads = q.shape[1]
     if dense is None:
-        dense = dense_attention(q, k, v, scale)
+        dense = dense_attention(q, k, v, scale, chunk)
     sparse = reference.sparse_prefill(q, k, v, selection, local_window, scale, None, chunk)
     dense, diff = dense[0].float(), (dense - sparse)[0].float()  # (H, L, d)
     err, elem_err = diff.abs().sum(-1), diff.abs().amax(-1)  # (H, L)
@@ -193,7 +187,7 @@ def isolated_layer_error(
 class DenseTracer:
     """Attention handler for a dense forward pass that measures each layer's isolated TCA error.
 
-    It answers every layer with dense causal attention (SDPA, float32). On the way it records
+    It answers every layer with dense causal attention (``dense_attention``, float32). On the way it records
     ``errors[layer]``, the isolated error of the profile's selection on the layer's dense inputs.
     """
 
@@ -208,7 +202,7 @@ class DenseTracer:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         layer = module.layer_idx
         selection = self.selector.select(layer, query, key, scale, None)
-        dense = dense_attention(query, key, value, scale)
+        dense = dense_attention(query, key, value, scale, self.chunk)
         self.errors[layer] = isolated_layer_error(
             query, key, value, selection, self.window, scale, dense, self.chunk
         )

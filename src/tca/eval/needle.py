@@ -1,9 +1,12 @@
-"""Needle-in-a-haystack on real prose: single needle, three needles asked for one, and a needle
-given in the first turn of a chat and asked for in the second.
+"""The needle benchmark's samples (``benchmarks/needle.py``), made by the task suite's needle code.
 
-A needle is the sentence "The special magic number for <key> is <6 digits>." placed between two
-paragraphs of a real text at a seeded depth; the haystack is a seeded excerpt of the bundled
-evaluation prose (never the calibration text). A sample is correct when the digits appear in
+Three tasks: ``single`` (one needle, asked for), ``multi`` (three needles with different keys,
+one asked for) and ``two_turn`` (one needle in the document of turn 1, which asks for a summary;
+turn 2 asks for the needle, on the same cache). Needles, keys, values, questions, the haystack
+and the depths are those of the suite's ``niah_*`` tasks (``tca.eval.tasks.needles``): a
+7-digit "special magic number" sentence of its own at a seeded depth of a seeded excerpt of a
+bundled evaluation book (never the calibration text). The rendered prompt, all turns, stays
+within ``length`` less ``ANSWER_TOKENS`` per turn. A sample is correct when the digits appear in
 the model's answer.
 """
 
@@ -12,69 +15,61 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-KEYS = (
-    "amber harbour",
-    "copper lantern",
-    "silent orchard",
-    "granite bridge",
-    "velvet comet",
-    "hollow reed",
-    "crimson ledger",
-    "quiet glacier",
-    "paper falcon",
-    "iron meadow",
-    "linen compass",
-    "misty quarry",
-)
+from .tasks.needles import FIRST_TURN, needle_keys, needle_question, needle_sentence, needle_values
+from .tasks.text import Turns, choose_book, haystack_document, seeded_depths
+
 TASKS = ("single", "multi", "two_turn")
+NEEDLES = {"single": 1, "multi": 3, "two_turn": 1}  # needles planted per task; one is asked for
 
 
 @dataclass
 class NeedleSample:
-    """One prompt: the document (haystack with needles), the question, and the expected digits."""
+    """One prompt: the document (haystack with needles), the question, and the expected digits.
+
+    ``single`` and ``multi`` ask ``question`` after the document in one user message; ``two_turn``
+    sends the document with ``first_turn``, then ``question`` alone. ``depths``: each needle's
+    share of the document's tokens before it; ``book``: the bundled text the haystack is from.
+    """
 
     task: str
     document: str
     question: str
     answer: str
     depths: list[float] = field(default_factory=list)
-    first_turn: str = "Summarise the first sentence of the document in a few words."
+    first_turn: str = FIRST_TURN
+    book: str = ""
+
+    def turns(self) -> Turns:
+        """The user messages, as ``tca.eval.chat.ask`` / ``ask_two_turns`` send them."""
+        return _turns(self.task, self.document, self.question, self.first_turn)
 
 
-def _needle(key: str, number: str) -> str:
-    return f"The special magic number for {key} is {number}."
+def _turns(task: str, document: str, question: str, first_turn: str = FIRST_TURN) -> Turns:
+    if task == "two_turn":
+        return [f"{document}\n\n{first_turn}", question]
+    return [f"{document}\n\n{question}"]
 
 
-def haystack(tokenizer, text: str, tokens: int, rng: random.Random) -> list[str]:
-    """Paragraphs of ``text`` from a seeded start, about ``tokens`` tokens in all."""
-    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
-    start = rng.randrange(0, max(1, len(paragraphs) // 2))
-    chosen, count = [], 0
-    for paragraph in paragraphs[start:] + paragraphs[:start]:
-        size = len(tokenizer(paragraph, add_special_tokens=False)["input_ids"]) + 2
-        if count + size > tokens:
-            break
-        chosen.append(paragraph)
-        count += size
-    return chosen
+def make_sample(tokenizer, task: str, length: int, seed: int) -> NeedleSample:
+    """The seeded sample of ``task`` for a context of ``length`` tokens of ``tokenizer``.
 
-
-def make_sample(tokenizer, task: str, text: str, tokens: int, seed: int) -> NeedleSample:
-    """A seeded sample of ``task`` with a haystack of about ``tokens`` tokens from ``text``."""
+    The same arguments give the same sample.
+    """
     if task not in TASKS:
         raise ValueError(f"unknown needle task {task!r}; choose from {TASKS}")
-    rng = random.Random(f"{task}-{tokens}-{seed}")
-    paragraphs = haystack(tokenizer, text, tokens - 60, rng)
-    keys = rng.sample(KEYS, 3 if task == "multi" else 1)
-    numbers = [str(rng.randrange(100000, 1000000)) for _ in keys]
-    depths = sorted(rng.uniform(0.05, 0.95) for _ in keys)
-    for depth, key, number in sorted(zip(depths, keys, numbers, strict=True), reverse=True):
-        paragraphs.insert(round(depth * len(paragraphs)), _needle(key, number))
-    target = rng.randrange(len(keys))
-    question = f"What is the special magic number for {keys[target]} mentioned in the document?"
-    return NeedleSample(
-        task=task, document="\n\n".join(paragraphs), question=question, answer=numbers[target], depths=depths
+    rng = random.Random(f"tca-needle|{task}|{length}|{seed}")
+    book = choose_book(rng, length)
+    keys = needle_keys(rng, NEEDLES[task])
+    numbers = needle_values(rng, "number", keys)
+    asked = rng.randrange(len(keys))
+    source = "the document I gave you" if task == "two_turn" else "the text above"
+    question = needle_question("number", keys[asked], source)
+    facts = [needle_sentence("number", key, number) for key, number in zip(keys, numbers, strict=True)]
+    depths = seeded_depths(rng, len(keys))
+    document, placed = haystack_document(
+        tokenizer, rng, book, length, facts, depths, lambda d: _turns(task, d, question)
     )
+    return NeedleSample(task, document, question, numbers[asked], placed, book=book)
 
 
 def score(sample: NeedleSample, output: str) -> float:

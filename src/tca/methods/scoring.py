@@ -10,6 +10,7 @@ import math
 import torch
 
 from ..core.selection import keep_mask
+from ..core.softmax import causal_probs
 
 
 def observation_probs(
@@ -24,17 +25,11 @@ def observation_probs(
     Returns:
         (G, group, m_obs, n_columns) float32 with m_obs = min(n_obs, m); each row sums to 1.
     """
-    n_heads, m, head_dim = queries.shape
-    n_kv, n, _ = keys.shape
+    m, n = queries.shape[1], keys.shape[1]
     n_columns = n if n_columns is None else n_columns
     m_obs = min(n_obs, m)
-    q = queries[:, m - m_obs :].float().reshape(n_kv, n_heads // n_kv, m_obs, head_dim)
-    k = keys[:, :n_columns].float().unsqueeze(1)  # (G, 1, n_columns, d)
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scale  # (G, group, m_obs, n_columns)
-    positions = torch.arange(n - m_obs, n, device=keys.device).view(-1, 1)
-    columns = torch.arange(n_columns, device=keys.device).view(1, -1)
-    logits = logits.masked_fill(columns > positions, -math.inf)  # column 0 is always visible
-    return torch.softmax(logits, dim=-1)
+    # each query sees column 0, so every row sums to 1
+    return causal_probs(queries[:, m - m_obs :], keys[:, :n_columns], scale, first_row=n - m_obs)
 
 
 def top_indices(scores: torch.Tensor, count: int) -> torch.Tensor:

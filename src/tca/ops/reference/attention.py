@@ -11,17 +11,7 @@ from __future__ import annotations
 import torch
 
 from ...core.selection import Selection
-
-
-def _masked_softmax_combine(
-    scores: torch.Tensor, visible: torch.Tensor, values: torch.Tensor
-) -> torch.Tensor:
-    """softmax(scores | visible) @ values; rows with nothing visible give zeros."""
-    scores = scores.masked_fill(~visible, float("-inf"))
-    row_max = scores.amax(-1, keepdim=True).nan_to_num(neginf=0.0)
-    weights = torch.exp(scores - row_max) * visible
-    denom = weights.sum(-1, keepdim=True)
-    return torch.matmul(weights / denom.clamp_min(1e-30), values)
+from ...core.softmax import causal_prob_chunks, grouped_logits, masked_softmax
 
 
 def _fused_masked_attention(
@@ -112,32 +102,12 @@ def dense_causal(
     The queries are the last Lq positions of the Lk keys. ``query_chunk`` streams the queries so
     memory is O(chunk * Lk) rather than O(Lq * Lk).
     """
-    q_len = query.shape[2]
-    chunk = query_chunk or q_len
-    if q_len > chunk:
-        parts = [
-            dense_causal(
-                query[:, :, lo : lo + chunk],
-                key[:, :, : key.shape[2] - q_len + lo + chunk],
-                value[:, :, : key.shape[2] - q_len + lo + chunk],
-                scale,
-                key_start,
-            )
-            for lo in range(0, q_len, chunk)
-        ]
-        return torch.cat(parts, dim=2)
-    batch, n_heads, _, head_dim = query.shape
-    n_kv, k_len = key.shape[1], key.shape[2]
-    group = n_heads // n_kv
-    q = query.float().view(batch, n_kv, group, q_len, head_dim)
-    scores = torch.matmul(q, key.float().unsqueeze(2).transpose(-1, -2)) * scale  # (B, G, group, Lq, Lk)
-    rows = torch.arange(k_len - q_len, k_len, device=query.device).view(-1, 1)
-    cols = torch.arange(k_len, device=query.device).view(1, -1)
-    visible = (cols <= rows).view(1, 1, 1, q_len, k_len)
-    if key_start is not None:
-        visible = visible & (cols >= key_start.view(-1, 1, 1, 1, 1))
-    out = _masked_softmax_combine(scores, visible, value.float().unsqueeze(2).expand(-1, -1, group, -1, -1))
-    return out.view(batch, n_heads, q_len, head_dim).to(query.dtype)
+    batch, n_heads, q_len, head_dim = query.shape
+    values = value.float().unsqueeze(2)  # (B, G, 1, Lk, d)
+    chunks = causal_prob_chunks(query, key, scale, max(query_chunk or q_len, 1), key_start=key_start)
+    parts = [torch.matmul(probs, values[..., :hi, :]) for _, hi, probs in chunks]  # (B, G, group, C, d)
+    out = torch.cat(parts, dim=3) if parts else query.new_zeros(batch, n_heads, 0, head_dim)
+    return out.reshape(batch, n_heads, q_len, head_dim).to(query.dtype)
 
 
 def decode_reference(
@@ -159,14 +129,11 @@ def decode_reference(
     """
     batch, n_heads, _, head_dim = query.shape
     n_kv, max_len = key.shape[1], key.shape[2]
-    group = n_heads // n_kv
     scale = head_dim**-0.5 if scale is None else scale
-    q = query.float().view(batch, n_kv, group, 1, head_dim)
-    scores = torch.matmul(q, key.float().unsqueeze(2).transpose(-1, -2)) * scale  # (B, G, group, 1, Kmax)
+    scores = grouped_logits(query, key, scale)  # (B, G, group, 1, Kmax)
     cols = torch.arange(max_len, device=query.device).view(1, 1, 1, 1, -1)
     visible = cols < lengths.to(query.device).view(batch, n_kv, 1, 1, 1)
-    values = value.float().unsqueeze(2).expand(-1, -1, group, -1, -1)
-    out = _masked_softmax_combine(scores, visible.expand_as(scores), values)
+    out = torch.matmul(masked_softmax(scores, visible), value.float().unsqueeze(2))  # (B, G, group, 1, d)
     return out.view(batch, n_heads, 1, head_dim).to(query.dtype)
 
 
@@ -253,5 +220,5 @@ def attend_after_cache(
     rows = torch.arange(n, device=query.device).view(1, 1, -1, 1)
     cached = cols < lengths.view(-1, 1, 1, 1)
     new = (cols >= capacity) & (cols - capacity <= rows)
-    out = _masked_softmax_combine(scores, cached | new, values.expand(-1, query.shape[1], -1, -1))
+    out = torch.matmul(masked_softmax(scores, cached | new), values)  # (B, group, n, d)
     return out.to(query.dtype)

@@ -1,0 +1,63 @@
+"""What every ``tca`` command shares: the user-error type, model options and loading, text files."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+MIB = 1024 * 1024
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs, reported as one line."""
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
+
+def check_device(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available here; use --device cpu.")
+    return device
+
+
+def load(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(model, tokenizer) from ``--model``, ``--device`` and ``--dtype``."""
+    from ..bundled.models import load_model
+
+    device = check_device(args.device)
+    return load_model(args.model, dtype=torch_dtype(args.dtype), device=device)
+
+
+def read_text(path: str, what: str) -> str:
+    """The UTF-8 text of file ``path`` (option ``what``); a missing or binary file is a UserError."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{what} {path}: no such file.")
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text.") from None
+
+
+def check_folder(path: str, option: str) -> Path:
+    """``path`` as a Path whose folder exists (a UserError naming ``option`` otherwise)."""
+    out = Path(path)
+    if not out.parent.is_dir():
+        raise UserError(f"{option} {path}: the folder {out.parent} does not exist.")
+    return out
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default="smollm2", help="'smollm2' (bundled) or a local HF checkpoint directory"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="parameter dtype")
