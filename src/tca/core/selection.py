@@ -27,11 +27,14 @@ class Selection:
             ``context_len`` (an index no query can see, so kernels need no separate mask).
         counts: (B, G) int64, valid entries per row.
         context_len: L, the number of keys the selection was made over.
+        head_bounds: per KV head, a host-side upper bound of its counts over the rows (None: not
+            known without reading ``counts`` from the device).
     """
 
     indices: torch.Tensor
     counts: torch.Tensor
     context_len: int
+    head_bounds: list[int] | None = None
 
 
 def candidate_importance(
@@ -169,12 +172,14 @@ def select(
 
 def pack_selection(rows: list[list[torch.Tensor]], context_len: int, device: torch.device) -> Selection:
     """Pad per-(batch, KV head) index lists into a ``Selection``."""
-    counts = torch.tensor([[len(r) for r in row] for row in rows], dtype=torch.int64, device=device)
+    lengths = [[len(r) for r in row] for row in rows]
+    counts = torch.tensor(lengths, dtype=torch.int64, device=device)
     width = int(counts.max()) if counts.numel() else 0
+    bounds = [max(column) for column in zip(*lengths, strict=True)] if rows else []
     indices = torch.full(
         (len(rows), len(rows[0]) if rows else 0, width), context_len, dtype=torch.int64, device=device
     )
     for b, row in enumerate(rows):
         for g, kept in enumerate(row):
             indices[b, g, : len(kept)] = kept
-    return Selection(indices=indices, counts=counts, context_len=context_len)
+    return Selection(indices=indices, counts=counts, context_len=context_len, head_bounds=bounds)

@@ -73,6 +73,7 @@ class RunStats:
         self.dense_pairs = np.zeros(self.n_layers)
         self.gamma = np.zeros((self.n_layers, self.n_heads))
         self.error_bound = np.zeros((self.n_layers, self.n_heads))
+        self._pending: list[tuple[int, torch.Tensor]] = []  # layers recorded, not yet on the host
 
     def record_prefill(
         self,
@@ -83,19 +84,41 @@ class RunStats:
         gamma: torch.Tensor,
         bound: torch.Tensor,
     ) -> None:
-        """Store one layer's prefill figures (batch-averaged)."""
+        """Queue one layer's prefill figures (batch-averaged), on the device: ``flush`` brings every
+        queued layer to the host with one synchronisation, so a prefill waits once, not per layer."""
         tca_pairs, dense_pairs = pair_counts(selection, key_start, local_window)
         n = (selection.context_len - key_start).double()
         counts = selection.counts.double()
-        self.kept_counts[layer] = counts.mean(0).cpu().numpy()
-        self.kept_entries[layer] = (counts + n.clamp(max=local_window).view(-1, 1)).mean(0).cpu().numpy()
-        self.context_tokens[layer] = float(n.mean())
-        self.tca_pairs[layer] = tca_pairs.double().sum(0).cpu().numpy()
-        self.dense_pairs[layer] = float(dense_pairs.double().sum())
-        self.gamma[layer] = gamma.double().mean(0).cpu().numpy()
-        self.error_bound[layer] = bound.double().mean(0).cpu().numpy()
+        figures = [
+            counts.mean(0),
+            (counts + n.clamp(max=local_window).view(-1, 1)).mean(0),
+            n.mean().view(1),
+            tca_pairs.double().sum(0),
+            dense_pairs.double().sum().view(1),
+            gamma.double().mean(0),
+            bound.double().mean(0),
+        ]
+        self._pending.append((layer, torch.cat([f.to(counts.device) for f in figures])))
         if layer == 0:
             self.prefills += 1
+
+    def flush(self) -> None:
+        """Store the queued layers' figures in the arrays (one device-to-host copy)."""
+        if not self._pending:
+            return
+        layers = [layer for layer, _ in self._pending]
+        values = torch.stack([v for _, v in self._pending]).cpu().numpy()
+        self._pending = []
+        g, h = self.n_kv_heads, self.n_heads
+        for layer, row in zip(layers, values, strict=True):
+            parts = np.split(row, np.cumsum([g, g, 1, g, 1, h]))
+            self.kept_counts[layer], self.kept_entries[layer] = parts[0], parts[1]
+            self.context_tokens[layer], self.tca_pairs[layer] = parts[2][0], parts[3]
+            self.dense_pairs[layer], self.gamma[layer], self.error_bound[layer] = (
+                parts[4][0],
+                parts[5],
+                parts[6],
+            )
 
     def record_cache(self, cache) -> None:
         """Store the compressed cache's sizes: device bytes, dense-equivalent bytes, host history bytes."""
@@ -106,16 +129,19 @@ class RunStats:
     @property
     def kept_fraction(self) -> float:
         """KV entries kept after prefill / context tokens (window included), mean over layers, KV heads."""
+        self.flush()
         return float((self.kept_entries / self.context_tokens[:, None].clip(min=1)).mean())
 
     @property
     def pairs_fraction(self) -> float:
         """Query-key pairs computed over dense causal pairs (the prefill's attention cost)."""
+        self.flush()
         return float(self.tca_pairs.mean(1).sum() / max(self.dense_pairs.sum(), 1.0))
 
     @property
     def gamma_per_kv_head(self) -> np.ndarray:
         """(n_layers, n_kv_heads): the largest dropped mass among each KV head's query heads."""
+        self.flush()
         return self.gamma.reshape(self.n_layers, self.n_kv_heads, -1).max(-1)
 
     def gather_from(self, parts: Sequence[tuple[Sequence[int], RunStats]]) -> None:

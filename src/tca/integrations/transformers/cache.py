@@ -57,28 +57,33 @@ class LayerStore:
     Attributes:
         keys, values: (B, S, d); positions: (B, S) int64 (a slot past a head's length is garbage).
         offsets: G host ints, head g's first slot; capacity: G host ints, its slots.
-        lengths: (B, G) int64 on the device; lengths_host: the same as a numpy array.
+        lengths: (B, G) int32 on the device (the decode kernels update it in place);
+        bound_host: (B, G) numpy, an upper bound of ``lengths`` kept on the host (exact when the
+            store was made from host lengths; every later change is applied to both).
     """
 
-    def __init__(self, keys, values, positions, offsets: list[int], capacity: list[int], lengths_host):
+    def __init__(self, keys, values, positions, offsets, capacity, bound_host, lengths=None):
         self.keys, self.values, self.positions = keys, values, positions
         self.offsets, self.capacity = offsets, capacity
-        self.lengths_host = np.asarray(lengths_host, dtype=np.int64)  # (B, G)
-        # int32 (the decode kernels update it in place); a copy, never sharing the host mirror's memory
-        self.lengths = torch.tensor(self.lengths_host, dtype=torch.int32, device=keys.device)
+        self.bound_host = np.array(bound_host, dtype=np.int64)  # (B, G), a copy
+        if lengths is None:
+            lengths = torch.tensor(self.bound_host, device=keys.device)
+        self.lengths = lengths.to(device=keys.device, dtype=torch.int32)
         self.offsets_device = torch.tensor(offsets, dtype=torch.int64, device=keys.device)
         self.rows = torch.arange(keys.shape[0], device=keys.device).view(-1, 1, 1)
 
     @classmethod
-    def gather(cls, key, value, indices, lengths_host, reserve: int) -> LayerStore:
+    def gather(cls, key, value, indices, bound_host, reserve: int, lengths=None) -> LayerStore:
         """Store ``key[b, g, indices[g][b, :lengths[b, g]]]`` for every head.
 
         Args:
             key, value: (B, G, L, d); indices: G tensors (B, N_g) ascending (padding past the length
-                may hold any index < L); lengths_host: (B, G) numpy; reserve: extra slots per head.
+                may hold any index < L); bound_host: (B, G) numpy upper bound of the lengths (the
+                lengths themselves when ``lengths``, a (B, G) device tensor, is None); reserve:
+                extra slots per head.
         """
         batch, n_kv, _, dim = key.shape
-        capacity = [int(lengths_host[:, g].max(initial=0)) + reserve for g in range(n_kv)]
+        capacity = [int(bound_host[:, g].max(initial=0)) + reserve for g in range(n_kv)]
         offsets = np.concatenate([[0], np.cumsum(capacity)[:-1]]).tolist()
         total = sum(capacity)
         keys = key.new_zeros(batch, total, dim)
@@ -92,7 +97,7 @@ class LayerStore:
             keys[:, lo : lo + width] = torch.gather(key[:, g], 1, expand)
             values[:, lo : lo + width] = torch.gather(value[:, g], 1, expand)
             positions[:, lo : lo + width] = index
-        return cls(keys, values, positions, offsets, capacity, lengths_host)
+        return cls(keys, values, positions, offsets, capacity, bound_host, lengths)
 
     @property
     def n_kv(self) -> int:
@@ -112,7 +117,7 @@ class LayerStore:
 
     def _make_room(self, n: int) -> None:
         """Grow first if some head cannot take ``n`` more entries (known on the host: no sync)."""
-        needed = self.lengths_host.max(0) + n  # (G,)
+        needed = self.bound_host.max(0) + n  # (G,)
         if any(int(need) > cap for need, cap in zip(needed, self.capacity, strict=True)):
             self._grow(needed)
 
@@ -120,7 +125,7 @@ class LayerStore:
         """Append one token per (row, head) (key, value (B, G, 1, d)) and attend over every head's
         entries with ``query`` (B, H, 1, d): the two launches of ``ops.decode_ragged_append``."""
         self._make_room(1)
-        self.lengths_host += 1
+        self.bound_host += 1
         return ops.decode_ragged_append(
             query, key, value, self.keys, self.values, self.positions, self.lengths, self.offsets_device,
             max(self.capacity), position, scale,
@@ -139,7 +144,7 @@ class LayerStore:
         self.values.index_put_((self.rows, slots), value)
         self.positions.index_put_((self.rows, slots), (steps + first_position).expand_as(slots))
         self.lengths += n
-        self.lengths_host += n
+        self.bound_host += n
 
     def _grow(self, needed: np.ndarray) -> None:
         """Reallocate with room for ``needed`` (G,) entries per head and an eighth more (amortised)."""
@@ -164,7 +169,9 @@ class LayerStore:
         total = sum(capacity)
         keys = store.keys.new_zeros(batch, total, dim)
         positions = torch.full((batch, total), -1, dtype=torch.int64, device=store.keys.device)
-        return LayerStore(keys, torch.zeros_like(keys), positions, offsets, capacity, store.lengths_host)
+        return LayerStore(
+            keys, torch.zeros_like(keys), positions, offsets, capacity, store.bound_host, store.lengths
+        )
 
     def region(self, tail: int) -> torch.Tensor:
         """(B, G, tail) slots of each (row, head)'s last ``tail`` entries (device arithmetic only)."""
@@ -204,7 +211,7 @@ class LayerStore:
             tensor.scatter_(1, flat.unsqueeze(-1).expand(-1, -1, dim), moved)
         self.positions.scatter_(1, flat, torch.gather(self.positions, 1, source))
         self.lengths -= block - keep
-        self.lengths_host -= block - keep_host
+        self.bound_host -= block - keep_host
 
 
 class HostHistory:

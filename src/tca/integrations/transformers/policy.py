@@ -44,12 +44,23 @@ class CachePolicy:
         indices = torch.cat([selection.indices.to(key.device), recent.expand(batch, n_kv, -1)], -1)
         valid = torch.cat([kept_valid, recent_valid.expand(-1, n_kv, -1)], -1)  # (B, G, K + W)
         indices = torch.gather(indices, -1, valid_first(valid)).clamp_max(context_len - 1)
-        lengths = (counts + recent_valid.sum(-1)).cpu().numpy()  # (B, G): the one synchronisation
+        lengths = counts + recent_valid.sum(-1)  # (B, G) on the device
+        bound = self._host_bound(selection, lengths, key_start, context_len)
         layer.store = LayerStore.gather(
-            key, value, list(indices.unbind(1)), lengths, reserve=self.config.block_size + 16
+            key, value, list(indices.unbind(1)), bound, reserve=self.config.block_size + 16, lengths=lengths
         )
         # per row: a left-padded row's blocks start at its own first valid token, as when it runs alone
         layer.boundary = first.clamp_min(max(context_len - window, 0)).tolist()
+
+    def _host_bound(self, selection, lengths, key_start, context_len: int) -> np.ndarray:
+        """(B, G) host upper bound of the stored lengths: from the selection's per-head bounds and
+        the window, with no synchronisation when those bounds are known and there is no padding."""
+        if selection.head_bounds is None:
+            return lengths.cpu().numpy()
+        window = min(self.config.effective_window, context_len)
+        starts = [0] * lengths.shape[0] if key_start is None else key_start.tolist()
+        recent = np.array([min(window, context_len - start) for start in starts]).reshape(-1, 1)
+        return np.asarray(selection.head_bounds).reshape(1, -1) + recent
 
     def decode(self, layer: TCACacheLayer, query, key, value, scale) -> torch.Tensor:
         """One new token: append it to every head, attend over each head's entries. (B, H, 1, d)."""

@@ -112,6 +112,7 @@ class TCARun:
             if layer_idx == self.layout.layers[-1]:
                 self._stats.record_cache(self.cache)
         if layer_idx == self.layout.layers[-1] and not decoding:
+            self._stats.flush()  # the prefill's one synchronisation for its statistics
             self.gather_stats()  # a prefill's last layer: every rank is here together
         return out.transpose(1, 2).contiguous(), None
 

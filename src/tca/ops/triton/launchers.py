@@ -312,7 +312,7 @@ def _multiprocessors(device: torch.device) -> int:
 
 def _fractions(mu: torch.Tensor, sigma: torch.Tensor, n_blocks: int, width: int, block_size: int, device):
     """(G, width) float64 kept fraction per rank (zero past n_blocks) on ``device``, and the most
-    tokens a head can keep (every rank's budget for a full block; the partial block keeps less).
+    tokens each head can keep (every rank's budget for a full block; the partial block keeps less).
     Cached per configuration so repeated layers cost no host-device copy."""
     mu_cpu, sigma_cpu = mu.detach().double().cpu(), sigma.detach().double().cpu()
     cache_key = (tuple(mu_cpu.tolist()), tuple(sigma_cpu.tolist()), n_blocks, width, block_size, str(device))
@@ -324,7 +324,7 @@ def _fractions(mu: torch.Tensor, sigma: torch.Tensor, n_blocks: int, width: int,
         full = torch.clamp(torch.floor(table * block_size + 0.5), max=float(block_size))
         if len(_fraction_cache) > 256:
             _fraction_cache.clear()
-        entry = _fraction_cache.setdefault(cache_key, (table.to(device), int(full.sum(-1).max())))
+        entry = _fraction_cache.setdefault(cache_key, (table.to(device), full.sum(-1).long().tolist()))
     return entry
 
 
@@ -355,17 +355,20 @@ def select(
     max_cand = max(n_cands)
     if max_cand <= 0:
         counts = torch.zeros(batch, n_kv, dtype=torch.int64, device=device)
-        return Selection(torch.empty(batch, n_kv, 0, dtype=torch.int64, device=device), counts, context_len)
+        empty = torch.empty(batch, n_kv, 0, dtype=torch.int64, device=device)
+        return Selection(empty, counts, context_len, head_bounds=[0] * n_kv)
     n_blocks_max = triton.cdiv(max_cand, block_size)
     nb_pad = triton.next_power_of_2(n_blocks_max)
     entries = [
         _fractions(mu, sigma, triton.cdiv(max(c, 0), block_size), nb_pad, block_size, device) for c in n_cands
     ]
     table = torch.stack([t for t, _ in entries])  # (B, G, NB_PAD)
-    width = max(bound for _, bound in entries)
+    head_bounds = [max(column) for column in zip(*(bounds for _, bounds in entries), strict=True)]
+    width = max(head_bounds)
     indices = torch.full((batch, n_kv, width), context_len, dtype=torch.int64, device=device)
     if width == 0:
-        return Selection(indices, torch.zeros(batch, n_kv, dtype=torch.int64, device=device), context_len)
+        counts = torch.zeros(batch, n_kv, dtype=torch.int64, device=device)
+        return Selection(indices, counts, context_len, head_bounds=head_bounds)
 
     kind = _kind(device)
     query, key = _rows_contiguous(query), _rows_contiguous(key)
@@ -463,4 +466,4 @@ def select(
         width,
         BLOCK_B=block_b,
     )
-    return Selection(indices=indices, counts=counts, context_len=context_len)
+    return Selection(indices=indices, counts=counts, context_len=context_len, head_bounds=head_bounds)
