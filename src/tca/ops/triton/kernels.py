@@ -13,6 +13,10 @@ Three families:
 Exact ties: sorting keys are ``(order-preserving bits of the float) * 2^32 + (2^32 - 1 - index)``
 in int64, sorted descending, so equal values put the lower index first, as the reference's
 stable sorts do.
+
+Arguments that change with the context length (lengths, positions, index widths and their strides)
+are not specialised on (``do_not_specialize``): Triton would otherwise compile a variant per
+divisibility of each, so the first call at a new length, or every 16th decode position, compiled.
 """
 
 import triton
@@ -66,7 +70,7 @@ def _online_softmax_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["context_len", "stride_ib", "stride_ig"])
 def sparse_prefill_kernel(
     Q,
     K,
@@ -265,7 +269,7 @@ def _window_tile(
 # ----------------------------------------------------------------------------- decode
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["position", "stride_pb", "keys_per_split"])
 def decode_split_kernel(
     Q,
     K,
@@ -370,7 +374,7 @@ def decode_split_kernel(
     tl.store(PartAcc + (part * GROUP_PAD + rows[:, None]) * HEAD_DIM + dims[None, :], acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits"])
 def decode_combine_kernel(
     PartMax,
     PartSum,
@@ -479,7 +483,7 @@ def _importance_logits(
     return tl.where(row_ok[:, None] & key_ok[None, :], logits, float("-inf")), row_ok
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["context_len", "keys_per_chunk"])
 def importance_partial_kernel(
     Q,
     K,
@@ -549,7 +553,7 @@ def importance_partial_kernel(
     tl.store(PartSum + part, s_i)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["context_len", "n_chunks", "blocks_stride", "imp_stride"])
 def importance_blocks_kernel(
     Q,
     K,
@@ -650,7 +654,7 @@ def _descending_key(values, index):
     return ordered.to(tl.int64) * 4294967296 + (4294967295 - index.to(tl.int64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["context_len", "blocks_stride"])
 def rank_blocks_kernel(
     Scores,
     Fractions,
@@ -695,7 +699,7 @@ def rank_blocks_kernel(
     tl.store(Counts + pid_bg, tl.sum(budget_of_block, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["context_len", "blocks_stride", "imp_stride", "width"])
 def topk_blocks_kernel(
     Importance,
     Start,
