@@ -355,7 +355,14 @@ def test_kernels_over_a_sequence_of_shapes():
         observed = q[:, :, -n_obs:]  # a view: the whole query's strides
         got = launchers.select(observed, k, mu, sigma, config, dim**-0.5)
         want = select(observed, k, mu, sigma, config, dim**-0.5)
-        assert_same_selection(got, want, seed)
+        assert torch.equal(got.counts.cpu(), want.counts.cpu()), where
+        # at 10^5+ random candidates a few importances tie to float32 rounding, where the kernel's
+        # summation order may pick the other token: at most 1 in 1000 kept indices may differ
+        width = want.indices.shape[-1]
+        got_rows, want_rows = got.indices[..., :width].flatten(0, 1), want.indices.flatten(0, 1)
+        missing = sum(int((~torch.isin(w, g)).sum()) for g, w in zip(got_rows, want_rows, strict=True))
+        differ = missing / max(int(want.counts.sum()), 1)
+        assert differ <= (1e-3 if FULL else 0.0), f"{where}: {differ:.2%} of the kept indices differ"
         tail = min(length, 256)
         out = launchers.sparse_prefill(q, k, v, want, window, dim**-0.5)[:, :, -tail:]
         ref = reference.sparse_prefill(q[:, :, -tail:], k, v, want, window, dim**-0.5)
