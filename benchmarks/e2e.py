@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed after the first token")
     parser.add_argument("--out", default=None, help="JSON path (default results/e2e-<device>.json)")
     parser.add_argument("--device", default="cuda", help="cuda (cpu only to try the script on a tiny config)")
+    parser.add_argument(
+        "--plot-only", nargs="+", metavar="JSON", help="draw the speed-ups of these results; no run"
+    )
     return parser
 
 
@@ -300,8 +303,44 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
+def plot(paths: list[str], out_png: Path) -> None:
+    """Time-to-first-token and decode speed-ups over dense (batch 1) against length, per kept target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {
+        (r["L"], r["kept_target"]): r
+        for p in paths
+        for r in json.loads(Path(p).read_text())["rows"]
+        if r["batch"] == 1
+    }
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    for ax, key, title in zip(
+        axes, ("ttft_ms", "decode_ms_per_token"), ("time to first token", "decode per token"), strict=True
+    ):
+        for kept in sorted({k for _, k in rows if k is not None}):
+            lengths = sorted(length for length, k in rows if k == kept and (length, None) in rows)
+            ax.plot(
+                lengths,
+                [rows[n, None][key] / rows[n, kept][key] for n in lengths],
+                "o-",
+                label=f"TCA {kept:.0%} kept",
+            )
+        ax.axhline(1.0, color="grey", lw=1, ls="--", label="dense")
+        ax.set(xscale="log", xlabel="context tokens", ylabel="speed-up over dense (x)", title=title)
+        ax.set_xticks(lengths, [f"{n // 1024}K" for n in lengths])
+    axes[0].legend(fontsize=8)
+    fig.suptitle("generate() under tca.apply, defaults, Llama-3.1-8B shapes, one H200")
+    fig.savefig(out_png, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.plot_only:
+        plot(args.plot_only, Path(args.plot_only[0]).with_suffix(".png"))
+        return
     lengths = [int(x) for x in args.lengths.split(",") if x]
     kept = [float(x) for x in args.kept.split(",") if x]
     cases = [(length, 1) for length in lengths]

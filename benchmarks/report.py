@@ -84,6 +84,42 @@ def attention_table(name: str = "attention-h100-80gb-hbm3.json", shape: str = "l
     return markdown(header, cells)
 
 
+def e2e_table(names: tuple[str, ...] = ("e2e-nvidia-h200.json", "e2e-nvidia-h200-8k-256k.json")) -> str:
+    """What a user runs: generate() inside tca.apply with the defaults against dense, per length and
+    kept target; a length measured in several files is taken from the last (the newest code)."""
+    rows: dict[tuple, dict] = {}
+    for name in names:
+        data = load(name)
+        for r in data["rows"]:
+            rows[r["L"], r["batch"], r["kept_target"]] = r | {"commit": data["commit"][:7]}
+    header = ["L", "batch", "kept", "ttft ms", "x dense", "vs Amdahl", "decode ms/token", "x dense"]
+    header += ["peak GiB", "KV GiB", "commit"]
+    cells = []
+    for (length, batch, kept), r in sorted(
+        rows.items(), key=lambda item: (item[0][1], item[0][0], item[0][2] or 0)
+    ):
+        dense = rows[length, batch, None]
+        ttft, decode = (
+            dense["ttft_ms"] / r["ttft_ms"],
+            dense["decode_ms_per_token"] / r["decode_ms_per_token"],
+        )
+        cells.append(
+            [
+                short_length(length),
+                str(batch),
+                "dense" if kept is None else f"{kept:.0%}",
+                f"{r['ttft_ms']:.0f}",
+            ]
+            + [
+                "" if kept is None else f"{ttft:.2f}x",
+                "" if kept is None else f"{r['ttft_ms'] / r['amdahl_ttft_ms']:.2f}",
+            ]
+            + [f"{r['decode_ms_per_token']:.1f}", "" if kept is None else f"{decode:.2f}x"]
+            + [f"{r['peak_gib']:.1f}", f"{r['kv_bytes'] / 2**30:.2f}", r["commit"]]
+        )
+    return markdown(header, cells)
+
+
 # ------------------------------------------------------------------------------ fidelity, needles
 
 
@@ -251,6 +287,7 @@ def _setting_order(key: str) -> tuple:
 
 TABLES: dict[str, Callable[[], str]] = {
     "attention": attention_table,
+    "e2e": e2e_table,
     "fidelity": fidelity_table,
     "needles": needle_table,
     "eval-runs": eval_runs_table,

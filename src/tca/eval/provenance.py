@@ -49,12 +49,14 @@ CODE = ("src", "benchmarks", ":(exclude)benchmarks/results")  # what computes a 
 
 def git_commit() -> tuple[str | None, bool | None]:
     """(HEAD's 40-hex hash, whether the code, tracked files under ``CODE``, differs from it) of the
-    checkout that holds this package; outside a git checkout, ``$TCA_COMMIT`` (set by whoever copied
-    the tree there) or (None, None) (a wheel)."""
+    checkout that holds this package; ``$TCA_COMMIT`` when set (whoever copied the tree to another
+    machine names the commit: a copy may carry a stale .git); (None, None) outside a checkout."""
+    given = os.environ.get("TCA_COMMIT")  # a copy of the tree (a GPU machine): the commit it was copied from
+    if given:
+        return given, None
     commit = _git("rev-parse", "HEAD")
-    if not commit:  # a copy without .git (a GPU machine): the commit it was copied from, if given
-        given = os.environ.get("TCA_COMMIT")
-        return (given, None) if given else (None, None)
+    if not commit:
+        return None, None
     changes = _git("status", "--porcelain", "--untracked-files=no", "--", *CODE)
     return commit, None if changes is None else bool(changes)
 
