@@ -1,0 +1,177 @@
+"""Launcher of the fused selection kernels (DESIGN 2.1): checks, budget tables, allocation, grids.
+
+Same contract and indices as ``tca.core.selection.select``; shared helpers are in ``launchers``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ...core.budgets import rank_fractions
+from ...core.config import TCAConfig
+from ...core.selection import Selection
+from . import kernels
+from .launchers import _empty, _kind, _multiprocessors, _precision, _rows_contiguous, _start, supported
+
+SELECT_BLOCK_N = {"cuda": 128, "cpu": 64}
+_fraction_cache: dict[tuple, tuple[torch.Tensor, list[int]]] = {}
+
+
+def _fractions(mu: torch.Tensor, sigma: torch.Tensor, n_blocks: int, width: int, block_size: int, device):
+    """(G, width) float64 kept fraction per rank (zero past n_blocks) on ``device``, and the most
+    tokens each head can keep (every rank's budget for a full block; the partial block keeps less).
+    Cached per configuration so repeated layers cost no host-device copy."""
+    mu_cpu, sigma_cpu = mu.detach().double().cpu(), sigma.detach().double().cpu()
+    cache_key = (tuple(mu_cpu.tolist()), tuple(sigma_cpu.tolist()), n_blocks, width, block_size, str(device))
+    entry = _fraction_cache.get(cache_key)
+    if entry is None:
+        table = torch.zeros(mu_cpu.shape[0], width, dtype=torch.float64)
+        if n_blocks > 0:
+            table[:, :n_blocks] = rank_fractions(mu_cpu, sigma_cpu, n_blocks)
+        full = torch.clamp(torch.floor(table * block_size + 0.5), max=float(block_size))
+        if len(_fraction_cache) > 256:
+            _fraction_cache.clear()
+        entry = _fraction_cache.setdefault(cache_key, (table.to(device), full.sum(-1).long().tolist()))
+    return entry
+
+
+def select(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    config: TCAConfig,
+    scale: float,
+    key_start: torch.Tensor | None = None,
+) -> Selection:
+    """Fused selection; same contract and indices as ``tca.select.select``.
+
+    The index tensor's width is an upper bound (each rank's budget for a full block) rather
+    than the exact largest count, so it can be sized without waiting for the GPU; entries past
+    ``counts`` are padding (``context_len``) exactly as in the reference.
+    """
+    batch, n_heads, n_obs, head_dim = query.shape
+    n_kv, context_len = key.shape[1], key.shape[2]
+    if not supported(query, key):
+        raise ValueError(f"selection kernel needs a power-of-two head dim >= 16, got {head_dim}.")
+    group = n_heads // n_kv
+    window, block_size = config.effective_window, config.block_size
+    device = key.device
+    starts = [0] * batch if key_start is None else [int(s) for s in key_start.tolist()]
+    n_cands = [context_len - s - window for s in starts]
+    max_cand = max(n_cands)
+    if max_cand <= 0:
+        counts = torch.zeros(batch, n_kv, dtype=torch.int64, device=device)
+        empty = torch.empty(batch, n_kv, 0, dtype=torch.int64, device=device)
+        return Selection(empty, counts, context_len, head_bounds=[0] * n_kv)
+    n_blocks_max = triton.cdiv(max_cand, block_size)
+    nb_pad = triton.next_power_of_2(n_blocks_max)
+    entries = [
+        _fractions(mu, sigma, triton.cdiv(max(c, 0), block_size), nb_pad, block_size, device) for c in n_cands
+    ]
+    table = torch.stack([t for t, _ in entries])  # (B, G, NB_PAD)
+    head_bounds = [max(column) for column in zip(*(bounds for _, bounds in entries), strict=True)]
+    width = max(head_bounds)
+    indices = torch.full((batch, n_kv, width), context_len, dtype=torch.int64, device=device)
+    if width == 0:
+        counts = torch.zeros(batch, n_kv, dtype=torch.int64, device=device)
+        return Selection(indices, counts, context_len, head_bounds=head_bounds)
+
+    kind = _kind(device)
+    query, key = _rows_contiguous(query), _rows_contiguous(key)
+    start = _start(key_start, batch, device)
+    rows = max(16, triton.next_power_of_2(group * n_obs))
+    precision = _precision(key.dtype, device)
+    block_n = SELECT_BLOCK_N[kind]
+    # a few chunks per head for the normalisers: enough programs to fill the machine
+    n_chunks = max(
+        1, min(triton.cdiv(2 * _multiprocessors(device), batch * n_kv), triton.cdiv(max_cand, block_n))
+    )
+    keys_per_chunk = triton.cdiv(triton.cdiv(max_cand, n_chunks), block_n) * block_n
+    n_chunks = triton.cdiv(max_cand, keys_per_chunk)
+    part_max = _empty(batch * n_kv, n_chunks, rows, dtype=torch.float32, device=device)
+    part_sum = _empty(batch * n_kv, n_chunks, rows, dtype=torch.float32, device=device)
+    common = (*query.stride()[:3], *key.stride()[:3])
+    kernels.importance_partial_kernel[(n_chunks, batch * n_kv)](
+        query,
+        key,
+        start,
+        part_max,
+        part_sum,
+        *common,
+        n_kv,
+        context_len,
+        window,
+        keys_per_chunk,
+        scale,
+        GROUP=group,
+        N_OBS=n_obs,
+        ROWS=rows,
+        HEAD_DIM=head_dim,
+        BLOCK_N=block_n,
+        PRECISION=precision,
+    )
+    imp_stride = n_blocks_max * block_size
+    importance = _empty(batch * n_kv, imp_stride, dtype=torch.float32, device=device)
+    scores = _empty(batch * n_kv, nb_pad, dtype=torch.float32, device=device)
+    block_b = max(16, triton.next_power_of_2(block_size))
+    kernels.importance_blocks_kernel[(n_blocks_max, batch * n_kv)](
+        query,
+        key,
+        start,
+        part_max,
+        part_sum,
+        importance,
+        scores,
+        *common,
+        n_kv,
+        context_len,
+        window,
+        n_chunks,
+        block_size,
+        nb_pad,
+        imp_stride,
+        scale,
+        config.alpha,
+        GROUP=group,
+        N_OBS=n_obs,
+        ROWS=rows,
+        HEAD_DIM=head_dim,
+        BLOCK_B=block_b,
+        CHUNKS_PAD=triton.next_power_of_2(n_chunks),
+        PRECISION=precision,
+    )
+    budgets = _empty(batch * n_kv, nb_pad, dtype=torch.int64, device=device)
+    offsets = _empty(batch * n_kv, nb_pad, dtype=torch.int64, device=device)
+    counts = _empty(batch, n_kv, dtype=torch.int64, device=device)
+    kernels.rank_blocks_kernel[(batch * n_kv,)](
+        scores,
+        table,
+        start,
+        budgets,
+        offsets,
+        counts,
+        n_kv,
+        context_len,
+        window,
+        block_size,
+        nb_pad,
+        NB_PAD=nb_pad,
+    )
+    kernels.topk_blocks_kernel[(n_blocks_max, batch * n_kv)](
+        importance,
+        start,
+        budgets,
+        offsets,
+        indices,
+        n_kv,
+        context_len,
+        window,
+        block_size,
+        nb_pad,
+        imp_stride,
+        width,
+        BLOCK_B=block_b,
+    )
+    return Selection(indices=indices, counts=counts, context_len=context_len, head_bounds=head_bounds)
