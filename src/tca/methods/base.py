@@ -12,6 +12,7 @@ from typing import ClassVar, Protocol
 import torch
 
 from ..core.selection import Selection, pack_selection
+from .scoring import fill_blocks, top_indices
 
 
 class SelectionMethod(Protocol):
@@ -123,3 +124,31 @@ class RowMethod:
             (G, count) int64, ascending in each row, all < n_candidates.
         """
         raise NotImplementedError
+
+
+class ScoreMethod(RowMethod):
+    """A method that is a score per candidate key (kvpress's ``ScorerPress`` idea): ``scores`` is all
+    a subclass writes; keeping is shared. By default the top ``count`` candidates of each KV head
+    (ties to the lower index); with ``keep_blocks``, whole blocks of ``self.block`` candidates in
+    decreasing total score, the block that overflows the budget cut to its best tokens.
+
+    The decode-time policy (which tokens of a block leaving the window stay) is the cache's, the
+    same for every method (``tca.integrations.transformers.policy``).
+    """
+
+    keep_blocks: ClassVar[bool] = False
+
+    def scores(
+        self, queries: torch.Tensor, keys: torch.Tensor, n_candidates: int, scale: float
+    ) -> torch.Tensor:
+        """(G, n_candidates) float: higher is kept first. Arguments as in ``select_row``."""
+        raise NotImplementedError
+
+    def select_row(
+        self, queries: torch.Tensor, keys: torch.Tensor, count: int, n_candidates: int, scale: float
+    ) -> torch.Tensor:
+        """The ``count`` best candidates per KV head by ``scores`` (or best blocks): (G, count)."""
+        scores = self.scores(queries, keys, n_candidates, scale)
+        if self.keep_blocks:
+            return fill_blocks(scores, self.block, count)
+        return top_indices(scores, count)

@@ -7,12 +7,12 @@ from typing import ClassVar
 
 import torch
 
-from .base import RowMethod, require_int
-from .scoring import fill_blocks, observation_probs
+from .base import ScoreMethod, require_int
+from .scoring import observation_probs
 
 
 @dataclass(frozen=True)
-class FlexPrefill(RowMethod):
+class FlexPrefill(ScoreMethod):
     """FlexPrefill's query-aware block selection (Lai et al. 2025, "FlexPrefill: A Context-Aware
     Sparse Attention Mechanism for Efficient Long-Sequence Inference", arXiv 2502.20766).
 
@@ -33,14 +33,15 @@ class FlexPrefill(RowMethod):
     """
 
     name: ClassVar[str] = "flexprefill"
+    keep_blocks: ClassVar[bool] = True
     block: int = 64
 
     def __post_init__(self) -> None:
         require_int("block", self.block, 1)
 
-    def select_row(
-        self, queries: torch.Tensor, keys: torch.Tensor, count: int, n_candidates: int, scale: float
+    def scores(
+        self, queries: torch.Tensor, keys: torch.Tensor, n_candidates: int, scale: float
     ) -> torch.Tensor:
-        """(G, count) tokens of the highest-mass blocks."""
+        """(G, n_candidates) the last ``block`` queries' mean causal softmax (blocks rank by its sum)."""
         probs = observation_probs(queries, keys, scale, self.block, n_candidates)  # (G, group, m_obs, n_cand)
-        return fill_blocks(probs.mean(dim=(1, 2)), self.block, count)
+        return probs.mean(dim=(1, 2))

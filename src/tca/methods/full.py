@@ -7,11 +7,11 @@ from typing import ClassVar
 
 import torch
 
-from .base import RowMethod
+from .base import ScoreMethod
 
 
 @dataclass(frozen=True)
-class Full(RowMethod):
+class Full(ScoreMethod):
     """Dense attention expressed as a selection: every candidate column is kept.
 
     No paper: this is the dense reference the sparse methods are measured against. It ignores
@@ -25,9 +25,8 @@ class Full(RowMethod):
         """Every candidate, whatever the budget."""
         return n_candidates
 
-    def select_row(
-        self, queries: torch.Tensor, keys: torch.Tensor, count: int, n_candidates: int, scale: float
+    def scores(
+        self, queries: torch.Tensor, keys: torch.Tensor, n_candidates: int, scale: float
     ) -> torch.Tensor:
-        """All candidates: (G, n_candidates) ``0 .. n_candidates - 1``."""
-        columns = torch.arange(n_candidates, device=keys.device)
-        return columns.expand(keys.shape[0], -1)
+        """(G, n_candidates) zeros: every candidate is kept anyway."""
+        return torch.zeros(keys.shape[0], n_candidates, device=keys.device)

@@ -8,11 +8,11 @@ from typing import ClassVar
 
 import torch
 
-from .base import RowMethod
+from .base import ScoreMethod
 
 
 @dataclass(frozen=True)
-class RandomDrop(RowMethod):
+class RandomDrop(ScoreMethod):
     """Random token dropping, after Hou et al. 2022 ("Token Dropping for Efficient BERT
     Pretraining", ACL 2022), whose random-dropping baseline drops tokens uniformly at random: here
     a uniformly random ``budget``-subset of the candidates, the floor any informed method must beat.
@@ -33,14 +33,18 @@ class RandomDrop(RowMethod):
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}.")
 
-    def select_row(
-        self, queries: torch.Tensor, keys: torch.Tensor, count: int, n_candidates: int, scale: float
+    def scores(
+        self, queries: torch.Tensor, keys: torch.Tensor, n_candidates: int, scale: float
     ) -> torch.Tensor:
-        """(G, count) uniformly random candidates per KV head."""
+        """(G, n_candidates): a seeded random permutation's ranks, so the top ``count`` are its first
+        ``count`` entries, a uniformly random subset per KV head."""
         rows = []
         for g in range(keys.shape[0]):
             generator = torch.Generator().manual_seed(self.row_seed(g, n_candidates, keys[g, -1]))
-            rows.append(torch.randperm(n_candidates, generator=generator)[:count].sort().values)
+            order = torch.randperm(n_candidates, generator=generator)
+            rows.append(
+                torch.empty(n_candidates).scatter_(0, order, -torch.arange(n_candidates, dtype=torch.float))
+            )
         return torch.stack(rows).to(keys.device)
 
     def row_seed(self, kv_head: int, n_candidates: int, last_key: torch.Tensor) -> int:

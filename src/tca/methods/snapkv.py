@@ -7,12 +7,12 @@ from typing import ClassVar
 
 import torch
 
-from .base import RowMethod, require_int
-from .scoring import observation_probs, top_indices
+from .base import ScoreMethod, require_int
+from .scoring import observation_probs
 
 
 @dataclass(frozen=True)
-class SnapKV(RowMethod):
+class SnapKV(ScoreMethod):
     """SnapKV (Li et al. 2024, "SnapKV: LLM Knows What You are Looking for Before Generation",
     arXiv 2404.14469): the last ``observation`` queries vote for the prefix keys; votes are
     average-pooled so a kept token brings its neighbours; the top-``budget`` voted keys are kept.
@@ -39,12 +39,12 @@ class SnapKV(RowMethod):
         if self.pool_kernel % 2 == 0:
             raise ValueError(f"pool_kernel must be odd, got {self.pool_kernel}.")
 
-    def select_row(
-        self, queries: torch.Tensor, keys: torch.Tensor, count: int, n_candidates: int, scale: float
+    def scores(
+        self, queries: torch.Tensor, keys: torch.Tensor, n_candidates: int, scale: float
     ) -> torch.Tensor:
-        """(G, count) top pooled votes."""
+        """(G, n_candidates) pooled votes."""
         probs = observation_probs(queries, keys, scale, self.observation)  # (G, group, m_obs, n)
         votes = probs[..., :n_candidates].sum(dim=(1, 2))  # (G, n_candidates)
         half = self.pool_kernel // 2
         pooled = torch.nn.functional.avg_pool1d(votes.unsqueeze(1), self.pool_kernel, 1, half)[:, 0]
-        return top_indices(pooled, count)
+        return pooled

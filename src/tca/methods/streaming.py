@@ -7,11 +7,11 @@ from typing import ClassVar
 
 import torch
 
-from .base import RowMethod, require_int
+from .base import ScoreMethod, require_int
 
 
 @dataclass(frozen=True)
-class Streaming(RowMethod):
+class Streaming(ScoreMethod):
     """StreamingLLM (Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks",
     arXiv 2309.17453): keep the first ``sinks`` tokens (attention sinks) and the most recent ones.
 
@@ -30,12 +30,10 @@ class Streaming(RowMethod):
     def __post_init__(self) -> None:
         require_int("sinks", self.sinks, 0)
 
-    def select_row(
-        self, queries: torch.Tensor, keys: torch.Tensor, count: int, n_candidates: int, scale: float
+    def scores(
+        self, queries: torch.Tensor, keys: torch.Tensor, n_candidates: int, scale: float
     ) -> torch.Tensor:
-        """(G, count): ``0 .. sinks - 1`` then the last ``count - sinks`` candidates."""
-        sinks = min(self.sinks, count)
-        recent = count - sinks
-        sink_columns = torch.arange(sinks, device=keys.device)
-        recent_columns = torch.arange(n_candidates - recent, n_candidates, device=keys.device)
-        return torch.cat([sink_columns, recent_columns]).expand(keys.shape[0], -1)
+        """(G, n_candidates): the sinks first (the first one highest), then the most recent."""
+        position = torch.arange(n_candidates, device=keys.device, dtype=torch.float64)
+        sink = position < self.sinks
+        return torch.where(sink, 2.0 * n_candidates - position, position).expand(keys.shape[0], -1)

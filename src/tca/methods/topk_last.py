@@ -7,12 +7,12 @@ from typing import ClassVar
 
 import torch
 
-from .base import RowMethod
-from .scoring import observation_probs, top_indices
+from .base import ScoreMethod
+from .scoring import observation_probs
 
 
 @dataclass(frozen=True)
-class TopKLast(RowMethod):
+class TopKLast(ScoreMethod):
     """Exact top-k of the last query's attention over the candidates.
 
     RetrievalAttention (Liu et al. 2024, "RetrievalAttention: Accelerating Long-Context LLM
@@ -29,9 +29,9 @@ class TopKLast(RowMethod):
 
     name: ClassVar[str] = "topk_last"
 
-    def select_row(
-        self, queries: torch.Tensor, keys: torch.Tensor, count: int, n_candidates: int, scale: float
+    def scores(
+        self, queries: torch.Tensor, keys: torch.Tensor, n_candidates: int, scale: float
     ) -> torch.Tensor:
-        """(G, count) candidates with the most last-query attention."""
+        """(G, n_candidates) the last query's attention, summed over the KV head's query heads."""
         probs = observation_probs(queries, keys, scale, 1)  # (G, group, 1, n)
-        return top_indices(probs[..., :n_candidates].sum(dim=(1, 2)), count)
+        return probs[..., :n_candidates].sum(dim=(1, 2))

@@ -8,14 +8,13 @@ from typing import ClassVar
 
 import torch
 
-from .base import RowMethod, require_int
-from .scoring import fill_blocks
+from .base import ScoreMethod, require_int
 
 GROUP_CHUNK = 256  # query stride groups scored at once: memory O(GROUP_CHUNK * n / stride) per head
 
 
 @dataclass(frozen=True)
-class XAttention(RowMethod):
+class XAttention(ScoreMethod):
     """XAttention (Xu et al. 2025, "XAttention: Block Sparse Attention with Antidiagonal Scoring",
     arXiv 2503.16428).
 
@@ -39,6 +38,7 @@ class XAttention(RowMethod):
     """
 
     name: ClassVar[str] = "xattention"
+    keep_blocks: ClassVar[bool] = True
     block: int = 64
     stride: int = 8
 
@@ -46,13 +46,12 @@ class XAttention(RowMethod):
         require_int("block", self.block, 1)
         require_int("stride", self.stride, 1)
 
-    def select_row(
-        self, queries: torch.Tensor, keys: torch.Tensor, count: int, n_candidates: int, scale: float
+    def scores(
+        self, queries: torch.Tensor, keys: torch.Tensor, n_candidates: int, scale: float
     ) -> torch.Tensor:
-        """(G, count) tokens of the key blocks with the most antidiagonal mass."""
+        """(G, n_candidates) each token's share of its stride group's antidiagonal mass."""
         mass = stride_group_mass(queries, keys, scale, self.stride)  # (G, n_groups)
-        tokens = mass.repeat_interleave(self.stride, dim=1)[:, :n_candidates] / self.stride
-        return fill_blocks(tokens, self.block, count)
+        return mass.repeat_interleave(self.stride, dim=1)[:, :n_candidates] / self.stride
 
 
 def stride_group_mass(queries: torch.Tensor, keys: torch.Tensor, scale: float, stride: int) -> torch.Tensor:
