@@ -340,6 +340,7 @@ def skip_near_ties(margin: float) -> None:
 # ---- 1. within the window, generate equals dense ----------------------------------------------------------
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_within_window_equals_dense(family, dtype):
@@ -376,6 +377,7 @@ def test_generate_within_window_equals_dense(family, dtype):
 # ---- 2. the cache after prefill, and decode, against brute force ------------------------------------------
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize(
     "family, first_layer_dense",
     [("llama", False), ("llama", True), ("qwen2", False), ("mistral", False), ("qwen3", True)],
@@ -457,6 +459,7 @@ class CacheSizes(LogitsProcessor):
         return scores
 
 
+@pytest.mark.randomised
 def test_thousand_tokens_keep_the_cache_bounded():
     seed = fresh_seed()
     model = tiny_llama(seed)
@@ -496,6 +499,7 @@ def test_thousand_tokens_keep_the_cache_bounded():
 # ---- 4. a left-padded batch equals batch-1 runs -----------------------------------------------------------
 
 
+@pytest.mark.randomised
 def test_left_padded_batch_generate_equals_separate_runs():
     seed = fresh_seed()
     model = tiny_llama(seed)
@@ -577,6 +581,7 @@ def new_turn_calls(recorder: Recorder, n_layers: int) -> list[Call]:
     return calls
 
 
+@pytest.mark.randomised
 def test_multi_turn_reselects_from_host_history():
     seed = fresh_seed()
     model = tiny_llama(seed)
@@ -631,6 +636,7 @@ def test_multi_turn_reselects_from_host_history():
         torch.testing.assert_close(head.keys[0, :n], turn2.after[g][0][1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.randomised
 def test_multi_turn_without_history_attends_to_stored_entries():
     seed = fresh_seed()
     model = tiny_llama(seed)
@@ -681,6 +687,7 @@ def assert_restored(model, before: dict[str, torch.Tensor], implementation: str)
     assert all(layer.self_attn not in hf._HANDLERS for layer in model.model.layers)
 
 
+@pytest.mark.randomised
 def test_patch_unpatch_leave_the_model_bit_identical():
     seed = fresh_seed()
     model = tiny_llama(seed)
@@ -714,6 +721,7 @@ def test_patch_unpatch_leave_the_model_bit_identical():
     assert_restored(model, before, implementation)
 
 
+@pytest.mark.randomised
 def test_apply_restores_after_an_exception():
     seed = fresh_seed()
     model = tiny_llama(seed, max_position_embeddings=140)
@@ -793,6 +801,7 @@ def test_profile_for_another_model_names_the_field(family, changes, field):
 # ---- 8. run.stats: bytes ----------------------------------------------------------------------------------
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_stats_bytes_match_the_stored_tensors_and_a_dense_cache(dtype):
     seed = fresh_seed()
