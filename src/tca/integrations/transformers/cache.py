@@ -190,7 +190,7 @@ class TCACache(Cache):
 
     def __init__(self, n_layers: int, keep_history: bool = True):
         super().__init__(layers=[TCACacheLayer(keep_history) for _ in range(n_layers)])
-        self.in_use = False  # True while it is the current cache of a live tca.apply run (TCARun.use_cache)
+        self.in_use = False  # True while it is the current cache of a live tca.apply run (TCARun.set_cache)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """Hand the new states to the TCA run; outside its run (dense attention would read only the
