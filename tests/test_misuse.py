@@ -83,6 +83,22 @@ def test_nested_apply_or_patch_is_an_error_that_leaves_the_outer_run_intact():
     assert_same_output(greedy(model, ids, 8), dense)
 
 
+def test_calibrating_a_model_under_a_run_is_an_error_that_leaves_the_run_intact():
+    from tca.core.config import TCAConfig
+    from tca.integrations.transformers import measure_retention
+
+    model = tiny_llama(8)
+    profile = sparse_profile(model, 8)
+    ids = random_ids(8, 120)
+    reference = tca_greedy(model, profile, ids, 4)
+    run = patch(model, profile)
+    with pytest.raises(RuntimeError, match=NESTED):
+        measure_retention(model, ids, TCAConfig(block_size=16, local_window=32), progress=False)
+    assert_same_output(greedy(model, ids, 4), reference)
+    assert run.stats.prefills > 0
+    unpatch(model)
+
+
 # ---- generate without a cache ----------------------------------------------------------------------------
 
 
