@@ -214,6 +214,15 @@ def test_profile_round_trip(tmp_path, seed):
     assert mu.tolist() == profile.mu[1].tolist() and sigma.tolist() == profile.sigma[1].tolist()
 
 
+def test_a_failed_save_leaves_no_temporary_file(tmp_path):
+    folder = tmp_path / "a-directory"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError):
+        make_profile().save(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-directory"]
+    assert list(folder.iterdir()) == []
+
+
 def test_keep_ratios_dense_heads_keep_everything():
     profile = make_profile()
     ratios = profile.keep_ratios(1000)

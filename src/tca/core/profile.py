@@ -113,11 +113,16 @@ class Profile:
         }
 
     def save(self, path: str | Path) -> None:
-        """Write the profile as JSON (atomically: a crash never leaves half a file)."""
+        """Write the profile as JSON (atomically: a crash never leaves half a file, and a failed
+        write, e.g. to a directory's path, leaves no temporary file)."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(self.to_json(), indent=1))
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
