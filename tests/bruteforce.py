@@ -7,17 +7,10 @@ states the rule it implements, so a failing comparison points at the rule, not a
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 
 import numpy as np
-
-
-def fresh_seed() -> int:
-    """A new random seed, printed so a failure can be replayed (pytest shows it on failure)."""
-    seed = random.randrange(2**32)
-    print(f"seed = {seed}")
-    return seed
+from seeds import fresh_seed  # noqa: F401  (tests import it from here too)
 
 
 def softmax64(logits: np.ndarray) -> np.ndarray:

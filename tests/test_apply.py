@@ -117,6 +117,7 @@ def assert_bit_identical(model, before: dict[str, torch.Tensor]) -> None:
 # ---- equality with dense -------------------------------------------------------------------------------
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize("length", [1, 20, 33, 150])
 def test_dense_profile_equals_dense_model(length):
     seed = fresh_seed()
@@ -129,6 +130,7 @@ def test_dense_profile_equals_dense_model(length):
     assert run.stats.kept_fraction == pytest.approx(1.0) and run.stats.pairs_fraction == pytest.approx(1.0)
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize("length", [1, 31, 32])
 def test_sequence_within_window_equals_dense(length):
     seed = fresh_seed()
@@ -144,6 +146,7 @@ def test_sequence_within_window_equals_dense(length):
 # ---- equality with the brute-force model ---------------------------------------------------------------
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize("length", [33, 49, 190])
 def test_sparse_profile_equals_brute_force_model(length):
     seed = fresh_seed()
@@ -172,6 +175,7 @@ def test_sparse_profile_equals_brute_force_model(length):
     assert run.stats.prefills == 1
 
 
+@pytest.mark.randomised
 def test_left_padded_batch_equals_separate_runs():
     seed = fresh_seed()
     model = tiny_llama(seed)
@@ -215,6 +219,7 @@ def test_left_padded_batch_equals_separate_runs():
     assert run.stats.pairs_fraction == pytest.approx(pairs / dense, rel=1e-12)
 
 
+@pytest.mark.randomised
 def test_left_padded_batch_with_dense_profile_equals_dense_rows():
     seed = fresh_seed()
     model = tiny_llama(seed)
@@ -230,6 +235,7 @@ def test_left_padded_batch_with_dense_profile_equals_dense_rows():
 # ---- restoring the model ---------------------------------------------------------------------------------
 
 
+@pytest.mark.randomised
 def test_model_restored_after_exit_and_after_exception():
     seed = fresh_seed()
     model = tiny_llama(seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 
@@ -45,24 +46,42 @@ def brute_retention(query: np.ndarray, key: np.ndarray, scale: float, window: in
     return base / rows, values / rows
 
 
-def brute_oracle(base: float, values: np.ndarray, tau: float, tolerance: float = 1e-6) -> int:
-    """Fewest candidate keys whose retained mass reaches tau (the best k keys are the k largest)."""
-    ordered = sorted(values, reverse=True)
-    for count in range(len(ordered) + 1):
-        if base + sum(ordered[:count]) >= tau - tolerance:
-            return count
-    return len(ordered)
+TOLERANCE = 1e-6  # calibration accepts a retained mass >= tau - TOLERANCE
+# Masses the library sums from float32 attention differ from this file's float64 ones by ~1e-8
+# (up to ~1e-7 per key): a retained mass this close to tau - TOLERANCE may pass or not there.
+ROUNDING = 1e-7
 
 
-@pytest.fixture(scope="module")
+def brute_oracle(base: float, values: np.ndarray, tau: float) -> tuple[int, int]:
+    """Fewest candidate keys whose retained mass reaches tau (the best k keys are the k largest), as
+    the range of counts rounding allows: with every mass ``ROUNDING`` larger, and smaller. Almost
+    always one count; where the mass crosses the threshold within rounding, two or more."""
+    reach = base + np.cumsum(sorted(values, reverse=True))
+
+    def fewest(threshold: float) -> int:
+        if base >= threshold:
+            return 0
+        reached = np.flatnonzero(reach >= threshold)
+        return int(reached[0]) + 1 if len(reached) else len(reach)
+
+    return fewest(tau - TOLERANCE - ROUNDING), fewest(tau - TOLERANCE + ROUNDING)
+
+
+@pytest.fixture
 def calibrated():
-    seed = fresh_seed()
+    """(seed, model, ids, retention, captured q/k) for the test's seed (computed once per seed)."""
+    return _calibrated(fresh_seed())
+
+
+@functools.lru_cache(maxsize=1)
+def _calibrated(seed: int):
     model = tiny_llama(seed)
     ids = torch.randint(0, TINY["vocab_size"], (1, CONTEXT), generator=torch.Generator().manual_seed(seed))
     retention = measure_retention(model, ids, CONFIG, progress=False)
     return seed, model, ids, retention, capture_qk(model, ids)
 
 
+@pytest.mark.randomised
 def test_layer_retention_equals_brute_force(calibrated):
     seed, _, _, retention, captured = calibrated
     window = CONFIG.effective_window
@@ -89,6 +108,7 @@ def test_layer_retention_equals_brute_force(calibrated):
     assert compared >= len(candidates) * 2, f"seed {seed}: too many near ties"
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize("tau", [0.3, 0.6, 0.8, 0.9, 0.97, 1.0])
 def test_choice_passes_tau_and_oracle_is_minimum(calibrated, tau):
     seed, model, _, retention, captured = calibrated
@@ -101,8 +121,9 @@ def test_choice_passes_tau_and_oracle_is_minimum(calibrated, tau):
         base, values = brute_retention(query, key, scale, config.effective_window)
         for g in range(key.shape[0]):
             where = f"seed {seed}, tau {tau}, layer {layer}, head {g}"
-            oracle = brute_oracle(base[g], values[g], tau)
-            assert int(profile.oracle_tokens[layer, g]) == oracle, where
+            fewest, most = brute_oracle(base[g], values[g], tau)
+            oracle = int(profile.oracle_tokens[layer, g])
+            assert fewest <= oracle <= most, f"{where}: oracle {oracle}, brute force {fewest}..{most}"
             # brute-force choice: among candidates whose retained mass reaches tau, the fewest kept tokens
             passing, tie = [], False
             for mu, sigma in candidates:
@@ -118,8 +139,8 @@ def test_choice_passes_tau_and_oracle_is_minimum(calibrated, tau):
                     scale,
                 )
                 retained = base[g] + values[g, head.kept].sum()
-                tie = tie or head.margin < MARGIN or abs(retained - (tau - 1e-6)) < 1e-7
-                if retained >= tau - 1e-6:
+                tie = tie or head.margin < MARGIN or abs(retained - (tau - TOLERANCE)) < ROUNDING
+                if retained >= tau - TOLERANCE:
                     passing.append((len(head.kept), mu, sigma, retained))
             if tie:
                 continue
@@ -135,11 +156,12 @@ def test_choice_passes_tau_and_oracle_is_minimum(calibrated, tau):
             assert (profile.mu[layer, g], profile.sigma[layer, g]) == (mu, sigma), where
             assert profile.kept_tokens[layer, g] == kept, where
             assert profile.retained[layer, g] == pytest.approx(retained, abs=1e-6), where
-            assert profile.retained[layer, g] >= tau - 1e-6 and kept >= oracle, where
+            assert profile.retained[layer, g] >= tau - TOLERANCE and kept >= fewest, where
     if checked == 0:
         pytest.skip(f"seed {seed}, tau {tau}: every head has a near tie")
 
 
+@pytest.mark.randomised
 def test_dense_when_nothing_passes(calibrated):
     """With one sharp, tiny candidate and tau = 1, no candidate passes: every head is dense."""
     _, model, _, retention, _ = calibrated
@@ -152,6 +174,7 @@ def test_dense_when_nothing_passes(calibrated):
     assert (profile.keep_ratios(CONTEXT) == 1.0).all()
 
 
+@pytest.mark.randomised
 def test_profile_metadata(calibrated):
     _, model, _, retention, _ = calibrated
     profile = profile_from_retention(retention, model, CONFIG, CONTEXT, "some text")
@@ -174,6 +197,7 @@ class CharTokenizer:
         return {"input_ids": torch.tensor([[b % TINY["vocab_size"] for b in text.encode()]])}
 
 
+@pytest.mark.randomised
 def test_calibrate_end_to_end_with_given_text():
     seed = fresh_seed()
     model = tiny_llama(seed)

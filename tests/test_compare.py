@@ -1,9 +1,8 @@
 """gaps_to_full against an independent computation on fresh random rows."""
 
-import random
-
 import numpy as np
 import pytest
+from seeds import fresh_seed
 
 from tca.eval.compare import gaps_to_full
 
@@ -17,11 +16,10 @@ def rows_for(setting: str, scores: dict[tuple, float]) -> list[dict]:
 
 @pytest.fixture
 def rng():
-    seed = random.SystemRandom().randrange(2**32)
-    print(f"seed {seed}")
-    return np.random.default_rng(seed)
+    return np.random.default_rng(fresh_seed())
 
 
+@pytest.mark.randomised
 def test_gap_is_the_mean_paired_difference_over_shared_prompts(rng):
     prompts = [
         (t, length, s)
@@ -44,6 +42,7 @@ def test_gap_is_the_mean_paired_difference_over_shared_prompts(rng):
         assert diffs.min() <= low <= gap["gap"] + 1e-9 and gap["gap"] - 1e-9 <= high <= diffs.max()
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize("shift", [0.0, 7.5, -20.0])
 def test_a_constant_shift_has_a_zero_width_interval(rng, shift):
     full = {("t", 100, s): float(rng.uniform(0, 80)) for s in range(9)}
@@ -52,6 +51,7 @@ def test_a_constant_shift_has_a_zero_width_interval(rng, shift):
     assert gap["gap"] == pytest.approx(shift) and gap["ci95"] == pytest.approx([shift, shift])
 
 
+@pytest.mark.randomised
 def test_interval_width_matches_the_normal_approximation(rng):
     n = 400
     full = {("t", 100, s): 50.0 for s in range(n)}
@@ -62,6 +62,7 @@ def test_interval_width_matches_the_normal_approximation(rng):
     assert gap["ci95"][1] - gap["ci95"][0] == pytest.approx(expected, rel=0.2)
 
 
+@pytest.mark.randomised
 def test_an_interval_ignores_the_other_settings_and_the_row_order(rng):
     prompts = [("t", 200, s) for s in range(int(rng.integers(8, 30)))]
     full = rows_for("full", {p: float(rng.choice([0, 100])) for p in prompts})

@@ -3,7 +3,8 @@
 On a machine without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set
 here before the kernels are imported) at small sizes; with CUDA they run compiled, and
 ``TCA_TEST_FULL=1`` adds model-sized cases (Llama-3.1-8B heads, tens of thousands of keys).
-Inputs are fresh random draws each run (the seed is in every failure message); the kernels'
+Inputs are fresh random draws each run (the seed is in every failure message; TCA_TEST_SEED=N
+replays one); the kernels'
 outputs and scratch buffers start as NaN / -7 (``launchers.POISON``) so unwritten elements show.
 Error criterion (flash-attention's): the kernel's error against float64 is at most twice the
 error of the reference run at the same low precision, plus a 1e-6 floor.
@@ -22,6 +23,8 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
+from seeds import fresh_seed  # noqa: E402
+
 from tca.core.config import TCAConfig  # noqa: E402
 from tca.core.selection import Selection, select  # noqa: E402
 from tca.ops import reference  # noqa: E402
@@ -38,7 +41,7 @@ def poison(monkeypatch):
 
 
 def fresh_generator() -> tuple[torch.Generator, int]:
-    seed = int.from_bytes(os.urandom(4), "little")
+    seed = fresh_seed()
     return torch.Generator(device="cpu").manual_seed(seed), seed
 
 
@@ -108,6 +111,7 @@ if FULL:
     ]
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize("length,group,dtype,window,fraction,batch,padded", PREFILL_CASES)
 def test_sparse_prefill_matches_reference(length, group, dtype, window, fraction, batch, padded):
     gen, seed = fresh_generator()
@@ -132,6 +136,7 @@ def test_sparse_prefill_matches_reference(length, group, dtype, window, fraction
     )
 
 
+@pytest.mark.randomised
 def test_sparse_prefill_noncontiguous_layout():
     """Queries and keys as transformers hands them over: (B, L, H, d) transposed to (B, H, L, d)."""
     gen, seed = fresh_generator()
@@ -165,6 +170,7 @@ if FULL:
     DECODE_CASES += [(13109, 4, "bf16", 1), (65537, 4, "bf16", 2), (8191, 3, "fp16", 4)]
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize("max_len,group,dtype,batch", DECODE_CASES)
 def test_decode_matches_reference(max_len, group, dtype, batch):
     gen, seed = fresh_generator()
@@ -192,6 +198,7 @@ if FULL:
     RAGGED_CASES += [(13109, 4, "bf16", 1), (65537, 4, "bf16", 2)]
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize("max_len,group,dtype,batch", RAGGED_CASES)
 def test_ragged_decode_matches_padded(max_len, group, dtype, batch):
     """Every head of a layer in one (B, S, d) buffer at its own offset and capacity (the cache's
@@ -221,6 +228,7 @@ def test_ragged_decode_matches_padded(max_len, group, dtype, batch):
     )
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize("max_len,group,dtype,batch", RAGGED_CASES)
 def test_ragged_append_then_decode_matches_reference(max_len, group, dtype, batch):
     """Two decode steps that append a token per (row, head) inside the kernels: the same stored
@@ -276,6 +284,7 @@ if FULL:
     ]
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize("length,group,dtype,n_obs,window,block,batch,padded", SELECT_CASES)
 def test_select_matches_reference(length, group, dtype, n_obs, window, block, batch, padded):
     gen, seed = fresh_generator()
@@ -295,6 +304,7 @@ def test_select_matches_reference(length, group, dtype, n_obs, window, block, ba
     assert_same_selection(got, want, seed)
 
 
+@pytest.mark.randomised
 def test_select_breaks_exact_ties_like_reference():
     """Repeated keys and repeated blocks: equal importances and equal block scores, so only the
     tie rule (lower index first) decides; the kernel must agree with the stable sorts."""
@@ -312,6 +322,7 @@ def test_select_breaks_exact_ties_like_reference():
     assert_same_selection(got, want, seed)
 
 
+@pytest.mark.randomised
 def test_dispatcher_routes_and_crossover():
     import tca.ops as ops
 
@@ -338,6 +349,7 @@ if FULL:
     SEQUENCE = [(8192, 0.1, 64), (131072, 0.05, 64), (524288, 0.02, 1), (1048576, 0.05, 1), (32768, 0.1, 64)]
 
 
+@pytest.mark.randomised
 def test_kernels_over_a_sequence_of_shapes():
     """Selection, sparse prefill (the last queries) and decode at each shape, in one process, each
     compared with the reference: nothing may depend on what ran before."""

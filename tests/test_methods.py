@@ -179,6 +179,7 @@ BRUTE = {
 }
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize("method", sorted(BRUTE))
 @pytest.mark.parametrize(
     ("context_len", "window", "budget", "group", "q_len"),
@@ -214,6 +215,7 @@ def test_equals_plain_reference(method, context_len, window, budget, group, q_le
 # ---- the contract ---------------------------------------------------------------------------------
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(
     ("context_len", "window", "budget", "q_len", "start"),
@@ -246,6 +248,7 @@ def test_budget_and_layout(method, context_len, window, budget, q_len, start):
         assert kept_rows(selection)[0] == [list(range(start, context_len - window))] * 2
 
 
+@pytest.mark.randomised
 def test_padding_is_context_len():
     """Rows with fewer candidates than the widest row are padded with L."""
     query, key = make_inputs(fresh_seed(), 2, 6, 2, 301)
@@ -256,6 +259,7 @@ def test_padding_is_context_len():
         assert (selection.indices[1, :, :164] < 301 - 37).all(), method
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("q_len", [301, 60])
 def test_batch_equals_separate_runs(method, q_len):
@@ -271,6 +275,7 @@ def test_batch_equals_separate_runs(method, q_len):
         assert [[i + start for i in kept] for kept in kept_rows(alone)[0]] == batched[b], f"seed {seed}"
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize("method", METHODS)
 def test_half_precision_inputs_match_their_float32_values(method):
     query, key = make_inputs(fresh_seed(), 1, 6, 2, 200)
@@ -302,6 +307,7 @@ def dense_last_mass(query, key, kept, b, g, start) -> float:
     return total
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize("budget", [10, 60, 150])
 def test_topk_last_is_the_last_query_oracle(budget):
     """No method keeps more of the last query's dense attention mass at the same budget."""
@@ -324,6 +330,7 @@ def test_topk_last_is_the_last_query_oracle(budget):
             assert oracle >= other - 1e-6, f"seed {seed}: {method} keeps more than topk_last"
 
 
+@pytest.mark.randomised
 def test_random_is_seeded_and_varies():
     query, key = make_inputs(fresh_seed(), 2, 6, 2, 301)
     starts = torch.tensor([0, 0])

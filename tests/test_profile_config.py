@@ -57,6 +57,26 @@ def test_config_rejects_bad_values_naming_them(field, value):
     assert field in message and repr(value) in message
 
 
+def test_config_takes_numpy_numbers_and_stores_python_numbers(tmp_path):
+    """Numbers from numpy (an array, a sweep) are numbers: np.int64 is an integer, and what is stored
+    is a Python int/float, so that the config and a profile made with it save as JSON."""
+    config = TCAConfig(
+        local_window=np.int64(512), block_size=np.int32(64), tau=np.float32(0.9), alpha=np.float64(0.25)
+    )
+    assert (config.local_window, config.block_size, config.alpha) == (512, 64, 0.25)
+    assert config.tau == pytest.approx(0.9, abs=1e-7)
+    for name, kind in [("local_window", int), ("block_size", int), ("tau", float), ("alpha", float)]:
+        assert type(getattr(config, name)) is kind, name
+    assert json.loads(json.dumps(config.to_dict())) == config.to_dict()
+    profile = dataclasses.replace(make_profile(), config=config)
+    profile.save(tmp_path / "p.json")
+    assert Profile.load(tmp_path / "p.json").config == config
+    assert type(TCAConfig(alpha=1, tau=1).tau) is float
+    for field, value in [("local_window", np.float64(2.0)), ("block_size", np.bool_(True))]:
+        with pytest.raises(ValueError, match=field):
+            TCAConfig(**{field: value})
+
+
 def test_config_defaults_and_edges():
     config = TCAConfig()
     assert (config.tau, config.block_size, config.local_window, config.alpha, config.candidates) == (
@@ -194,6 +214,15 @@ def test_profile_round_trip(tmp_path, seed):
     assert mu.tolist() == profile.mu[1].tolist() and sigma.tolist() == profile.sigma[1].tolist()
 
 
+def test_a_failed_save_leaves_no_temporary_file(tmp_path):
+    folder = tmp_path / "a-directory"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError):
+        make_profile().save(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-directory"]
+    assert list(folder.iterdir()) == []
+
+
 def test_keep_ratios_dense_heads_keep_everything():
     profile = make_profile()
     ratios = profile.keep_ratios(1000)
@@ -280,18 +309,39 @@ def test_wrong_array_shapes(tmp_path, name):
 
 
 @pytest.mark.parametrize(
-    "edit",
+    ("name", "value"),
     [
-        lambda data: data["heads"]["mu"][1].__setitem__(0, 0.0),
-        lambda data: data["heads"]["mu"][1].__setitem__(0, -0.2),
-        lambda data: data["heads"]["mu"][1].__setitem__(0, math.nan),
-        lambda data: data["heads"]["sigma"][2].__setitem__(1, 0.0),
-        lambda data: data["heads"]["sigma"][2].__setitem__(1, -1.0),
+        ("mu", 0.0),
+        ("mu", -0.2),
+        ("mu", math.nan),
+        ("mu", -math.inf),
+        ("sigma", 0.0),
+        ("sigma", -1.0),
+        ("sigma", math.nan),
+        ("sigma", math.inf),
+        ("retained", math.nan),
+        ("kept_tokens", math.inf),
+        ("oracle_tokens", -1.0),
     ],
 )
-def test_bad_head_configuration(tmp_path, edit):
-    error = damaged(tmp_path, edit)
-    assert "mu > 0 and sigma > 0" in str(error)
+def test_bad_head_value_is_named(tmp_path, name, value):
+    """A value no calibration produces (the JSON module reads NaN and Infinity) is an error naming
+    the field and the head, not a profile that prints garbage or fails later inside tca.apply."""
+    error = damaged(tmp_path, lambda data: data["heads"][name][2].__setitem__(1, value))
+    assert f"heads.{name}[2][1] is {value}" in str(error) and "calibrate again" in str(error)
+
+
+def test_nan_retrieval_score_is_named(tmp_path):
+    data = make_profile(seed=1).to_json()
+    data["heads"]["retrieval"][0][1] = math.nan
+    with pytest.raises(ProfileError, match=r"heads.retrieval\[0\]\[1\] is nan"):
+        Profile.load(write(tmp_path, json.dumps(data)))
+
+
+@pytest.mark.parametrize("value", [0, -4, 2.5, True, None])
+def test_bad_calibration_tokens_is_named(tmp_path, value):
+    error = damaged(tmp_path, lambda data: data.__setitem__("calibration_tokens", value))
+    assert f"calibration_tokens must be an integer >= 1, got {value!r}" in str(error)
 
 
 @pytest.mark.parametrize(

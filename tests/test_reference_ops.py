@@ -71,6 +71,7 @@ def as64(*tensors):
     return [t.double().numpy() for t in tensors]
 
 
+@pytest.mark.randomised
 @settings(max_examples=25, deadline=None)
 @given(
     seed=st.integers(0, 2**32 - 1),
@@ -100,6 +101,7 @@ def test_sparse_prefill_equals_masked_dense(
     np.testing.assert_allclose(out.double().numpy(), expected, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize(
     ("context_len", "window", "group"), [(97, 13, 3), (130, 1, 4), (65, 64, 1), (33, 100, 2)]
 )
@@ -127,6 +129,7 @@ def dense64(query, key, value, scale, starts):
     return masked_attention(*as64(query, key, value), masks, scale)
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize(("context_len", "window"), [(1, 1), (50, 7), (129, 16), (64, 64), (64, 80)])
 @pytest.mark.parametrize("group", [1, 3])
 def test_everything_kept_or_short_context_equals_dense(context_len, window, group):
@@ -176,6 +179,7 @@ def brute_gamma(
     return gamma
 
 
+@pytest.mark.randomised
 @settings(max_examples=30, deadline=None)
 @given(
     seed=st.integers(0, 2**32 - 1),
@@ -211,6 +215,7 @@ def test_dropped_mass_and_theorem1_bound(seed, batch, group, context_len, window
     assert (tca_real <= bound.double().numpy() + slack).all()
 
 
+@pytest.mark.randomised
 @settings(max_examples=40, deadline=None)
 @given(
     seed=st.integers(0, 2**32 - 1),

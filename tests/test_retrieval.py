@@ -35,6 +35,7 @@ def brute_scores(query: np.ndarray, key: np.ndarray, start: int, passage: int, s
     return per_head.reshape(n_kv, group).max(-1)
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize(
     "heads,kv,length,start,passage", [(6, 2, 97, 60, 31), (4, 4, 50, 30, 17), (3, 1, 40, 21, 5)]
 )
@@ -48,6 +49,7 @@ def test_scores_equal_brute_force(heads, kv, length, start, passage):
     np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"seed {seed}")
 
 
+@pytest.mark.randomised
 def test_a_copying_head_scores_near_one_and_a_random_head_near_zero():
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
@@ -71,6 +73,7 @@ def test_probe_layout():
         probe_ids(ids[:, : CONFIG.local_window + CONFIG.block_size + 1], CONFIG)
 
 
+@pytest.mark.randomised
 def test_measure_retrieval_matches_captured_attention():
     seed = fresh_seed()
     model = tiny_llama(seed)
@@ -82,6 +85,7 @@ def test_measure_retrieval_matches_captured_attention():
         np.testing.assert_allclose(scores[layer], want, atol=1e-5, err_msg=f"seed {seed}, layer {layer}")
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize("threshold", [None, 0.05, 0.3, 1.0])
 def test_heads_at_the_threshold_keep_everything(threshold):
     seed = fresh_seed()
@@ -100,6 +104,7 @@ def test_heads_at_the_threshold_keep_everything(threshold):
         assert np.array_equal(getattr(profile, name)[~marked], getattr(plain, name)[~marked]), name
 
 
+@pytest.mark.randomised
 def test_calibrate_records_scores():
     seed = fresh_seed()
     model = tiny_llama(seed)

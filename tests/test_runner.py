@@ -17,6 +17,7 @@ from tca.integrations.transformers import apply
 from tca.methods import METHODS, MethodSelector, budget_for
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "full"])
 def test_baseline_cache_holds_exactly_its_budget(method):
     seed = fresh_seed()

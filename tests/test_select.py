@@ -71,6 +71,7 @@ def assert_matches(selection, rows, context_len, message=""):
             assert (selection.indices[b, g, count:] == context_len).all(), f"{message}: padding must equal L"
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize("group", [1, 3, 4])
 @pytest.mark.parametrize(
     ("context_len", "block_size", "window"),
@@ -101,6 +102,7 @@ def test_select_equals_brute_force(context_len, block_size, window, group):
     assert_matches(selection, rows, context_len, f"seed {seed}")
 
 
+@pytest.mark.randomised
 @settings(max_examples=40, deadline=None)
 @given(
     seed=st.integers(0, 2**32 - 1),
@@ -126,6 +128,7 @@ def test_select_equals_brute_force_random_shapes(
     assert_matches(select(query, key, mu, sigma, config, scale), rows, context_len)
 
 
+@pytest.mark.randomised
 @settings(max_examples=25, deadline=None)
 @given(
     seed=st.integers(0, 2**32 - 1),
@@ -155,6 +158,7 @@ def test_left_padded_batch_equals_separate_runs(seed, group, context_len, pads, 
             assert torch.equal(alone.indices[0, g, :count] + start, batched.indices[b, g, :count])
 
 
+@pytest.mark.randomised
 @settings(max_examples=40, deadline=None)
 @given(
     seed=st.integers(0, 2**32 - 1),
@@ -206,6 +210,7 @@ def test_selection_properties(seed, group, context_len, start, block_size, windo
         assert sorted(per_block[j] for j in full) == sorted(full_budgets)
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize("context_len", [1, 5, 130, 257])
 def test_dense_heads_keep_every_candidate(context_len):
     seed = fresh_seed()
@@ -265,6 +270,7 @@ def test_zero_mass_block_has_hhi_one(alpha):
 # ---- budgets.py -----------------------------------------------------------------------------------
 
 
+@pytest.mark.randomised
 @settings(max_examples=60, deadline=None)
 @given(
     mu=st.floats(1e-3, 10.0),
@@ -290,6 +296,7 @@ def test_rank_fractions(mu, sigma, n_blocks, factor):
     assert (block_budgets(fractions, torch.full((n_blocks,), 17)) <= budgets).all()
 
 
+@pytest.mark.randomised
 @settings(max_examples=60, deadline=None)
 @given(
     fractions=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=50),

@@ -6,10 +6,12 @@ Under ``torchrun`` (``WORLD_SIZE`` > 1) a model is loaded with transformers' ten
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -49,8 +51,67 @@ def cached_model_dir(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
 
 
+# written last into a cached checkpoint: the size and SHA-256 of every other file in it
+MANIFEST = "tca-manifest.json"
+
+
+def _file_digest(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 22):
+            digest.update(chunk)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _write_manifest(folder: Path) -> None:
+    files = {p.name: _file_digest(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def cache_problem(folder: Path) -> str | None:
+    """What is wrong with a cached checkpoint (None: every file matches its manifest).
+
+    A SHA-256 per file (about a second for SmolLM2's 0.5 GB) catches a truncated or overwritten
+    file that would otherwise load as garbage weights."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return "it has no checksum manifest (an interrupted write, or an older tca)"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"its manifest is unreadable ({error})"
+    if "config.json" not in files:
+        return "its manifest lists no config.json"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected.get("size"):
+            return f"{name} has {path.stat().st_size} bytes, {expected.get('size')} expected"
+        if _file_digest(path)["sha256"] != expected.get("sha256"):
+            return f"{name} differs from what was written (SHA-256 mismatch)"
+    return None
+
+
+def _cache_writable(folder: Path) -> bool:
+    """Whether a checkpoint can be cached under ``folder``; if not, a warning (before the slow
+    de-quantisation, not after it) and the model loads without caching."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        return True
+    except OSError as error:
+        warnings.warn(
+            f"cannot write the model cache under {folder} ({error}); loading without caching, which "
+            "takes ~30 s every time: set TCA_CACHE_DIR to a writable directory.",
+            stacklevel=4,
+        )
+        return False
+
+
 def _write_model_cache(model: Any, tokenizer: Any, target: Path) -> None:
-    """Save a de-quantised GGUF model as a safetensors checkpoint at ``target``, atomically.
+    """Save a de-quantised GGUF model as a safetensors checkpoint at ``target``, atomically, with a
+    manifest of its files' checksums (written last: a cache without one is incomplete).
 
     transformers refuses to save a model loaded from GGUF (it is marked quantized although its
     weights are plain tensors), so the mark is lifted while saving. A cache that cannot be written
@@ -66,9 +127,11 @@ def _write_model_cache(model: Any, tokenizer: Any, target: Path) -> None:
         config = json.loads(config_path.read_text())
         config.pop("quantization_config", None)
         config_path.write_text(json.dumps(config, indent=2))
+        _write_manifest(tmp)
         tmp.replace(target)
     except OSError as error:
-        warnings.warn(f"could not cache the de-quantised model at {target}: {error}", stacklevel=3)
+        if not (target.is_dir() and cache_problem(target) is None):  # else another process cached it
+            warnings.warn(f"could not cache the de-quantised model at {target}: {error}", stacklevel=3)
     finally:
         model.hf_quantizer = quantizer
         shutil.rmtree(tmp, ignore_errors=True)
@@ -88,26 +151,40 @@ def _tensor_parallel() -> dict[str, Any]:
     return {"distributed_config": DistributedConfig(tp_plan="auto")}
 
 
+def _dequantise(gguf: Path) -> tuple[Any, Any]:
+    """(model, tokenizer) from a GGUF file, de-quantised to float32 (about 30 s for SmolLM2)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs), tokenizer
+
+
 def _load_bundled(name: str, dtype: torch.dtype, cache: bool, parallel: dict[str, Any]) -> tuple[Any, Any]:
-    """A bundled GGUF model: from the safetensors cache when there, else de-quantised (then cached)."""
+    """A bundled GGUF model: from the safetensors cache when it is intact, else de-quantised (then
+    cached). A damaged cache is rebuilt, with a warning; an unwritable one is skipped."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = bundled_gguf(name)
     cached = cached_model_dir(gguf)
-    if cache and (cached / "config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(cached)
-        return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, **parallel), tokenizer
+    if cache and cached.is_dir():
+        problem = cache_problem(cached)
+        if problem is None:
+            tokenizer = AutoTokenizer.from_pretrained(cached)
+            return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, **parallel), tokenizer
+        warnings.warn(
+            f"the cached model at {cached} is damaged: {problem}; rebuilding it from the GGUF.", stacklevel=3
+        )
+        shutil.rmtree(cached, ignore_errors=True)
     if parallel:  # a GGUF cannot be sharded while it is de-quantised, and ranks must not race to cache it
         raise ValueError(
             f"under torchrun the bundled model {name!r} loads from its de-quantised cache, which is not "
             f"filled yet: run one `tca generate --model {name} --max-new-tokens 1` without torchrun first."
         )
-    source, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    cache = cache and _cache_writable(cached.parent)
     # de-quantise to float32 so the cache holds the GGUF's values exactly, whatever dtype is asked
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    model, tokenizer = _dequantise(gguf)
     if cache:
-        cached.parent.mkdir(parents=True, exist_ok=True)
         _write_model_cache(model, tokenizer, cached)
     return model.to(dtype), tokenizer
 
@@ -128,7 +205,9 @@ def load_model(
         device: where the model goes.
         cache: for a bundled model, keep the de-quantised weights as safetensors under
             ``cache_dir()`` (about 0.5 GB for SmolLM2) so that later loads take a few seconds
-            instead of ~30 s; the cached weights are identical to the GGUF's.
+            instead of ~30 s; the cached weights are identical to the GGUF's, and checked against
+            their SHA-256 at each load (a damaged cache is rebuilt with a warning). An unwritable
+            cache directory is a warning, and the model loads without caching.
         tensor_parallel: shard the heads over the torchrun processes (``tp_plan="auto"``; each
             rank's device is its own, ``device`` is not used); None: when under torchrun.
     """

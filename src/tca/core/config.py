@@ -13,8 +13,24 @@ def _power_of_two_at_most(value: float) -> int:
 
 
 def _is_real(value: Any) -> bool:
-    # bool is an int subclass, but tau=True is a mistake, not 1.0
+    # bool is an int subclass, but tau=True is a mistake, not 1.0; numpy scalars are numbers.Real
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_integer(value: Any) -> bool:
+    # numpy integers (np.int64 from an array or a sweep) are numbers.Integral; np.bool_ is not
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+# integer fields and their minimum
+_INTEGER_MINIMUMS = {
+    "block_size": 1,
+    "local_window": 0,
+    "candidates": 1,
+    "observation_queries": 1,
+    "pool_kernel": 1,
+    "query_chunk": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -54,6 +70,15 @@ class TCAConfig:
     retrieval_threshold: float | None = 0.03
 
     def __post_init__(self) -> None:
+        self._validate()
+        # numpy scalars are stored as Python numbers, so that to_dict() / Profile.save are plain JSON
+        for name in ("tau", "alpha", "retrieval_threshold"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
+        for name in _INTEGER_MINIMUMS:
+            object.__setattr__(self, name, int(getattr(self, name)))
+
+    def _validate(self) -> None:
         if not (_is_real(self.tau) and 0.0 < self.tau <= 1.0):
             raise ValueError(f"tau must be in (0, 1], got {self.tau!r}; 0.9 is the paper's default.")
         if not (_is_real(self.alpha) and 0.0 <= self.alpha <= 1.0):
@@ -64,16 +89,9 @@ class TCAConfig:
             raise ValueError(
                 f"retrieval_threshold must be in (0, 1] or None (off), got {self.retrieval_threshold!r}."
             )
-        for name, minimum in (
-            ("block_size", 1),
-            ("local_window", 0),
-            ("candidates", 1),
-            ("observation_queries", 1),
-            ("pool_kernel", 1),
-            ("query_chunk", 1),
-        ):
+        for name, minimum in _INTEGER_MINIMUMS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            if not _is_integer(value) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
 
     @property

@@ -140,11 +140,16 @@ class Profile:
         }
 
     def save(self, path: str | Path) -> None:
-        """Write the profile as JSON (atomically: a crash never leaves half a file)."""
+        """Write the profile as JSON (atomically: a crash never leaves half a file, and a failed
+        write, e.g. to a directory's path, leaves no temporary file)."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(self.to_json(), indent=1))
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
@@ -187,12 +192,14 @@ class Profile:
                 retained=arrays["retained"],
                 kept_tokens=arrays["kept_tokens"],
                 oracle_tokens=arrays["oracle_tokens"],
-                calibration_tokens=int(data["calibration_tokens"]),
+                calibration_tokens=_calibration_tokens(data["calibration_tokens"], source),
                 text_sha256=str(data["text_sha256"]),
                 version=str(data["version"]),
                 extra=dict(data.get("extra", {})),
                 retrieval=None if heads.get("retrieval") is None else np.array(heads["retrieval"], float),
             )
+        except ProfileError:
+            raise
         except (KeyError, TypeError, ValueError) as error:
             raise ProfileError(
                 f"{source} is a damaged TCA profile ({type(error).__name__}: {error}); "
@@ -205,9 +212,41 @@ class Profile:
                     f"{source}: heads.{name} has shape {array.shape}, expected {shape} "
                     "(n_layers, n_kv_heads); the file is damaged: calibrate again."
                 )
-        if np.any(profile.mu <= 0) or np.any(profile.sigma <= 0) or np.isnan(profile.mu).any():
-            raise ProfileError(
-                f"{source}: head configurations must have mu > 0 and sigma > 0; "
-                "the file is damaged: calibrate again."
-            )
+        _check_values(profile, source)
         return profile
+
+
+# per head array: (what a valid entry is, the test) -- NaN fails every test
+_HEAD_RULES = {
+    "mu": ("> 0 (null for a dense head)", lambda a: a > 0),
+    "sigma": ("finite and > 0", lambda a: np.isfinite(a) & (a > 0)),
+    "retained": ("finite and >= 0", lambda a: np.isfinite(a) & (a >= 0)),
+    "kept_tokens": ("finite and >= 0", lambda a: np.isfinite(a) & (a >= 0)),
+    "oracle_tokens": ("finite and >= 0", lambda a: np.isfinite(a) & (a >= 0)),
+    "retrieval": ("finite", np.isfinite),
+}
+
+
+def _check_values(profile: Profile, source: str) -> None:
+    """Raise ProfileError naming the first head entry that no calibration can produce."""
+    for name, (rule, valid) in _HEAD_RULES.items():
+        array = getattr(profile, name)
+        if array is None:
+            continue
+        bad = np.argwhere(~valid(array))
+        if len(bad):
+            layer, head = (int(i) for i in bad[0])
+            raise ProfileError(
+                f"{source}: heads.{name}[{layer}][{head}] is {float(array[layer, head])}; {name} must be "
+                f"{rule} ({len(bad)} bad entries). The file is damaged: calibrate again."
+            )
+
+
+def _calibration_tokens(value: Any, source: str) -> int:
+    """The calibration length: a JSON integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ProfileError(
+            f"{source}: calibration_tokens must be an integer >= 1, got {value!r}; "
+            "the file is damaged: calibrate again."
+        )
+    return value

@@ -362,6 +362,18 @@ class TCACache(Cache):
 
     def __init__(self, n_layers: int, keep_history: bool = True, block_size: int = 128):
         super().__init__(layers=[TCACacheLayer(keep_history, block_size) for _ in range(n_layers)])
+        self.in_use = False  # True while it is the current cache of a live tca.apply run (TCARun.set_cache)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """Hand the new states to the TCA run; outside its run (dense attention would read only the
+        new tokens) a clear error instead."""
+        if not self.in_use:
+            raise RuntimeError(
+                "this TCACache is not in use by a tca.apply block (the block has ended, or another cache "
+                "became the run's current one): pass it to model.generate inside `with tca.apply(model, "
+                "profile):`, which makes it current, or start a new conversation without it."
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     @property
     def kv_bytes(self) -> int:

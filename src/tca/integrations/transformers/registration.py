@@ -56,12 +56,19 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 def key_start_from_mask(attention_mask: torch.Tensor | None, key_len: int) -> torch.Tensor | None:
     """First valid key per row from transformers' 4D mask (None: no padding).
 
-    Raises ValueError for padding that is not on the left.
+    Raises ValueError for padding that is not on the left, and for a row that is all padding.
     """
     if attention_mask is None:
         return None
     mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
     valid = mask[:, 0, -1, :key_len]  # the last query sees every valid key
+    empty = ~valid.any(-1)
+    if empty.any():
+        rows = empty.nonzero().flatten().tolist()
+        raise ValueError(
+            f"row(s) {rows} of the batch have no token (their attention_mask is all zeros): "
+            "remove empty prompts from the batch."
+        )
     start = valid.int().argmax(-1)
     positions = torch.arange(key_len, device=valid.device).view(1, -1)
     if not torch.equal(valid, positions >= start.view(-1, 1)):
@@ -87,12 +94,21 @@ def _tca_attention(module, query, key, value, attention_mask, scaling=None, drop
 
 @contextlib.contextmanager
 def attention_handler(model: torch.nn.Module, name: str, handler: Callable) -> Iterator[None]:
-    """Route every attention call of ``model`` to ``handler`` inside the block; restore on exit."""
+    """Route every attention call of ``model`` to ``handler`` inside the block; restore on exit.
+
+    A model whose attention is already routed (an ``apply`` or calibration block around this one)
+    is a RuntimeError, raised before anything changes: the outer block keeps running as it was.
+    """
     AttentionInterface.register(name, _tca_attention)
     AttentionMaskInterface.register(name, sdpa_mask)
     modules = attention_modules(model)
     if not modules:
         raise UnsupportedModelError(f"found no attention modules with q_proj in {type(model).__name__}.")
+    if any(module in _HANDLERS for module in modules):
+        raise RuntimeError(
+            "this model already runs under tca.apply or tca.patch (or a calibration pass), and TCA runs "
+            "do not nest: leave that `with` block or call tca.unpatch(model) first."
+        )
     previous = model.config._attn_implementation
     for module in modules:
         _HANDLERS[module] = handler

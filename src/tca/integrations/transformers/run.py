@@ -13,9 +13,9 @@ reaches together; no collective runs per decode step).
 from __future__ import annotations
 
 import contextlib
-import inspect
+import os
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -24,9 +24,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ... import ops
 from ...core.error_bound import last_query_dropped_mass, theorem1_bound
-from ...core.profile import Profile, model_fingerprint
+from ...core.profile import Profile, ProfileError, model_fingerprint
 from ...core.stats import RunStats
 from .cache import TCACache, TCACacheLayer
+from .generate import generate_with_cache
 from .layout import head_layout
 from .policy import CachePolicy
 from .registration import (
@@ -48,7 +49,12 @@ class TCARun:
     """
 
     def __init__(self, model: torch.nn.Module, selector: Profile | Any, keep_history: bool = True):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"tca.apply needs a transformers model (tca.load_model returns one), got {_what(model)}."
+            )
         check_supported(model)
+        selector = _as_selector(selector)
         if isinstance(selector, Profile):
             selector = ProfileSelector(selector, model)
         self.model = model
@@ -76,8 +82,21 @@ class TCARun:
 
     def new_cache(self) -> TCACache:
         """A fresh compressed cache, made the run's current one."""
-        self.cache = TCACache(self.layout.n_layers, self.keep_history, self.config.block_size)
+        self.set_cache(TCACache(self.layout.n_layers, self.keep_history, self.config.block_size))
         return self.cache
+
+    def set_cache(self, cache: TCACache) -> None:
+        """Make ``cache`` the current one: only the current cache of a live run accepts new tokens."""
+        if self.cache is not None and self.cache is not cache:
+            self.cache.in_use = False
+        cache.in_use = True
+        self.cache = cache
+
+    def close(self) -> None:
+        """The ``apply`` block has ended: the cache accepts no more tokens (``run.cache`` and
+        ``run.stats`` can still be read)."""
+        if self.cache is not None:
+            self.cache.in_use = False
 
     def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
         """Attention for one layer call (the AttentionInterface signature). Returns ((B, Lq, H, d), None)."""
@@ -160,43 +179,60 @@ class TCARun:
         return out
 
 
-def _generate_with_cache(run: TCARun, generate: Callable) -> Callable:
-    """``model.generate`` using the run's compressed cache unless the caller passes a cache."""
-    # newer transformers call it ``cache`` (``past_key_values`` deprecated); 5.17 knows only the old name
-    name = "cache" if "cache" in inspect.signature(type(run.model).forward).parameters else "past_key_values"
+def _what(value: Any) -> str:
+    """``value`` for an error message: its type, and its repr when short."""
+    if value is None:
+        return "None"
+    shown = repr(value)
+    return f"{type(value).__name__} {shown}" if len(shown) <= 40 else type(value).__name__
 
-    def tca_generate(*args, **kwargs):
-        given = kwargs.get("past_key_values", kwargs.get("cache"))
-        if given is None:
-            kwargs[name] = run.new_cache()
-        elif isinstance(given, TCACache):
-            run.cache = given
-        output = generate(*args, **kwargs)
-        run.gather_stats()  # the cache sizes after decoding, from every rank
-        return output
 
-    return tca_generate
+def _as_selector(profile: Any) -> Profile | Any:
+    """What ``apply`` was given as its profile: a Profile or a selector as is, a path loaded."""
+    if isinstance(profile, (str, os.PathLike)):
+        if not os.path.isfile(profile):
+            from ...bundled.profiles import bundled_profiles
+
+            raise ProfileError(
+                f"tca.apply got the path {os.fspath(profile)!r}, which is no profile file; pass a Profile: "
+                f"tca.Profile.load(PATH), tca.calibrate(model, tokenizer), or a bundled model's "
+                f"tca.profile_for(NAME) (bundled: {', '.join(bundled_profiles()) or 'none'})."
+            )
+        return Profile.load(profile)
+    if isinstance(profile, Profile) or all(hasattr(profile, a) for a in ("config", "decode_keep", "select")):
+        return profile
+    raise TypeError(
+        f"tca.apply needs a Profile, got {_what(profile)}: pass tca.Profile.load(PATH), "
+        "tca.calibrate(model, tokenizer) or tca.profile_for(NAME) (a bundled model's), "
+        "or a selector such as tca.methods.MethodSelector."
+    )
 
 
 @contextlib.contextmanager
 def apply(model: torch.nn.Module, profile: Profile | Any, keep_history: bool = True) -> Iterator[TCARun]:
     """Run ``model`` with TCA attention inside the block.
 
-    ``profile``: a calibrated ``Profile`` (TCA), or any selector with ``config``, ``decode_keep``
-    and ``select`` (``tca.methods.MethodSelector`` runs a baseline the same way).
+    ``profile``: a calibrated ``Profile`` (TCA) or the path of a saved one, or any selector with
+    ``config``, ``decode_keep`` and ``select`` (``tca.methods.MethodSelector`` runs a baseline
+    the same way).
 
     Prefill uses TCA sparse attention; ``model.generate`` also uses a compressed per-head KV
-    cache (``run.cache``). ``keep_history`` keeps every token's K/V on the host so that a new
-    turn re-selects from the whole conversation. Yields the ``TCARun``, whose ``stats`` fill as
-    the model runs. Everything is restored on exit, also after an exception.
+    cache (``run.cache``), for greedy search and sampling (other modes: ``use_cache=False``), and
+    stops with a warning when a sequence reaches the model's context limit, keeping what it
+    generated. ``keep_history`` keeps every token's K/V on the host so that a new turn re-selects
+    from the whole conversation. Yields the ``TCARun``, whose ``stats`` fill as the model runs.
+    Everything is restored on exit, also after an exception; the cache then accepts no more
+    tokens. Runs do not nest: entering ``apply`` (or ``patch``) on a model already under one
+    is a RuntimeError that leaves the outer run as it was.
     """
     run = TCARun(model, profile, keep_history)
     with attention_handler(model, ATTENTION_NAME, run):
-        model.generate = _generate_with_cache(run, type(model).generate.__get__(model))
+        model.generate = generate_with_cache(run, type(model).generate.__get__(model))
         try:
             yield run
         finally:
             del model.generate
+            run.close()
 
 
 _PATCHED: weakref.WeakKeyDictionary[torch.nn.Module, contextlib.ExitStack] = weakref.WeakKeyDictionary()
