@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from bruteforce import fresh_seed, select_head, softmax64
+from bruteforce import brute_retention, fresh_seed, select_head
 from tiny_models import TINY, capture_qk, tiny_llama
 
 from tca.core.budgets import candidate_grid
@@ -24,25 +24,6 @@ from tca.integrations.transformers import (
 CONFIG = TCAConfig(block_size=16, local_window=32, query_chunk=64, tau=0.8)
 CONTEXT = 301
 MARGIN = 2e-5
-
-
-def brute_retention(query: np.ndarray, key: np.ndarray, scale: float, window: int):
-    """From the full causal attention matrix A (per query head): over queries j >= w and the group's heads,
-    base[g] = mean mass inside the window (j - w, j]; values[g, k] = mean A[j, k] over k <= j - w."""
-    n_heads, context_len, _ = query.shape
-    n_kv = key.shape[0]
-    group = n_heads // n_kv
-    n_candidates = context_len - window
-    base, values = np.zeros(n_kv), np.zeros((n_kv, n_candidates))
-    for head in range(n_heads):
-        g = head // group
-        scores = query[head] @ key[g].T * scale
-        for j in range(window, context_len):
-            row = softmax64(scores[j, : j + 1])
-            base[g] += row[j - window + 1 :].sum()
-            values[g, : j - window + 1] += row[: j - window + 1]
-    rows = group * n_candidates
-    return base / rows, values / rows
 
 
 def brute_oracle(base: float, values: np.ndarray, tau: float, tolerance: float = 1e-6) -> int:
@@ -161,6 +142,7 @@ def test_profile_metadata(calibrated):
         "n_heads": 4,
         "n_kv_heads": 2,
         "head_dim": 16,
+        "managed_layers": [0, 1],
     }
     assert profile.calibration_tokens == CONTEXT and profile.config == CONFIG
     assert profile.text_sha256 == hashlib.sha256(b"some text").hexdigest()

@@ -135,10 +135,11 @@ def layer_retention(
 
 
 def choose_heads(retention: list[LayerRetention], candidates: list[tuple[float, float]], tau: float):
-    """Per (layer, KV head), the candidate keeping the fewest tokens with retained mass >= tau.
+    """Per (managed layer, KV head), the candidate keeping the fewest tokens with retained mass >= tau.
 
-    Returns arrays (n_layers, G): mu, sigma, retained, kept_tokens, oracle_tokens. A head with no
-    passing candidate keeps everything (``mu = inf``; retained 1).
+    ``retention``: one entry per managed layer. Returns arrays (n_managed, G): mu, sigma, retained,
+    kept_tokens, oracle_tokens. A head with no passing candidate keeps everything (``mu = inf``;
+    retained 1).
     """
     n_layers, n_kv = len(retention), retention[0].base.shape[0]
     out = {
@@ -187,9 +188,16 @@ def profile_from_retention(
 ) -> Profile:
     """Threshold measured retention at ``config.tau`` into a Profile (cheap: no forward pass).
 
-    ``retrieval``: (n_layers, G) scores from ``measure_retrieval``; heads at or above
+    ``retention``: one entry per layer TCA manages (``model_fingerprint(model)["managed_layers"]``).
+    ``retrieval``: (n_managed, G) scores from ``measure_retrieval``; heads at or above
     ``config.retrieval_threshold`` keep every token.
     """
+    fingerprint = model_fingerprint(model)
+    if len(retention) != len(fingerprint["managed_layers"]):
+        raise ValueError(
+            f"retention measured for {len(retention)} layers; the model's managed layers are "
+            f"{fingerprint['managed_layers']}."
+        )
     heads = choose_heads(retention, candidate_grid(config.candidates), config.tau)
     if retrieval is not None and config.retrieval_threshold is not None:
         dense = retrieval >= config.retrieval_threshold
@@ -198,7 +206,7 @@ def profile_from_retention(
         heads["kept_tokens"][dense] = retention[0].values.shape[-1]
     return Profile(
         config=config,
-        fingerprint=model_fingerprint(model),
+        fingerprint=fingerprint,
         calibration_tokens=tokens,
         text_sha256=hashlib.sha256(text.encode()).hexdigest(),
         version=__version__,
