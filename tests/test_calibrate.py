@@ -12,7 +12,7 @@ from bruteforce import brute_retention, fresh_seed, select_head
 from tiny_models import TINY, capture_qk, tiny_llama
 
 from tca.core.budgets import candidate_grid
-from tca.core.calibration import profile_from_retention
+from tca.core.calibration import calibration_ids, profile_from_retention
 from tca.core.config import TCAConfig
 from tca.integrations.transformers import (
     ContextTooLongError,
@@ -166,6 +166,26 @@ def test_calibrate_end_to_end_with_given_text():
     assert (profile.kept_tokens >= profile.oracle_tokens).all()
     with pytest.raises(ValueError, match="pass a longer text"):
         calibrate(model, CharTokenizer(), text="short", config=CONFIG, progress=False)
+
+
+class BosTokenizer(CharTokenizer):
+    """Like Gemma's: a BOS token before every text unless ``add_special_tokens=False``."""
+
+    bos_token_id = 2
+
+    def __call__(self, text, return_tensors="pt", add_special_tokens=True):
+        ids = super().__call__(text)["input_ids"]
+        if add_special_tokens:
+            ids = torch.cat([torch.tensor([[self.bos_token_id]]), ids], -1)
+        return {"input_ids": ids}
+
+
+def test_calibration_text_starts_as_the_tokenizer_starts_a_text():
+    text = "".join(chr(97 + i % 26) for i in range(400))
+    plain = calibration_ids(CharTokenizer(), text, CONFIG, 300)
+    with_bos = calibration_ids(BosTokenizer(), text, CONFIG, 300)
+    assert plain.shape == with_bos.shape == (1, 300)
+    assert with_bos[0, 0] == 2 and torch.equal(with_bos[0, 1:], plain[0, :-1])
 
 
 def test_calibration_errors():

@@ -164,11 +164,18 @@ def choose_heads(retention: list[LayerRetention], candidates: list[tuple[float, 
 
 
 def calibration_ids(tokenizer: Any, text: str, config: TCAConfig, max_tokens: int) -> torch.Tensor:
-    """Tokenize and truncate the calibration text; (1, L) int64. Too short a text is an error."""
+    """Tokenize and truncate the calibration text; (1, L) int64. Too short a text is an error.
+
+    A tokenizer that starts every text with its BOS token by default (Gemma's ``<bos>``; SmolLM2's
+    does not) gets it here too: the model is calibrated on text as it reads documents.
+    """
     prefix = text[
         : 32 * max_tokens
     ]  # a token is rarely over 32 characters; a 400 KB text needs no full encoding
-    ids = tokenizer(prefix, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_tokens]
+    ids = tokenizer(prefix, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    if leads_with_bos(tokenizer):
+        ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]], dtype=ids.dtype), ids], -1)
+    ids = ids[:, :max_tokens]
     needed = config.effective_window + 4 * config.block_size
     if ids.shape[-1] < needed:
         raise ValueError(
@@ -176,6 +183,14 @@ def calibration_ids(tokenizer: Any, text: str, config: TCAConfig, max_tokens: in
             f"(local_window {config.local_window} + 4 blocks of {config.block_size}): pass a longer text."
         )
     return ids
+
+
+def leads_with_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` puts its BOS token before a text by default."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    return tokenizer("a", return_tensors="pt")["input_ids"][0, :1].tolist() == [bos]
 
 
 def profile_from_retention(
