@@ -46,9 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration-tokens", type=int, default=4096)
     parser.add_argument("--observation-queries", type=int, default=None)
     parser.add_argument(
-        "--retrieval-threshold",
+        "--retrieval-thresholds",
+        nargs="+",
         default=None,
-        help="retrieval score from which a head keeps every token, or 'off' (default: TCAConfig's)",
+        help="retrieval scores from which a head keeps every token, each a number or 'off', thresholding "
+        "one calibration (default: TCAConfig's)",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -101,18 +103,18 @@ def document_windows(tokenizer, length: int, count: int, seed: int) -> list[torc
     return [torch.cat([bos, window], -1) for window in windows]
 
 
-def config_overrides(args: argparse.Namespace) -> dict:
-    overrides = {} if args.observation_queries is None else {"observation_queries": args.observation_queries}
-    if args.retrieval_threshold is not None:
-        off = args.retrieval_threshold == "off"
-        overrides["retrieval_threshold"] = None if off else float(args.retrieval_threshold)
-    return overrides
+def retrieval_thresholds(args: argparse.Namespace, default: TCAConfig) -> list[float | None]:
+    """The retrieval thresholds to threshold each calibration at (None: off)."""
+    if args.retrieval_thresholds is None:
+        return [default.retrieval_threshold]
+    return [None if value == "off" else float(value) for value in args.retrieval_thresholds]
 
 
 def main() -> None:
     args = parse_args()
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    default = TCAConfig.for_model(model, **config_overrides(args))
+    overrides = {} if args.observation_queries is None else {"observation_queries": args.observation_queries}
+    default = TCAConfig.for_model(model, **overrides)
     configs = (
         [default]
         if not args.frontier
@@ -129,20 +131,21 @@ def main() -> None:
         ids = calibration_ids(tokenizer, calibration, config, args.calibration_tokens)
         retention = measure_retention(model, ids, config)
         retrieval = measure_retrieval(model, ids, config)
-        for tau in taus:
-            profile = profile_from_retention(
-                retention, model, config.replace(tau=tau), ids.shape[-1], calibration, retrieval
-            )
+        for tau, threshold in [(t, r) for t in taus for r in retrieval_thresholds(args, default)]:
+            chosen = config.replace(tau=tau, retrieval_threshold=threshold)
+            profile = profile_from_retention(retention, model, chosen, ids.shape[-1], calibration, retrieval)
             for length in args.lengths:
                 result = evaluate_profile(model, profile, windows[length], dense[length])
                 row = {
                     "local_window": config.local_window,
                     "block_size": config.block_size,
                     "tau": tau,
+                    "retrieval_threshold": threshold,
                     "length": length,
                     **result,
+                    "dense_heads": int(np.isinf(profile.mu).sum()),
                     "head_keep_ratios": head_spread(profile, [length]),
-                    "is_default": config == default and tau == default.tau,
+                    "is_default": chosen == default,
                     "same_as_bundled_profile": same_as_bundled(profile, args.model),
                 }
                 rows.append(row)
