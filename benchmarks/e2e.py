@@ -42,6 +42,7 @@ from tca.core.budgets import mu_for_share
 from tca.core.config import TCAConfig
 from tca.core.profile import Profile
 from tca.eval.provenance import device_name, provenance
+from tca.integrations.transformers.cache import dense_cache_bytes
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = {
@@ -74,6 +75,21 @@ SHAPES = {
         vocab_size=152064,
         rope_theta=1000000.0,
         max_position_embeddings=131072,
+        rms_norm_eps=1e-6,
+    ),
+    # Gemma 3 270M: 15 sliding-window layers (512 tokens) that TCA leaves alone, full layers 5, 11, 17
+    "gemma3-270m": dict(
+        model_type="gemma3_text",
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        sliding_window=512,
+        vocab_size=262144,
+        max_position_embeddings=32768,
         rms_norm_eps=1e-6,
     ),
 }
@@ -240,8 +256,7 @@ def measure(model, shape: str, length: int, batch: int, kept_targets, new_tokens
     """Dense, then TCA at each kept target, on one random prompt batch."""
     generator = torch.Generator().manual_seed(length + batch)
     ids = torch.randint(3, model.config.vocab_size, (batch, length), generator=generator).to(model.device)
-    n_kv, dim = model.config.num_key_value_heads, model.config.head_dim
-    dense_kv = 2 * model.config.num_hidden_layers * batch * n_kv * (length + new_tokens) * dim * 2
+    dense_kv = dense_cache_bytes(model, length + new_tokens, batch)  # sliding layers: their window
     ttft, decode, peak = timed_generate(model, ids, new_tokens)
     dense_attention = dense_attention_ms(model, ids)
     base = dict(shape=shape, L=length, batch=batch, weights="random bf16")

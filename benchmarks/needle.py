@@ -1,4 +1,5 @@
-"""Needle-in-a-haystack on real prose with SmolLM2: dense vs TCA on the same prompts (issue 5's check).
+"""Needle-in-a-haystack on real prose with a bundled model: dense vs TCA on the same prompts (issue 5's
+check; issue 16's on Gemma 3).
 
 Tasks: a single needle, three needles asked for one, and a needle given in turn 1 of a chat and
 asked for in turn 2 (the TCA cache re-selects from its host history at turn 2); the samples are
@@ -7,6 +8,11 @@ Reports, per task and length, how many answers are right with each, and the KV b
 cache held against a dense cache for the same tokens.
 
     python benchmarks/needle.py --profile PATH --out benchmarks/results/needle-cpu.json
+    python benchmarks/needle.py --model gemma3-270m --profile src/tca/data/profiles/gemma3-270m.json \
+        --lengths 8192 16384 32768 --device cuda --dtype bfloat16 --out R.json
+
+Gemma 3 270M is a base model: it is asked through the plain template ``tca.load_model`` gives it
+(the document, the question, "Answer:").
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tca.bundled.models import load_model
+from tca.bundled.models import BUNDLED, load_model
 from tca.core.profile import Profile
 from tca.eval.chat import ask, ask_two_turns
 from tca.eval.needle import TASKS, make_sample, score
@@ -62,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--model", default="smollm2", choices=sorted(BUNDLED), help="a bundled model")
     parser.add_argument("--profile", type=Path, required=True)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--samples", type=int, default=3, help="samples per task and length")
@@ -81,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
-    model, tokenizer = load_model("smollm2", dtype=getattr(torch, args.dtype), device=args.device)
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     if not args.profile.exists():  # calibrate with the defaults, as `tca calibrate` does
         from tca.core.config import TCAConfig
         from tca.integrations.transformers import calibrate
@@ -128,7 +135,7 @@ def main() -> None:
             }
     out = {
         **provenance(args.device, config={"args": vars(args), "tca": profile.config.to_dict()}),
-        "model": "SmolLM2-135M-Instruct",
+        "model": {"smollm2": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma 3 270M base"}[args.model],
         "dtype": args.dtype,
         "profile": str(args.profile),
         "summary": summary,

@@ -157,3 +157,22 @@ def causal_masks(batch: int, n_kv: int, context_len: int) -> np.ndarray:
     return np.broadcast_to(
         np.tril(np.ones((context_len, context_len), dtype=bool)), (batch, n_kv, context_len, context_len)
     )
+
+
+def brute_retention(query: np.ndarray, key: np.ndarray, scale: float, window: int):
+    """From the full causal attention matrix A (per query head): over queries j >= w and the group's heads,
+    base[g] = mean mass inside the window (j - w, j]; values[g, k] = mean A[j, k] over k <= j - w."""
+    n_heads, context_len, _ = query.shape
+    n_kv = key.shape[0]
+    group = n_heads // n_kv
+    n_candidates = context_len - window
+    base, values = np.zeros(n_kv), np.zeros((n_kv, n_candidates))
+    for head in range(n_heads):
+        g = head // group
+        scores = query[head] @ key[g].T * scale
+        for j in range(window, context_len):
+            row = softmax64(scores[j, : j + 1])
+            base[g] += row[j - window + 1 :].sum()
+            values[g, : j - window + 1] += row[: j - window + 1]
+    rows = group * n_candidates
+    return base / rows, values / rows

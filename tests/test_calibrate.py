@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from bruteforce import fresh_seed, select_head, softmax64
+from bruteforce import brute_retention, fresh_seed, select_head
 from tiny_models import TINY, capture_qk, tiny_llama
 
 from tca.core.budgets import candidate_grid
-from tca.core.calibration import profile_from_retention
+from tca.core.calibration import calibration_ids, profile_from_retention
 from tca.core.config import TCAConfig
 from tca.integrations.transformers import (
     ContextTooLongError,
@@ -25,25 +25,6 @@ from tca.integrations.transformers import (
 CONFIG = TCAConfig(block_size=16, local_window=32, query_chunk=64, tau=0.8)
 CONTEXT = 301
 MARGIN = 2e-5
-
-
-def brute_retention(query: np.ndarray, key: np.ndarray, scale: float, window: int):
-    """From the full causal attention matrix A (per query head): over queries j >= w and the group's heads,
-    base[g] = mean mass inside the window (j - w, j]; values[g, k] = mean A[j, k] over k <= j - w."""
-    n_heads, context_len, _ = query.shape
-    n_kv = key.shape[0]
-    group = n_heads // n_kv
-    n_candidates = context_len - window
-    base, values = np.zeros(n_kv), np.zeros((n_kv, n_candidates))
-    for head in range(n_heads):
-        g = head // group
-        scores = query[head] @ key[g].T * scale
-        for j in range(window, context_len):
-            row = softmax64(scores[j, : j + 1])
-            base[g] += row[j - window + 1 :].sum()
-            values[g, : j - window + 1] += row[: j - window + 1]
-    rows = group * n_candidates
-    return base / rows, values / rows
 
 
 TOLERANCE = 1e-6  # calibration accepts a retained mass >= tau - TOLERANCE
@@ -184,6 +165,7 @@ def test_profile_metadata(calibrated):
         "n_heads": 4,
         "n_kv_heads": 2,
         "head_dim": 16,
+        "managed_layers": [0, 1],
     }
     assert profile.calibration_tokens == CONTEXT and profile.config == CONFIG
     assert profile.text_sha256 == hashlib.sha256(b"some text").hexdigest()
@@ -208,6 +190,26 @@ def test_calibrate_end_to_end_with_given_text():
     assert (profile.kept_tokens >= profile.oracle_tokens).all()
     with pytest.raises(ValueError, match="pass a longer text"):
         calibrate(model, CharTokenizer(), text="short", config=CONFIG, progress=False)
+
+
+class BosTokenizer(CharTokenizer):
+    """Like Gemma's: a BOS token before every text unless ``add_special_tokens=False``."""
+
+    bos_token_id = 2
+
+    def __call__(self, text, return_tensors="pt", add_special_tokens=True):
+        ids = super().__call__(text)["input_ids"]
+        if add_special_tokens:
+            ids = torch.cat([torch.tensor([[self.bos_token_id]]), ids], -1)
+        return {"input_ids": ids}
+
+
+def test_calibration_text_starts_as_the_tokenizer_starts_a_text():
+    text = "".join(chr(97 + i % 26) for i in range(400))
+    plain = calibration_ids(CharTokenizer(), text, CONFIG, 300)
+    with_bos = calibration_ids(BosTokenizer(), text, CONFIG, 300)
+    assert plain.shape == with_bos.shape == (1, 300)
+    assert with_bos[0, 0] == 2 and torch.equal(with_bos[0, 1:], plain[0, :-1])
 
 
 def test_calibration_errors():

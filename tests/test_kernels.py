@@ -390,3 +390,60 @@ def test_kernels_over_a_sequence_of_shapes():
             rel_error(decoded, reference.decode_reference(q1, cache_k, cache_v, lengths).double()) < 2e-2
         ), where
         del q, k, v
+
+
+# Gemma 3 270M: head dim 256, 4 query heads on 1 KV head (and 2 KV heads, to cover a group > 1 per
+# program); with TCA_TEST_FULL=1 on the GPU, its 32K context and TCA's default window there (2048).
+GEMMA_CASES = [(97, "bf16", 16, 1), (200, "fp32", 32, 2), (130, "fp16", 8, 1)]
+if FULL:
+    GEMMA_CASES += [(32769, "bf16", 2048, 1), (8191, "bf16", 2048, 2)]
+
+
+@pytest.mark.parametrize("length,dtype,window,batch", GEMMA_CASES)
+def test_head_dim_256_selection_prefill_and_decode(length, dtype, window, batch):
+    """Every kernel at head dim 256 against float64 (prefill, decode) and the reference (selection,
+    decode with the append folded in), as the other head dims."""
+    gen, seed = fresh_generator()
+    n_kv, group, dim = (1, 4, 256) if batch == 1 else (2, 2, 256)
+    dt = DTYPES[dtype]
+    scale = 256**-0.5
+    q = randn(gen, batch, n_kv * group, length, dim, dtype=dt)
+    k = randn(gen, batch, n_kv, length, dim, dtype=dt)
+    v = randn(gen, batch, n_kv, length, dim, dtype=dt)
+    key_start = torch.zeros(batch, dtype=torch.long, device=DEVICE)
+    if batch > 1:
+        key_start[1] = length // 5  # a left-padded row
+    config = TCAConfig(local_window=window, block_size=16 if window < 64 else 128, observation_queries=4)
+    mu = torch.tensor([0.2, 0.05][:n_kv], dtype=torch.float64)
+    sigma = torch.ones(n_kv, dtype=torch.float64)
+    starts = key_start if batch > 1 else None
+    want = select(q[:, :, -4:], k, mu, sigma, config, scale, starts)
+    assert_same_selection(launchers.select(q[:, :, -4:], k, mu, sigma, config, scale, starts), want, seed)
+    tail = min(length, 512)  # float64 over every query is slow at 32K
+    exact = prefill_fp64(q, k, v, want, window, scale, key_start)[:, :, -tail:]
+    low = reference.sparse_prefill(q, k, v, want, window, scale, starts)[:, :, -tail:]
+    out = launchers.sparse_prefill(q, k, v, want, window, scale, starts)[:, :, -tail:]
+    kernel_err, ref_err = rel_error(out, exact), rel_error(low, exact)
+    assert kernel_err <= 2 * ref_err + 1e-6, (
+        f"seed {seed}: prefill {kernel_err:.3g} vs reference {ref_err:.3g}"
+    )
+    # decode over each head's kept tokens (random lengths), the append inside the kernels
+    lengths = torch.randint(1, length, (batch, n_kv), generator=gen).to(DEVICE)
+    q1 = q[:, :, -1:].contiguous()
+    exact = decode_fp64(q1, k, v, lengths, scale)
+    kernel_err = rel_error(launchers.decode(q1, k, v, lengths, scale), exact)
+    ref_err = rel_error(reference.decode_reference(q1, k, v, lengths, scale), exact)
+    assert kernel_err <= 2 * ref_err + 1e-6, (
+        f"seed {seed}: decode {kernel_err:.3g} vs reference {ref_err:.3g}"
+    )
+    capacity = length + 2
+    offsets = torch.arange(n_kv, device=DEVICE) * capacity
+    store = [randn(gen, batch, n_kv * capacity, dim, dtype=dt) for _ in range(2)]
+    store.append(torch.randint(0, 10**6, (batch, n_kv * capacity), generator=gen).to(DEVICE))
+    kernel = [t.clone() for t in store] + [lengths.to(torch.int32)]
+    refs = [t.clone() for t in store] + [lengths.clone()]
+    new_k, new_v = (randn(gen, batch, n_kv, 1, dim, dtype=dt) for _ in range(2))
+    got = launchers.decode_ragged_append(q1, new_k, new_v, *kernel, offsets, capacity, length, scale)
+    ref = reference.decode_ragged_append(q1, new_k, new_v, *refs, offsets, capacity, length, scale)
+    assert torch.equal(kernel[3].long(), refs[3]), f"seed {seed}"
+    assert rel_error(got, ref.double()) < (1e-5 if dtype == "fp32" else 2e-2), f"seed {seed}"

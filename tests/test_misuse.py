@@ -277,7 +277,7 @@ def test_apply_takes_a_profile_path(tmp_path):
         (3, TypeError, "got int 3"),
         ({"mu": 1}, TypeError, "got dict"),
         ("missing.json", ProfileError, "'missing.json', which is no profile file"),
-        ("smollm2", ProfileError, "tca.profile_for(NAME) (bundled: smollm2"),
+        ("smollm2", ProfileError, "tca.profile_for(NAME) (bundled: "),
     ],
 )
 def test_apply_names_a_bad_profile_and_the_fix(profile, error, named):

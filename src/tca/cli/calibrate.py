@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     shape = profile.mu.shape
     ratio = profile.keep_ratios(profile.calibration_tokens)
     print(
-        f"wrote {out}: {shape[0]} layers x {shape[1]} KV heads, tau {config.tau}, "
+        f"wrote {out}: {shape[0]} managed layers x {shape[1]} KV heads, tau {config.tau}, "
         f"window {config.local_window}, block {config.block_size}, "
         f"{profile.calibration_tokens:,} calibration tokens, {seconds:.1f} s"
     )

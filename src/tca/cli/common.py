@@ -57,7 +57,9 @@ def check_folder(path: str, option: str) -> Path:
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", default="smollm2", help="'smollm2' (bundled) or a local HF checkpoint directory"
+        "--model",
+        default="smollm2",
+        help="'smollm2' or 'gemma3-270m' (bundled) or a local HF checkpoint directory",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="parameter dtype")

@@ -86,11 +86,9 @@ def _progress_streamer(total: int) -> Any:
 
 def _dense_kv_bytes(model: Any, tokens: int) -> int:
     """Bytes a dense KV cache holds for ``tokens`` tokens (keys and values, all layers)."""
-    from ..core.profile import model_fingerprint
+    from ..integrations.transformers.cache import dense_cache_bytes
 
-    shape = model_fingerprint(model)
-    element = next(model.parameters()).element_size()
-    return 2 * shape["n_layers"] * shape["n_kv_heads"] * shape["head_dim"] * tokens * element
+    return dense_cache_bytes(model, tokens)
 
 
 def _generate(model: Any, tokenizer: Any, ids: Any, args: argparse.Namespace, profile: Any) -> tuple:

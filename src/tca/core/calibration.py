@@ -130,10 +130,11 @@ def layer_retention(
 
 
 def choose_heads(retention: list[LayerRetention], candidates: list[tuple[float, float]], tau: float):
-    """Per (layer, KV head), the candidate keeping the fewest tokens with retained mass >= tau.
+    """Per (managed layer, KV head), the candidate keeping the fewest tokens with retained mass >= tau.
 
-    Returns arrays (n_layers, G): mu, sigma, retained, kept_tokens, oracle_tokens. A head with no
-    passing candidate keeps everything (``mu = inf``; retained 1).
+    ``retention``: one entry per managed layer. Returns arrays (n_managed, G): mu, sigma, retained,
+    kept_tokens, oracle_tokens. A head with no passing candidate keeps everything (``mu = inf``;
+    retained 1).
     """
     n_layers, n_kv = len(retention), retention[0].base.shape[0]
     out = {
@@ -158,11 +159,18 @@ def choose_heads(retention: list[LayerRetention], candidates: list[tuple[float, 
 
 
 def calibration_ids(tokenizer: Any, text: str, config: TCAConfig, max_tokens: int) -> torch.Tensor:
-    """Tokenize and truncate the calibration text; (1, L) int64. Too short a text is an error."""
+    """Tokenize and truncate the calibration text; (1, L) int64. Too short a text is an error.
+
+    A tokenizer that starts every text with its BOS token by default (Gemma's ``<bos>``; SmolLM2's
+    does not) gets it here too: the model is calibrated on text as it reads documents.
+    """
     prefix = text[
         : 32 * max_tokens
     ]  # a token is rarely over 32 characters; a 400 KB text needs no full encoding
-    ids = tokenizer(prefix, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_tokens]
+    ids = tokenizer(prefix, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    if leads_with_bos(tokenizer):
+        ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]], dtype=ids.dtype), ids], -1)
+    ids = ids[:, :max_tokens]
     needed = config.effective_window + 4 * config.block_size
     if ids.shape[-1] < needed:
         raise ValueError(
@@ -170,6 +178,14 @@ def calibration_ids(tokenizer: Any, text: str, config: TCAConfig, max_tokens: in
             f"(local_window {config.local_window} + 4 blocks of {config.block_size}): pass a longer text."
         )
     return ids
+
+
+def leads_with_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` puts its BOS token before a text by default."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    return tokenizer("a", return_tensors="pt")["input_ids"][0, :1].tolist() == [bos]
 
 
 def profile_from_retention(
@@ -182,9 +198,16 @@ def profile_from_retention(
 ) -> Profile:
     """Threshold measured retention at ``config.tau`` into a Profile (cheap: no forward pass).
 
-    ``retrieval``: (n_layers, G) scores from ``measure_retrieval``; heads at or above
+    ``retention``: one entry per layer TCA manages (``model_fingerprint(model)["managed_layers"]``).
+    ``retrieval``: (n_managed, G) scores from ``measure_retrieval``; heads at or above
     ``config.retrieval_threshold`` keep every token.
     """
+    fingerprint = model_fingerprint(model)
+    if len(retention) != len(fingerprint["managed_layers"]):
+        raise ValueError(
+            f"retention measured for {len(retention)} layers; the model's managed layers are "
+            f"{fingerprint['managed_layers']}."
+        )
     heads = choose_heads(retention, candidate_grid(config.candidates), config.tau)
     if retrieval is not None and config.retrieval_threshold is not None:
         dense = retrieval >= config.retrieval_threshold
@@ -193,7 +216,7 @@ def profile_from_retention(
         heads["kept_tokens"][dense] = retention[0].values.shape[-1]
     return Profile(
         config=config,
-        fingerprint=model_fingerprint(model),
+        fingerprint=fingerprint,
         calibration_tokens=tokens,
         text_sha256=hashlib.sha256(text.encode()).hexdigest(),
         version=__version__,

@@ -27,25 +27,65 @@ class ProfileError(ValueError):
     """A profile file that cannot be read, or a profile that does not fit a model."""
 
 
-def model_fingerprint(model: Any) -> dict[str, Any]:
-    """What a profile must match: architecture and attention shapes of ``model`` (or its config)."""
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+
+
+def text_config(model: Any) -> Any:
+    """The decoder config of ``model`` (or of a config): the text part of a multimodal one."""
     config = getattr(model, "config", model)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    n_heads = text_config.num_attention_heads
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def layer_types(model: Any) -> list[str]:
+    """Each layer's attention, ``"full_attention"`` or ``"sliding_attention"``, from the config.
+
+    The config's ``layer_types`` when it has them (Gemma 3: five sliding layers, then one full;
+    Qwen2/3: full unless ``use_sliding_window``); otherwise every layer is sliding when the config
+    sets ``sliding_window`` (Mistral) and full when it does not (Llama). Other kinds of layer
+    (chunked, linear attention, ...) are returned as named, for the caller to refuse.
+    """
+    config = text_config(model)
+    declared = getattr(config, "layer_types", None)
+    if declared is not None:
+        return list(declared)
+    sliding = getattr(config, "sliding_window", None) is not None
+    return [SLIDING_ATTENTION if sliding else FULL_ATTENTION] * config.num_hidden_layers
+
+
+def full_attention_layers(model: Any) -> list[int]:
+    """The layers that attend to the whole context: the ones TCA manages."""
+    return [layer for layer, kind in enumerate(layer_types(model)) if kind == FULL_ATTENTION]
+
+
+def model_fingerprint(model: Any) -> dict[str, Any]:
+    """What a profile must match: architecture and attention shapes of ``model`` (or its config),
+    and ``managed_layers``, the full-attention layers TCA selects for (all of them but on models
+    that mix sliding-window and full layers)."""
+    config = text_config(model)
+    n_heads = config.num_attention_heads
     return {
-        "architecture": text_config.model_type,
-        "n_layers": text_config.num_hidden_layers,
+        "architecture": config.model_type,
+        "n_layers": config.num_hidden_layers,
         "n_heads": n_heads,
-        "n_kv_heads": getattr(text_config, "num_key_value_heads", None) or n_heads,
-        "head_dim": getattr(text_config, "head_dim", None) or text_config.hidden_size // n_heads,
+        "n_kv_heads": getattr(config, "num_key_value_heads", None) or n_heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // n_heads,
+        "managed_layers": full_attention_layers(config),
     }
 
 
 @dataclass
 class Profile:
-    """Budgets per (layer, KV head) and how they were obtained.
+    """Budgets per (managed layer, KV head) and how they were obtained.
 
-    ``mu``/``sigma`` (n_layers, n_kv_heads) are each head's log-Gaussian configuration
+    A profile holds the layers TCA manages only: every array has one row per entry of
+    ``managed_layers`` (``fingerprint["managed_layers"]``), in that order, so row ``i`` is layer
+    ``managed_layers[i]`` (``row(layer)`` maps back). For most families that is every layer; on a
+    model that mixes sliding-window and full-attention layers (Gemma 3) it is the full ones, and the
+    sliding layers, which keep their own window attention and cache, have no row. A fingerprint
+    without ``managed_layers`` (profiles written before it existed) means every layer.
+
+    ``mu``/``sigma`` (n_managed_layers, n_kv_heads) are each head's log-Gaussian configuration
     (``mu = inf``: the head keeps everything). ``retained`` is the chosen configuration's
     retained attention mass on the calibration text, ``kept_tokens`` its global tokens there,
     ``oracle_tokens`` the fewest global tokens any selection could keep at tau. ``retrieval``
@@ -65,12 +105,32 @@ class Profile:
     extra: dict[str, Any] = field(default_factory=dict)
     retrieval: np.ndarray | None = None
 
+    def __post_init__(self) -> None:
+        self.fingerprint = dict(self.fingerprint)
+        managed = self.fingerprint.get("managed_layers", range(int(self.fingerprint.get("n_layers", 0))))
+        self.fingerprint["managed_layers"] = [int(layer) for layer in managed]
+
+    @property
+    def managed_layers(self) -> tuple[int, ...]:
+        """The model layers the profile's rows stand for, ascending."""
+        return tuple(self.fingerprint["managed_layers"])
+
+    def row(self, layer: int) -> int:
+        """The row of model layer ``layer`` in the arrays (ValueError: a layer it does not manage)."""
+        try:
+            return self.managed_layers.index(layer)
+        except ValueError:
+            raise ValueError(
+                f"layer {layer} is not one TCA manages (managed: {list(self.managed_layers)}); "
+                "sliding-window layers keep their own attention."
+            ) from None
+
     @classmethod
     def uniform(cls, model: Any, config: TCAConfig, mu: float, sigma: float = 1.0) -> Profile:
         """Every (layer, KV head) with the same configuration, uncalibrated: for speed benchmarks
         (see ``budgets.mu_for_share`` for the ``mu`` of a target kept share) and tests."""
         fingerprint = model_fingerprint(model)
-        shape = (fingerprint["n_layers"], fingerprint["n_kv_heads"])
+        shape = (len(fingerprint["managed_layers"]), fingerprint["n_kv_heads"])
         zeros = np.zeros(shape)
         return cls(
             config=config,
@@ -87,13 +147,14 @@ class Profile:
         )
 
     def head_config(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mu, sigma) of the layer's KV heads, each (n_kv_heads,) float64."""
-        return torch.from_numpy(self.mu[layer].copy()), torch.from_numpy(self.sigma[layer].copy())
+        """(mu, sigma) of model layer ``layer``'s KV heads, each (n_kv_heads,) float64."""
+        row = self.row(layer)
+        return torch.from_numpy(self.mu[row].copy()), torch.from_numpy(self.sigma[row].copy())
 
     def keep_ratios(self, context_len: int) -> np.ndarray:
         """Nominal fraction of KV entries kept at ``context_len``, window included.
 
-        Returns (n_layers, n_kv_heads) floats in (0, 1].
+        Returns (n_managed_layers, n_kv_heads) floats in (0, 1], rows as ``managed_layers``.
         """
         window = min(self.config.effective_window, context_len)
         kept = nominal_kept(
@@ -176,7 +237,8 @@ class Profile:
             config = TCAConfig.from_dict(data["config"])
             fingerprint = dict(data["fingerprint"])
             heads = data["heads"]
-            shape = (int(fingerprint["n_layers"]), int(fingerprint["n_kv_heads"]))
+            managed = fingerprint.get("managed_layers", range(int(fingerprint["n_layers"])))
+            shape = (len(managed), int(fingerprint["n_kv_heads"]))
             mu = np.array(
                 [[math.inf if m is None else m for m in row] for row in heads["mu"]], dtype=np.float64
             )
@@ -210,7 +272,7 @@ class Profile:
             if array is not None and array.shape != shape:
                 raise ProfileError(
                     f"{source}: heads.{name} has shape {array.shape}, expected {shape} "
-                    "(n_layers, n_kv_heads); the file is damaged: calibrate again."
+                    "(managed layers, n_kv_heads); the file is damaged: calibrate again."
                 )
         _check_values(profile, source)
         return profile
@@ -243,10 +305,10 @@ def _check_values(profile: Profile, source: str) -> None:
 
 
 def _calibration_tokens(value: Any, source: str) -> int:
-    """The calibration length: a JSON integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """The calibration length: a JSON integer >= 0 (0: an uncalibrated profile, ``Profile.uniform``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ProfileError(
-            f"{source}: calibration_tokens must be an integer >= 1, got {value!r}; "
+            f"{source}: calibration_tokens must be an integer >= 0 (0: not calibrated), got {value!r}; "
             "the file is damaged: calibrate again."
         )
     return value

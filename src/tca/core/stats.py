@@ -35,15 +35,18 @@ def pair_counts(
 class RunStats:
     """Statistics of the prefills run under ``tca.apply`` (the most recent prefill per layer).
 
-    Per layer, arrays are over KV heads (batch-averaged): ``kept_counts`` kept global tokens,
-    ``kept_entries`` KV entries kept (global + window), ``context_tokens`` valid tokens;
-    ``tca_pairs`` (n_layers, n_kv_heads) the query-key pairs each KV head's prefill computed
-    (per query head, summed over the batch), ``dense_pairs`` (n_layers,) dense causal pairs;
-    ``gamma`` (n_layers, n_heads) the last query's dropped attention mass and
-    ``error_bound`` the Theorem 1 bound ``2 * gamma * max|V|`` per output element. After a
-    generation with the compressed cache: ``kv_bytes`` (what the device cache holds, all layers),
-    ``dense_kv_bytes`` (a dense cache for the same tokens) and ``host_kv_bytes`` (history kept on
-    the host for multi-turn re-selection).
+    The prefill figures cover the layers TCA manages, ``layers`` (every layer but on models that mix
+    sliding-window and full-attention layers, whose sliding layers TCA leaves alone): one row per
+    managed layer, in that order. Per row, arrays are over KV heads (batch-averaged):
+    ``kept_counts`` kept global tokens, ``kept_entries`` KV entries kept (global + window),
+    ``context_tokens`` valid tokens; ``tca_pairs`` (n_managed, n_kv_heads) the query-key pairs each
+    KV head's prefill computed (per query head, summed over the batch), ``dense_pairs``
+    (n_managed,) dense causal pairs; ``gamma`` (n_managed, n_heads) the last query's dropped
+    attention mass and ``error_bound`` the Theorem 1 bound ``2 * gamma * max|V|`` per output
+    element. After a generation with the compressed cache, over every layer (a sliding layer's
+    window cache included): ``kv_bytes`` (what the device cache holds), ``dense_kv_bytes`` (what
+    transformers' own cache holds for the same tokens) and ``host_kv_bytes`` (history kept on the
+    host for multi-turn re-selection).
 
     The head counts are those of the heads one process holds; under tensor parallelism each rank
     records its own heads and ``gather_from`` assembles the whole model's statistics.
@@ -52,6 +55,7 @@ class RunStats:
     n_layers: int
     n_kv_heads: int
     n_heads: int
+    layers: tuple[int, ...] | None = None  # the managed layers (None: all of them)
     kept_counts: np.ndarray = field(init=False)
     kept_entries: np.ndarray = field(init=False)
     context_tokens: np.ndarray = field(init=False)
@@ -65,15 +69,17 @@ class RunStats:
     host_kv_bytes: int = 0
 
     def __post_init__(self) -> None:
-        per_kv = (self.n_layers, self.n_kv_heads)
+        self.layers = tuple(range(self.n_layers)) if self.layers is None else tuple(self.layers)
+        rows = len(self.layers)
+        per_kv = (rows, self.n_kv_heads)
         self.kept_counts = np.zeros(per_kv)
         self.kept_entries = np.zeros(per_kv)
-        self.context_tokens = np.zeros(self.n_layers)
+        self.context_tokens = np.zeros(rows)
         self.tca_pairs = np.zeros(per_kv)
-        self.dense_pairs = np.zeros(self.n_layers)
-        self.gamma = np.zeros((self.n_layers, self.n_heads))
-        self.error_bound = np.zeros((self.n_layers, self.n_heads))
-        self._pending: list[tuple[int, torch.Tensor]] = []  # layers recorded, not yet on the host
+        self.dense_pairs = np.zeros(rows)
+        self.gamma = np.zeros((rows, self.n_heads))
+        self.error_bound = np.zeros((rows, self.n_heads))
+        self._pending: list[tuple[int, torch.Tensor]] = []  # rows recorded, not yet on the host
 
     def record_prefill(
         self,
@@ -86,6 +92,7 @@ class RunStats:
     ) -> None:
         """Queue one layer's prefill figures (batch-averaged), on the device: ``flush`` brings every
         queued layer to the host with one synchronisation, so a prefill waits once, not per layer."""
+        layer = self.layers.index(layer)  # its row
         tca_pairs, dense_pairs = pair_counts(selection, key_start, local_window)
         n = (selection.context_len - key_start).double()
         counts = selection.counts.double()
@@ -128,21 +135,22 @@ class RunStats:
 
     @property
     def kept_fraction(self) -> float:
-        """KV entries kept after prefill / context tokens (window included), mean over layers, KV heads."""
+        """KV entries kept after prefill / context tokens (window included), mean over managed layers
+        and KV heads."""
         self.flush()
         return float((self.kept_entries / self.context_tokens[:, None].clip(min=1)).mean())
 
     @property
     def pairs_fraction(self) -> float:
-        """Query-key pairs computed over dense causal pairs (the prefill's attention cost)."""
+        """Query-key pairs computed over dense causal pairs (the prefill's attention cost), managed layers."""
         self.flush()
         return float(self.tca_pairs.mean(1).sum() / max(self.dense_pairs.sum(), 1.0))
 
     @property
     def gamma_per_kv_head(self) -> np.ndarray:
-        """(n_layers, n_kv_heads): the largest dropped mass among each KV head's query heads."""
+        """(n_managed, n_kv_heads): the largest dropped mass among each KV head's query heads."""
         self.flush()
-        return self.gamma.reshape(self.n_layers, self.n_kv_heads, -1).max(-1)
+        return self.gamma.reshape(len(self.layers), self.n_kv_heads, -1).max(-1)
 
     def gather_from(self, parts: Sequence[tuple[Sequence[int], RunStats]]) -> None:
         """Fill these whole-model statistics from per-process ones, each with the global KV heads

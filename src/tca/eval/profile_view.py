@@ -32,18 +32,30 @@ def profile_table(profile: Any, length: int) -> str:
         f"{fingerprint['n_heads']} query heads, "
         f"{n_kv} KV heads; tau {config.tau}, window {config.local_window}, block {config.block_size}; "
         f"calibrated on {profile.calibration_tokens:,} tokens",
+        *_managed_note(profile),
         f"keep ratio (KV entries kept / context, window included) at {length:,} tokens:",
         "layer " + " ".join(f"{'kv' + str(g):>6}" for g in range(n_kv)) + "    min median    max  dense",
     ]
-    for layer, row in enumerate(ratios):
+    for layer, row, dense_heads in zip(profile.managed_layers, ratios, dense, strict=True):
         heads = " ".join(f"{r:6.3f}" for r in row)
         spread = f"{row.min():6.3f} {np.median(row):6.3f} {row.max():6.3f}"
-        lines.append(f"{layer:5d} {heads} {spread} {int(dense[layer].sum()):6d}")
+        lines.append(f"{layer:5d} {heads} {spread} {int(dense_heads.sum()):6d}")
     lines.append(
         f"all   mean {ratios.mean():.3f}, min {ratios.min():.3f}, median {np.median(ratios):.3f}, "
         f"max {ratios.max():.3f}; dense heads {int(dense.sum())} of {dense.size}" + retrieval_note(profile)
     )
     return "\n".join(lines)
+
+
+def _managed_note(profile: Any) -> list[str]:
+    """A line naming the layers TCA manages, when it leaves some (sliding-window) layers alone."""
+    n_layers, managed = profile.fingerprint["n_layers"], profile.managed_layers
+    if len(managed) == n_layers:
+        return []
+    return [
+        f"TCA manages the {len(managed)} full-attention layers {', '.join(map(str, managed))}; the other "
+        f"{n_layers - len(managed)} keep their own sliding-window attention and cache (not shown)"
+    ]
 
 
 def profile_heatmap(profile: Any, length: int, out: Path) -> None:
@@ -67,6 +79,7 @@ def profile_heatmap(profile: Any, length: int, out: Path) -> None:
             colour = "black" if value > 0.6 else "white"
             axes.text(head, layer, f"{value:.2f}", ha="center", va="center", fontsize=6, color=colour)
     axes.set_xticks(range(n_kv))
+    axes.set_yticks(range(n_layers), [str(layer) for layer in profile.managed_layers])
     axes.set_xlabel("KV head")
     axes.set_ylabel("layer")
     axes.set_title(f"TCA keep ratio at {length:,} tokens (tau {profile.config.tau})", fontsize=9)

@@ -19,20 +19,26 @@ conversation. The cost is host memory (dense); ``host_kv_bytes`` reports it.
 
 The attention itself is done by ``TCARun`` (``run.py``) and ``CachePolicy`` (``policy.py``):
 ``update`` only hands the new states over.
+
+On a model that mixes sliding-window and full-attention layers (Gemma 3) only the full layers are
+TCA layers; each sliding layer is transformers' own ``DynamicSlidingWindowLayer``, the very layer a
+dense ``generate`` would use, so those layers cache and attend exactly as without TCA.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from ... import ops
 from ...core.budgets import rank_fractions
+from ...core.profile import model_fingerprint, text_config
 
 
 def valid_first(valid: torch.Tensor) -> torch.Tensor:
@@ -358,10 +364,35 @@ class TCACacheLayer(CacheLayerMixin):
 
 
 class TCACache(Cache):
-    """The compressed cache for ``model.generate`` under ``tca.apply`` (one ``TCACacheLayer`` per layer)."""
+    """The compressed cache for ``model.generate`` under ``tca.apply``: a ``TCACacheLayer`` for each
+    layer TCA manages, and transformers' own ``DynamicSlidingWindowLayer`` for each sliding-window
+    layer it leaves alone.
 
-    def __init__(self, n_layers: int, keep_history: bool = True, block_size: int = 128):
-        super().__init__(layers=[TCACacheLayer(keep_history, block_size) for _ in range(n_layers)])
+    Args:
+        n_layers: the model's layers.
+        managed: the layers TCA manages (None: all).
+        sliding_window: the window of the other layers (needed when some are not managed).
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        keep_history: bool = True,
+        block_size: int = 128,
+        managed: Collection[int] | None = None,
+        sliding_window: int | None = None,
+    ):
+        managed = range(n_layers) if managed is None else managed
+        if len(managed) < n_layers and sliding_window is None:
+            raise ValueError("a TCACache with layers TCA does not manage needs their sliding_window.")
+        super().__init__(
+            layers=[
+                TCACacheLayer(keep_history, block_size)
+                if layer in managed
+                else DynamicSlidingWindowLayer(sliding_window=sliding_window)
+                for layer in range(n_layers)
+            ]
+        )
         self.in_use = False  # True while it is the current cache of a live tca.apply run (TCARun.set_cache)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -377,22 +408,48 @@ class TCACache(Cache):
 
     @property
     def kv_bytes(self) -> int:
-        """Bytes the device cache holds over all layers (keys and values, allocated)."""
-        return sum(layer.nbytes for layer in self.layers)
+        """Bytes the device cache holds over all layers (keys and values, allocated; a sliding
+        layer's window included)."""
+        return sum(_device_bytes(layer) for layer in self.layers)
 
     @property
     def host_kv_bytes(self) -> int:
         """Bytes of host history kept for multi-turn re-selection."""
-        return sum(layer.host_nbytes for layer in self.layers)
+        return sum(layer.host_nbytes for layer in self.layers if isinstance(layer, TCACacheLayer))
 
     def dense_kv_bytes(self) -> int:
-        """Bytes a dense cache would hold for the same tokens (every head, the batch's padding included)."""
+        """Bytes transformers' own cache would hold for the same tokens: every token of every head of a
+        managed layer (the batch's padding included), and a sliding layer's window as it is."""
         total = 0
         for layer in self.layers:
-            if layer.store is not None:
+            if not isinstance(layer, TCACacheLayer):
+                total += _device_bytes(layer)
+            elif layer.store is not None:
                 batch, _, dim = layer.store.keys.shape
                 total += 2 * batch * layer.store.n_kv * layer.seen * dim * layer.store.keys.element_size()
         return total
+
+
+def dense_cache_bytes(model: torch.nn.Module, tokens: int, batch: int = 1) -> int:
+    """Bytes transformers' own cache holds for ``tokens`` tokens (keys and values, every layer): a
+    full-attention layer keeps every token, a sliding-window layer its last ``window - 1``."""
+    shape = model_fingerprint(model)
+    element = next(model.parameters()).element_size()
+    window = text_config(model).sliding_window if len(shape["managed_layers"]) < shape["n_layers"] else None
+    held = [
+        tokens if layer in shape["managed_layers"] else min(tokens, window - 1)
+        for layer in range(shape["n_layers"])
+    ]
+    return 2 * batch * shape["n_kv_heads"] * shape["head_dim"] * element * sum(held)
+
+
+def _device_bytes(layer: CacheLayerMixin) -> int:
+    """Bytes of keys and values one cache layer holds (a TCA layer's allocated store)."""
+    if isinstance(layer, TCACacheLayer):
+        return layer.nbytes
+    if not layer.is_initialized or layer.keys is None:
+        return 0
+    return layer.keys.nbytes + layer.values.nbytes
 
 
 def mean_keep_fraction(mu: float, sigma: float) -> float:

@@ -48,7 +48,8 @@ def _whole_model(layout: HeadLayout, per_layer: list[T], join: Callable[[list], 
 def measure_retention(
     model: torch.nn.Module, input_ids: torch.Tensor, config: TCAConfig, progress: bool = True
 ) -> list[LayerRetention]:
-    """One dense forward pass over ``input_ids`` (1, L), scoring every candidate in every layer."""
+    """One dense forward pass over ``input_ids`` (1, L), scoring every candidate in every managed
+    layer (in their order)."""
     check_supported(model)
     check_context(model, input_ids.shape[-1])
     candidates = candidate_grid(config.candidates)
@@ -65,8 +66,8 @@ def measure_retention(
 def measure_retrieval(
     model: torch.nn.Module, ids: torch.Tensor, config: TCAConfig, progress: bool = True
 ) -> np.ndarray:
-    """Retrieval score of every (layer, KV head) from one forward pass over the probe
-    (``tca.core.retrieval``). ids: (1, L) calibration tokens. Returns (n_layers, n_kv_heads) float64."""
+    """Retrieval score of every (managed layer, KV head) from one forward pass over the probe
+    (``tca.core.retrieval``). ids: (1, L) calibration tokens. Returns (n_managed, n_kv_heads) float64."""
     probe, start, passage = probe_ids(ids, config)
 
     def measure(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:

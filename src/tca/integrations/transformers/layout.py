@@ -11,6 +11,11 @@ rank) manages every head and gathers nothing.
 
 TCA keeps each KV head whole on one rank: a world size that does not divide the KV heads is an
 error raised by every rank while building the layout, before any collective, so no rank waits.
+
+The layers TCA manages are the model's full-attention layers: all of them for Llama, Qwen2/3 and
+Mistral without a window; on a model that mixes sliding-window and full-attention layers (Gemma 3:
+five sliding layers of 512 tokens, then one full) the sliding layers keep transformers' own window
+attention and cache, and TCA selects, prunes and compresses on the full ones only.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ...core.profile import model_fingerprint
+from ...core.profile import full_attention_layers, model_fingerprint, text_config
 from .registration import UnsupportedModelError, attention_modules
 
 T = TypeVar("T")
@@ -39,7 +44,9 @@ class HeadLayout:
         n_layers, n_heads, n_kv_heads: the whole model's counts (its config).
         kv_heads: the global KV heads whose keys this process computes, ascending; its query heads
             are each KV head's group, in the same order.
-        layers: the layers TCA manages (all of them for the supported families).
+        layers: the layers TCA manages, ascending: the full-attention ones (every layer but on
+            models that mix in sliding-window layers).
+        sliding_window: the window of the layers TCA does not manage (None when it manages all).
         rank, world_size: this process's place in the tensor-parallel group (0 and 1: unsharded).
         process_group: the tensor-parallel group statistics are gathered over (None: unsharded).
     """
@@ -49,6 +56,7 @@ class HeadLayout:
     n_kv_heads: int
     kv_heads: tuple[int, ...]
     layers: tuple[int, ...]
+    sliding_window: int | None = None
     rank: int = 0
     world_size: int = 1
     process_group: Any = field(default=None, compare=False, repr=False)
@@ -115,12 +123,14 @@ def head_layout(model: torch.nn.Module) -> HeadLayout:
             f"the attention layers of this process hold different KV heads {found}; "
             "TCA needs every layer sharded alike."
         )
+    layers = tuple(full_attention_layers(model))
     return HeadLayout(
         n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=n_kv,
         kv_heads=kv_heads,
-        layers=tuple(range(n_layers)),
+        layers=layers,
+        sliding_window=None if len(layers) == n_layers else text_config(model).sliding_window,
         rank=rank,
         world_size=world_size,
         process_group=process_group,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import torch
@@ -19,9 +19,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ...core.profile import model_fingerprint
+from ...core.profile import FULL_ATTENTION, SLIDING_ATTENTION, layer_types, model_fingerprint, text_config
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("gemma3_text", "llama", "mistral", "qwen2", "qwen3")
 ATTENTION_NAME = "tca"
 CALIBRATION_NAME = "tca-calibrate"
 
@@ -38,12 +38,37 @@ class ContextTooLongError(ValueError):
 
 
 def check_supported(model: Any) -> None:
-    """Raise UnsupportedModelError unless ``model`` is a causal LM of a supported family."""
+    """Raise UnsupportedModelError unless ``model`` is a causal LM of a supported family whose
+    attention TCA can take over: full-attention layers (sliding-window ones are left alone), causal,
+    without logit soft-capping."""
     architecture = model_fingerprint(model)["architecture"]
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
             f"architecture {architecture!r} is not supported; "
             f"TCA serves {', '.join(SUPPORTED_ARCHITECTURES)}."
+        )
+    config = text_config(model)
+    kinds = layer_types(model)
+    unknown = sorted(set(kinds) - {FULL_ATTENTION, SLIDING_ATTENTION})
+    if unknown:
+        raise UnsupportedModelError(
+            f"this {architecture} model has {', '.join(map(repr, unknown))} layers; TCA serves models "
+            "whose layers are full attention or sliding-window attention."
+        )
+    if FULL_ATTENTION not in kinds:
+        raise UnsupportedModelError(
+            f"every layer of this {architecture} model attends within a sliding window of "
+            f"{getattr(config, 'sliding_window', None)} tokens, which TCA leaves as it is: there is no "
+            "full-attention layer for it to manage."
+        )
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise UnsupportedModelError(
+            f"this {architecture} model soft-caps its attention logits "
+            f"(attn_logit_softcapping={config.attn_logit_softcapping}), which TCA's kernels do not do."
+        )
+    if getattr(config, "use_bidirectional_attention", False):
+        raise UnsupportedModelError(
+            f"this {architecture} model uses bidirectional attention; TCA serves causal decoders."
         )
 
 
@@ -93,8 +118,12 @@ def _tca_attention(module, query, key, value, attention_mask, scaling=None, drop
 
 
 @contextlib.contextmanager
-def attention_handler(model: torch.nn.Module, name: str, handler: Callable) -> Iterator[None]:
-    """Route every attention call of ``model`` to ``handler`` inside the block; restore on exit.
+def attention_handler(
+    model: torch.nn.Module, name: str, handler: Callable, layers: Collection[int] | None = None
+) -> Iterator[None]:
+    """Route the attention calls of ``model``'s ``layers`` (None: all) to ``handler`` inside the
+    block; restore on exit. The other layers run transformers' own SDPA attention, with the
+    arguments their module passes (a sliding layer's window mask and ``sliding_window``).
 
     A model whose attention is already routed (an ``apply`` or calibration block around this one)
     is a RuntimeError, raised before anything changes: the outer block keeps running as it was.
@@ -109,6 +138,8 @@ def attention_handler(model: torch.nn.Module, name: str, handler: Callable) -> I
             "this model already runs under tca.apply or tca.patch (or a calibration pass), and TCA runs "
             "do not nest: leave that `with` block or call tca.unpatch(model) first."
         )
+    if layers is not None:
+        modules = [module for module in modules if module.layer_idx in layers]
     previous = model.config._attn_implementation
     for module in modules:
         _HANDLERS[module] = handler

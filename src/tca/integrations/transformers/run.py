@@ -4,6 +4,10 @@
 attends sparsely, decode and new turns go through the cache policy (``policy``), and the run's
 ``stats`` fill as the model runs.
 
+Only the layers TCA manages (``layout``: the full-attention ones) come to the run; on a model
+that mixes in sliding-window layers (Gemma 3) those keep transformers' own SDPA window attention
+and, in the cache, transformers' own sliding-window layer.
+
 Under tensor parallelism each rank runs its own ``TCARun`` over the KV heads it holds
 (``layout``): its own budgets, its own compressed cache. ``stats`` report the whole model: the
 ranks gather their statistics after each prefill and after each ``generate`` (points every rank
@@ -65,9 +69,10 @@ class TCARun:
         self.fingerprint = model_fingerprint(model)
         self.layout = layout = head_layout(model)
         self.group = layout.group
-        self.stats = RunStats(layout.n_layers, layout.n_kv_heads, layout.n_heads)  # the whole model
+        # the whole model's managed layers
+        self.stats = RunStats(layout.n_layers, layout.n_kv_heads, layout.n_heads, layout.layers)
         # what this process records: its own heads (the same object when it holds them all)
-        self._stats = RunStats(layout.n_layers, layout.local_kv_heads, layout.local_heads)
+        self._stats = RunStats(layout.n_layers, layout.local_kv_heads, layout.local_heads, layout.layers)
         if not layout.sharded:
             self._stats = self.stats
         self.cache: TCACache | None = None
@@ -82,7 +87,16 @@ class TCARun:
 
     def new_cache(self) -> TCACache:
         """A fresh compressed cache, made the run's current one."""
-        self.set_cache(TCACache(self.layout.n_layers, self.keep_history, self.config.block_size))
+        layout = self.layout
+        self.set_cache(
+            TCACache(
+                layout.n_layers,
+                self.keep_history,
+                self.config.block_size,
+                layout.layers,
+                layout.sliding_window,
+            )
+        )
         return self.cache
 
     def set_cache(self, cache: TCACache) -> None:
@@ -99,7 +113,8 @@ class TCARun:
             self.cache.in_use = False
 
     def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
-        """Attention for one layer call (the AttentionInterface signature). Returns ((B, Lq, H, d), None)."""
+        """Attention for one call of a managed layer (the AttentionInterface signature).
+        Returns ((B, Lq, H, d), None)."""
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         layer_idx = module.layer_idx
         layer = self._cache_layer(layer_idx, key)
@@ -226,7 +241,7 @@ def apply(model: torch.nn.Module, profile: Profile | Any, keep_history: bool = T
     is a RuntimeError that leaves the outer run as it was.
     """
     run = TCARun(model, profile, keep_history)
-    with attention_handler(model, ATTENTION_NAME, run):
+    with attention_handler(model, ATTENTION_NAME, run, run.layout.layers):
         model.generate = generate_with_cache(run, type(model).generate.__get__(model))
         try:
             yield run

@@ -32,10 +32,17 @@ class ProfileSelector:
         held = list(self.layout.kv_heads)
         self._held = torch.tensor(held)
         block = self.config.block_size
-        self.decode_keep = [
-            [round(block * mean_keep_fraction(m, s)) for m, s in zip(mu, sigma, strict=True)]
-            for mu, sigma in zip(profile.mu[:, held].tolist(), profile.sigma[:, held].tolist(), strict=True)
-        ]  # [layer][KV head held here]
+        managed = {
+            layer: [round(block * mean_keep_fraction(m, s)) for m, s in zip(mu, sigma, strict=True)]
+            for layer, mu, sigma in zip(
+                profile.managed_layers,
+                profile.mu[:, held].tolist(),
+                profile.sigma[:, held].tolist(),
+                strict=True,
+            )
+        }
+        # [layer][KV head held here]; a layer TCA does not manage keeps its own cache (entry unused)
+        self.decode_keep = [managed.get(layer, [block] * len(held)) for layer in range(self.layout.n_layers)]
 
     def select(self, layer: int, query, key, scale: float, key_start) -> Any:
         """Kept keys of every (row, KV head): query (B, H, Lq, d), key (B, G, L, d) -> Selection."""

@@ -25,9 +25,19 @@ DECODE_BLOCK_N = {"cuda": 64, "cpu": 16}
 DECODE_PROGRAMS_PER_SM = 2
 DECODE_WARPS = 4
 DECODE_STAGES = 3
+# The tiles above were measured at head dim <= 128. A larger head dim (Gemma 3: 256) gets tiles of
+# the same bytes (half the rows / keys at 256), so a program's shared memory stays what it was at
+# 128 (a 128 x 256 bf16 tile of queries and two of keys and values, double-buffered, would not fit
+# an H100's 227 KB). Decided here, not measured: see docs/gemma3.md.
+MEASURED_HEAD_DIM = 128
 # Tests set this: every buffer a kernel must fill starts as NaN (floats) or -7 (integers), so an
 # element no program wrote shows up instead of passing as a lucky zero.
 POISON = False
+
+
+def _tile(measured: int, head_dim: int) -> int:
+    """A tile size measured at head dim <= 128, scaled to hold as many bytes at ``head_dim``."""
+    return max(16, measured * MEASURED_HEAD_DIM // max(head_dim, MEASURED_HEAD_DIM))
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -98,7 +108,7 @@ def sparse_prefill(
     window = max(int(local_window), 1)
     kind = _kind(query.device)
     tiles = "fp32" if kind == "cuda" and query.dtype == torch.float32 else kind
-    rows = max(PREFILL_ROWS[tiles], triton.next_power_of_2(group))
+    rows = max(_tile(PREFILL_ROWS[tiles], head_dim), triton.next_power_of_2(group))
     positions = rows // group
     n_qblocks = triton.cdiv(context_len, positions)
     query, key, value = (_rows_contiguous(x) for x in (query, key, value))
@@ -139,7 +149,7 @@ def sparse_prefill(
         POSITIONS=positions,
         ROWS=rows,
         HEAD_DIM=head_dim,
-        BLOCK_N=PREFILL_BLOCK_N[tiles],
+        BLOCK_N=_tile(PREFILL_BLOCK_N[tiles], head_dim),
         PRECISION=_precision(query.dtype, query.device),
         **extra,
     )
@@ -220,7 +230,7 @@ def _decode(query, key, value, lengths, offsets, max_len: int, scale, append=Non
     group = n_heads // n_kv
     scale = head_dim**-0.5 if scale is None else scale
     kind = _kind(query.device)
-    block_n = DECODE_BLOCK_N[kind]
+    block_n = _tile(DECODE_BLOCK_N[kind], head_dim)
     # flash-decoding: enough splits to fill the machine twice over, each a whole number of tiles
     programs = DECODE_PROGRAMS_PER_SM * _multiprocessors(query.device)
     n_splits = max(1, min(triton.cdiv(programs, batch * n_kv), triton.cdiv(max(max_len, 1), block_n)))

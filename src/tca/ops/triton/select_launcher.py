@@ -12,7 +12,7 @@ from ...core.budgets import rank_fractions
 from ...core.config import TCAConfig
 from ...core.selection import Selection
 from . import kernels
-from .launchers import _empty, _kind, _multiprocessors, _precision, _rows_contiguous, _start, supported
+from .launchers import _empty, _kind, _multiprocessors, _precision, _rows_contiguous, _start, _tile, supported
 
 SELECT_BLOCK_N = {"cuda": 128, "cpu": 64}
 _fraction_cache: dict[tuple, tuple[torch.Tensor, list[int]]] = {}
@@ -83,7 +83,7 @@ def select(
     start = _start(key_start, batch, device)
     rows = max(16, triton.next_power_of_2(group * n_obs))
     precision = _precision(key.dtype, device)
-    block_n = SELECT_BLOCK_N[kind]
+    block_n = _tile(SELECT_BLOCK_N[kind], head_dim)
     # a few chunks per head for the normalisers: enough programs to fill the machine
     n_chunks = max(
         1, min(triton.cdiv(2 * _multiprocessors(device), batch * n_kv), triton.cdiv(max_cand, block_n))
