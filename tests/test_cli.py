@@ -236,3 +236,40 @@ def test_eval_writes_rows_and_plots(tmp_path):
     ]
     assert (plots / "results.md").read_text().count("streaming@0.5") == 1
     assert json.loads((tmp_path / "r.jsonl.runs.jsonl").read_text())["device"]
+
+
+def test_eval_out_folder_is_refused_before_any_work(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    assert_user_error(tca("eval", "--out", str(folder)), f"--out {folder} is a folder")
+    assert list(tmp_path.iterdir()) == [folder] and list(folder.iterdir()) == []
+
+
+def test_eval_second_writer_of_one_out_is_one_line(tmp_path):
+    out = tmp_path / "r.jsonl"
+    hold = "import sys, time\nfrom pathlib import Path\nfrom tca.eval.rows import exclusive\n"
+    hold += "with exclusive(Path(sys.argv[1])):\n    print('locked', flush=True)\n    time.sleep(60)\n"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = tca("eval", "--methods", "full", "--out", str(out))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_user_error(result, str(out), "another `tca eval`", "another --out")
+    assert not out.exists() and not (tmp_path / "r.jsonl.runs.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_eval_reuses_the_bundled_profile_prints_a_summary_and_a_rerun_is_a_no_op(model_cache, tmp_path):
+    out = tmp_path / "r.jsonl"
+    args = ["eval", "--methods", "full", "tca", "--tasks", "niah_single_number", "--lengths", "700"]
+    first = tca(*args, "--samples", "1", "--out", str(out), cache=model_cache[0])
+    assert first.returncode == 0, first.stderr
+    assert "tca@tau0.9: profile bundled smollm2" in first.stdout
+    assert "| setting | score 700 | KV 700 |" in first.stdout and "| tca@tau0.9 |" in first.stdout
+    again = tca(*args, "--samples", "1", "--out", str(out), cache=model_cache[0])
+    assert again.returncode == 0, again.stderr
+    assert "nothing left to do" in again.stdout and "| full |" in again.stdout
+    assert len(out.read_text().splitlines()) == 2
+    assert len((tmp_path / "r.jsonl.runs.jsonl").read_text().splitlines()) == 1

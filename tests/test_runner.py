@@ -294,3 +294,20 @@ with exclusive(Path(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(60)
 """
+
+
+def test_the_bundled_profile_is_reused_only_by_the_setting_it_fits(smollm2, tmp_path):
+    from tca.bundled.profiles import profile_for
+
+    model, tokenizer = smollm2
+    bundled = profile_for("smollm2")
+    spec = EvalSpec(only=["tca@tau0.9", "full"], tasks=["niah_single_number"], lengths=[300], samples=2)
+    evaluator = Evaluator(model, tokenizer, spec, progress=False, profiles=[(bundled, "bundled")])
+    assert evaluator.profile(0.9) is bundled  # no calibration
+    assert evaluator._calibrations == {}
+    assert evaluator.reused(0.8) is None
+    assert evaluator.reused(0.9, (("local_window", 256),)) is None
+    out = tmp_path / "rows.jsonl"
+    assert evaluator.pending(out) == 4
+    append_rows(out, [{"setting": "full", "task": "niah_single_number", "length": 300, "seed": 0}])
+    assert evaluator.pending(out) == 3

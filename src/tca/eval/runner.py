@@ -18,7 +18,7 @@ windows (prefill only) under each setting.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,17 +48,46 @@ def calibration_text(kind: str) -> str:
 class Evaluator:
     """Answers task samples under settings with one model (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, spec: EvalSpec, progress: bool = True):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        spec: EvalSpec,
+        progress: bool = True,
+        profiles: Sequence[tuple[Any, str]] = (),
+    ):
+        """``profiles``: ``(Profile, source)`` pairs to reuse instead of calibrating: a TCA setting
+        whose configuration (tau and options on the model's defaults) equals a profile's runs with it."""
         spec.check()
         self.model, self.tokenizer, self.spec, self.progress = model, tokenizer, spec, progress
+        self.given = list(profiles)
         self._calibrations: dict[tuple, Any] = {}  # by the setting's options
         self._windows: dict[int, list[torch.Tensor]] = {}
         self._profiles: dict[tuple, Any] = {}  # by (tau, options)
         self._samples: dict[tuple[str, int, int], TaskSample] = {}
 
+    def config_of(self, tau: float, options: tuple = ()) -> TCAConfig:
+        """The TCAConfig a tca setting runs: the model's defaults, its tau and options."""
+        return TCAConfig.for_model(self.model).replace(tau=tau, **dict(options))
+
+    def reused(self, tau: float, options: tuple = ()) -> tuple[Any, str] | None:
+        """The given ``(profile, source)`` that fits the setting (same configuration but for
+        ``query_chunk``, which changes no result), or None: the setting is calibrated."""
+        wanted = self.config_of(tau, options).replace(query_chunk=1)
+        for profile, source in self.given:
+            if profile.config.replace(query_chunk=1) == wanted:
+                return profile, source
+        return None
+
     def profile(self, tau: float, options: tuple = ()):
-        """TCA profile at ``tau`` with the TCAConfig ``options`` of a setting: one calibration pass
-        per set of options and one profile per tau, both cached."""
+        """TCA profile at ``tau`` with the TCAConfig ``options`` of a setting: a given profile that
+        fits, else one calibration pass per set of options and one profile per tau, both cached."""
+        if (tau, options) in self._profiles:
+            return self._profiles[(tau, options)]
+        fitting = self.reused(tau, options)
+        if fitting is not None:
+            self._profiles[(tau, options)] = fitting[0]
+            return fitting[0]
         if options not in self._calibrations:
             config = TCAConfig.for_model(self.model).replace(**dict(options))
             self._calibrations[options] = measure_calibration(
@@ -69,8 +98,7 @@ class Evaluator:
                 self.spec.calibration_tokens,
                 progress=False,
             )
-        if (tau, options) not in self._profiles:
-            self._profiles[(tau, options)] = self._calibrations[options].profile(tau)
+        self._profiles[(tau, options)] = self._calibrations[options].profile(tau)
         return self._profiles[(tau, options)]
 
     def selector(self, setting: Setting):
@@ -141,6 +169,9 @@ class Evaluator:
         base = {"setting": setting.key, "method": setting.method, "kept_fraction": setting.kept_fraction}
         base |= {"tau": setting.tau, "length": length, "seconds": seconds}
         base["calibration"] = self.spec.calibration if setting.method == "tca" else None
+        if setting.method == "tca":  # where the profile came from: a reused file, or calibrated here
+            fitting = self.reused(setting.tau, setting.options)
+            base["profile"] = "calibrated" if fitting is None else fitting[1]
         return [
             base | {"task": task, "seed": seed} | result
             for (task, seed), result in zip(batch, results, strict=True)
