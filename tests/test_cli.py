@@ -273,3 +273,52 @@ def test_eval_reuses_the_bundled_profile_prints_a_summary_and_a_rerun_is_a_no_op
     assert "nothing left to do" in again.stdout and "| full |" in again.stdout
     assert len(out.read_text().splitlines()) == 2
     assert len((tmp_path / "r.jsonl.runs.jsonl").read_text().splitlines()) == 1
+
+
+def test_generate_missing_model_says_the_model_is_missing(tmp_path):
+    missing = str(tmp_path / "nonexistent")
+    assert_user_error(tca("generate", "--model", missing), f"--model {missing}: no such model", "smollm2")
+
+
+def test_calibrate_cap_below_the_configuration_names_the_cap(model_cache, tmp_path):
+    result = tca("calibrate", "--max-tokens", "100", "--out", str(tmp_path / "p.json"), cache=model_cache[0])
+    assert_user_error(result, "--max-tokens 100 is too small", "local window 512 + 4 blocks of 64")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibrate_bad_threshold_names_the_option(tmp_path):
+    result = tca("calibrate", "--retrieval-threshold", "abc", "--out", str(tmp_path / "p.json"))
+    assert_user_error(result, "--retrieval-threshold abc", "'off'")
+
+
+@pytest.mark.parametrize("where", ["folder", "unwritable"])
+def test_calibrate_unwritable_out_fails_before_calibrating_and_leaves_nothing(tmp_path, where):
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    out = folder if where == "folder" else Path("/proc/x.json")
+    result = tca("calibrate", "--model", "/nonexistent-model", "--out", str(out))
+    assert_user_error(result, f"--out {out}")  # the output is checked even before the model
+    assert list(tmp_path.iterdir()) == [folder] and list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", [[], ["smollm2"]], ids=["no argument", "bundled name"])
+def test_profile_show_without_a_path_shows_the_bundled_profile(name):
+    result = tca("profile", "show", *name)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("profile: bundled smollm2 (") and "smollm2.json" in result.stdout
+    assert "calibrated on 4,096 tokens" in result.stdout
+
+
+@pytest.mark.parametrize("length", ["0", "-3"])
+def test_profile_show_non_positive_length_is_one_line(length):
+    assert_user_error(tca("profile", "show", "--length", length), f"--length must be >= 1, got {length}")
+
+
+def test_profile_show_bad_calibration_tokens_names_the_field(tmp_path):
+    data = json.loads(BUNDLED_PROFILE.read_text())
+    data["calibration_tokens"] = -4
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    result = tca("profile", "show", str(path))
+    assert_user_error(result, "calibration_tokens is -4", "--length N")
+    assert "--length must" not in result.stderr

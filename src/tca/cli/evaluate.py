@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .common import UserError, add_model_options, check_folder, load
+from .common import UserError, add_model_options, check_folder, check_model, load
 
 
 def add_parser(commands: Any) -> None:
@@ -152,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.runner import Evaluator
 
     spec = spec_of(args)
+    check_model(args.model)
     out = check_out(args.out)
     with exclusive(out):
         model, tokenizer = load(args)
