@@ -322,3 +322,26 @@ def test_profile_show_bad_calibration_tokens_names_the_field(tmp_path):
     result = tca("profile", "show", str(path))
     assert_user_error(result, "calibration_tokens is -4", "--length N")
     assert "--length must" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["doctor", "info"])
+def test_doctor_reports_versions_backend_cache_and_bundled_files(name, tmp_path):
+    import platform
+
+    import transformers
+
+    import tca as package
+    from tca import ops
+
+    cache = tmp_path / "file-not-folder"
+    cache.write_text("")
+    result = tca(name, cache=cache / "tca")
+    assert result.returncode == 0, result.stderr
+    report = {line.split("  ", 1)[0]: line.split("  ", 1)[1].strip() for line in result.stdout.splitlines()}
+    assert report["tca"] == package.__version__ and report["python"] == platform.python_version()
+    assert report["torch"] == torch.__version__ and report["transformers"] == transformers.__version__
+    assert report["device cpu"].endswith(f"attention backend {ops.backend_for(torch.device('cpu'))}")
+    assert report["cache directory"] == f"{cache / 'tca'} (not writable ({cache} is a file))"
+    assert report["model smollm2 (SmolLM2-135M-Instruct)"] == "installed"
+    assert report["bundled profiles"] == "smollm2"
+    assert {"triton", "triton kernels", "model gemma3-270m (Gemma 3 270M, optional)"} <= set(report)
