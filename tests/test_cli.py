@@ -236,3 +236,112 @@ def test_eval_writes_rows_and_plots(tmp_path):
     ]
     assert (plots / "results.md").read_text().count("streaming@0.5") == 1
     assert json.loads((tmp_path / "r.jsonl.runs.jsonl").read_text())["device"]
+
+
+def test_eval_out_folder_is_refused_before_any_work(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    assert_user_error(tca("eval", "--out", str(folder)), f"--out {folder} is a folder")
+    assert list(tmp_path.iterdir()) == [folder] and list(folder.iterdir()) == []
+
+
+def test_eval_second_writer_of_one_out_is_one_line(tmp_path):
+    out = tmp_path / "r.jsonl"
+    hold = "import sys, time\nfrom pathlib import Path\nfrom tca.eval.rows import exclusive\n"
+    hold += "with exclusive(Path(sys.argv[1])):\n    print('locked', flush=True)\n    time.sleep(60)\n"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = tca("eval", "--methods", "full", "--out", str(out))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_user_error(result, str(out), "another `tca eval`", "another --out")
+    assert not out.exists() and not (tmp_path / "r.jsonl.runs.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_eval_reuses_the_bundled_profile_prints_a_summary_and_a_rerun_is_a_no_op(model_cache, tmp_path):
+    out = tmp_path / "r.jsonl"
+    args = ["eval", "--methods", "full", "tca", "--tasks", "niah_single_number", "--lengths", "700"]
+    first = tca(*args, "--samples", "1", "--out", str(out), cache=model_cache[0])
+    assert first.returncode == 0, first.stderr
+    assert "tca@tau0.9: profile bundled smollm2" in first.stdout
+    assert "| setting | score 700 | KV 700 |" in first.stdout and "| tca@tau0.9 |" in first.stdout
+    again = tca(*args, "--samples", "1", "--out", str(out), cache=model_cache[0])
+    assert again.returncode == 0, again.stderr
+    assert "nothing left to do" in again.stdout and "| full |" in again.stdout
+    assert len(out.read_text().splitlines()) == 2
+    assert len((tmp_path / "r.jsonl.runs.jsonl").read_text().splitlines()) == 1
+
+
+def test_generate_missing_model_says_the_model_is_missing(tmp_path):
+    missing = str(tmp_path / "nonexistent")
+    assert_user_error(tca("generate", "--model", missing), f"--model {missing}: no such model", "smollm2")
+
+
+def test_calibrate_cap_below_the_configuration_names_the_cap(model_cache, tmp_path):
+    result = tca("calibrate", "--max-tokens", "100", "--out", str(tmp_path / "p.json"), cache=model_cache[0])
+    assert_user_error(result, "--max-tokens 100 is too small", "local window 512 + 4 blocks of 64")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibrate_bad_threshold_names_the_option(tmp_path):
+    result = tca("calibrate", "--retrieval-threshold", "abc", "--out", str(tmp_path / "p.json"))
+    assert_user_error(result, "--retrieval-threshold abc", "'off'")
+
+
+@pytest.mark.parametrize("where", ["folder", "unwritable"])
+def test_calibrate_unwritable_out_fails_before_calibrating_and_leaves_nothing(tmp_path, where):
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    out = folder if where == "folder" else Path("/proc/x.json")
+    result = tca("calibrate", "--model", "/nonexistent-model", "--out", str(out))
+    assert_user_error(result, f"--out {out}")  # the output is checked even before the model
+    assert list(tmp_path.iterdir()) == [folder] and list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", [[], ["smollm2"]], ids=["no argument", "bundled name"])
+def test_profile_show_without_a_path_shows_the_bundled_profile(name):
+    result = tca("profile", "show", *name)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("profile: bundled smollm2 (") and "smollm2.json" in result.stdout
+    assert "calibrated on 4,096 tokens" in result.stdout
+
+
+@pytest.mark.parametrize("length", ["0", "-3"])
+def test_profile_show_non_positive_length_is_one_line(length):
+    assert_user_error(tca("profile", "show", "--length", length), f"--length must be >= 1, got {length}")
+
+
+def test_profile_show_bad_calibration_tokens_names_the_field(tmp_path):
+    data = json.loads(BUNDLED_PROFILE.read_text())
+    data["calibration_tokens"] = -4
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    result = tca("profile", "show", str(path))
+    assert_user_error(result, "calibration_tokens is -4", "--length N")
+    assert "--length must" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["doctor", "info"])
+def test_doctor_reports_versions_backend_cache_and_bundled_files(name, tmp_path):
+    import platform
+
+    import transformers
+
+    import tca as package
+    from tca import ops
+
+    cache = tmp_path / "file-not-folder"
+    cache.write_text("")
+    result = tca(name, cache=cache / "tca")
+    assert result.returncode == 0, result.stderr
+    report = {line.split("  ", 1)[0]: line.split("  ", 1)[1].strip() for line in result.stdout.splitlines()}
+    assert report["tca"] == package.__version__ and report["python"] == platform.python_version()
+    assert report["torch"] == torch.__version__ and report["transformers"] == transformers.__version__
+    assert report["device cpu"].endswith(f"attention backend {ops.backend_for(torch.device('cpu'))}")
+    assert report["cache directory"] == f"{cache / 'tca'} (not writable ({cache} is a file))"
+    assert report["model smollm2 (SmolLM2-135M-Instruct)"] == "installed"
+    assert report["bundled profiles"] == "smollm2"
+    assert {"triton", "triton kernels", "model gemma3-270m (Gemma 3 270M, optional)"} <= set(report)

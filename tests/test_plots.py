@@ -118,3 +118,34 @@ def test_import_does_not_load_matplotlib():
     code = "import sys, tca.eval.plots; print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def _drawn(monkeypatch, draw) -> object:
+    """The figure ``draw()`` saves, drawn (its text laid out), instead of a file."""
+    saved = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out: saved.append(fig))
+    draw()
+    (fig,) = saved
+    fig.canvas.draw()
+    return fig
+
+
+def _overlap(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_pareto_legend_stays_clear_of_the_titles(monkeypatch, summary):
+    fig = _drawn(monkeypatch, lambda: plots.pareto_plot(summary, "unused.png"))
+    renderer = fig.canvas.get_renderer()
+    legend = fig.legends[0].get_window_extent(renderer)
+    titles = [fig._suptitle] + [ax.title for ax in fig.axes]
+    assert not any(_overlap(legend, title.get_window_extent(renderer)) for title in titles)
+
+
+def test_needle_heatmap_title_names_only_the_tasks_that_ran_and_fits(monkeypatch, rows):
+    ran = [r for r in rows if r["task"] == "niah_single_word"]
+    fig = _drawn(monkeypatch, lambda: plots.needle_heatmap(ran, "unused.png"))
+    title = fig._suptitle
+    assert "niah_single_word" in title.get_text() and "niah_single_number" not in title.get_text()
+    box, frame = title.get_window_extent(fig.canvas.get_renderer()), fig.bbox
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and box.y1 <= frame.y1

@@ -4,6 +4,8 @@ real model on real prompts (exact top-k never below random drop)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import torch
 from bruteforce import fresh_seed
 from tiny_models import TINY, left_padded, tiny_llama
 
+from tca.eval.rows import ResultsBusyError, exclusive, load_rows
 from tca.eval.runner import Evaluator, append_rows, read_done
 from tca.eval.spec import BASELINES, EvalSpec, Setting
 from tca.integrations.transformers import apply
@@ -246,3 +249,66 @@ def test_a_tca_setting_with_options_is_calibrated_with_them(smollm2):
     default = evaluator.selector(Setting.parse("tca@tau0.8"))
     assert default.config.retrieval_threshold == TCAConfig().retrieval_threshold
     assert not np.array_equal(default.mu, profile.mu)
+
+
+def test_read_done_keeps_every_row_after_a_blank_or_garbage_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    rows = [{"setting": "full", "task": "t", "length": 8, "seed": s, "score": s} for s in range(4)]
+    text = json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n{garbage\n"
+    text += "".join(json.dumps(row) + "\n" for row in rows[2:])
+    path.write_text(text)
+    with pytest.warns(UserWarning, match="line 4"):
+        assert read_done(path) == {("full", "t", 8, s) for s in range(4)}
+    assert path.read_text() == text  # nothing deleted, nothing rewritten
+    with pytest.warns(UserWarning):
+        assert load_rows(path) == rows  # the plot reader agrees on what a row is
+
+
+def test_read_done_ends_a_complete_last_row_with_a_newline(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    row = {"setting": "full", "task": "t", "length": 8, "seed": 0}
+    path.write_text(json.dumps(row))
+    assert read_done(path) == {("full", "t", 8, 0)}
+    append_rows(path, [row | {"seed": 1}])
+    assert [json.loads(line)["seed"] for line in path.read_text().splitlines()] == [0, 1]
+
+
+def test_a_second_writer_of_one_file_is_refused(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ResultsBusyError, match="another `tca eval`"), exclusive(out):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive(out), exclusive(out):  # free again, and re-entrant within one process
+        pass
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from tca.eval.rows import exclusive
+with exclusive(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_the_bundled_profile_is_reused_only_by_the_setting_it_fits(smollm2, tmp_path):
+    from tca.bundled.profiles import profile_for
+
+    model, tokenizer = smollm2
+    bundled = profile_for("smollm2")
+    spec = EvalSpec(only=["tca@tau0.9", "full"], tasks=["niah_single_number"], lengths=[300], samples=2)
+    evaluator = Evaluator(model, tokenizer, spec, progress=False, profiles=[(bundled, "bundled")])
+    assert evaluator.profile(0.9) is bundled  # no calibration
+    assert evaluator._calibrations == {}
+    assert evaluator.reused(0.8) is None
+    assert evaluator.reused(0.9, (("local_window", 256),)) is None
+    out = tmp_path / "rows.jsonl"
+    assert evaluator.pending(out) == 4
+    append_rows(out, [{"setting": "full", "task": "niah_single_number", "length": 300, "seed": 0}])
+    assert evaluator.pending(out) == 3

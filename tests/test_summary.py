@@ -44,11 +44,11 @@ def test_load_rows_keeps_complete_last_line_without_newline(tmp_path, rows):
     assert load_rows(path) == rows[:5]
 
 
-def test_load_rows_rejects_corruption_before_the_end(tmp_path, rows):
+def test_load_rows_skips_unreadable_lines_before_the_end_and_reads_on(tmp_path, rows):
     path = tmp_path / "results.jsonl"
-    path.write_text(json.dumps(rows[0]) + "\n{not json\n" + json.dumps(rows[1]) + "\n")
-    with pytest.raises(ValueError, match=":2:"):
-        load_rows(path)
+    path.write_text(json.dumps(rows[0]) + "\n{not json\n\n[1, 2]\n" + json.dumps(rows[1]) + "\n")
+    with pytest.warns(UserWarning, match="skipped 2 line"):
+        assert load_rows(path) == rows[:2]
 
 
 # ---------------------------------------------------------------------------------------------- summary

@@ -21,15 +21,22 @@ def bundled_profiles() -> list[str]:
     )
 
 
-def profile_for(name: str) -> Profile:
-    """The bundled profile of the bundled model ``name`` (``tca.load_model(name)``).
-
-    A name without one is a ValueError listing the bundled ones and how to calibrate.
-    """
+def bundled_profile_path(name: str) -> str:
+    """Where the bundled profile of model ``name`` lies (a file inside the installed package);
+    a name without one is a ValueError listing the bundled ones and how to calibrate."""
     if name not in bundled_profiles():
         raise ValueError(
             f"no bundled profile for model {name!r} (bundled: {bundled_profiles()}); "
             "make one with `tca calibrate --model MODEL --out PROFILE.json` and pass it with --profile."
         )
+    return str(resources.files("tca") / "data" / "profiles" / f"{name}.json")
+
+
+def profile_for(name: str) -> Profile:
+    """The bundled profile of the bundled model ``name`` (``tca.load_model(name)``).
+
+    A name without one is a ValueError listing the bundled ones and how to calibrate.
+    """
+    bundled_profile_path(name)  # the error for a name without one
     with resources.as_file(resources.files("tca") / "data" / "profiles" / f"{name}.json") as path:
         return Profile.load(path)

@@ -4,8 +4,9 @@
     tca calibrate --out P.json       calibrate a model -> a profile
     tca profile show P.json          keep ratios per layer and KV head (table, PNG heatmap)
     tca eval --out R.jsonl           every method on a long-context task suite (resumable)
+    tca doctor                       versions, devices, backend, cache and bundled files (alias: info)
 
-One module per command (``generate``, ``calibrate``, ``profile``, ``evaluate``), each with its
+One module per command (``generate``, ``calibrate``, ``profile``, ``evaluate``, ``doctor``), each with its
 ``add_parser`` and its ``run``; ``common`` holds what they share. Errors a user can cause are
 printed as one line, ``tca: error: ...``, with exit status 2. Heavy imports (torch,
 transformers) happen inside the commands, so ``--help`` is instant.
@@ -19,7 +20,7 @@ import sys
 
 from .. import __version__
 from ..eval.profile_view import profile_heatmap, profile_table  # re-exported: `from tca.cli import ...`
-from . import calibrate, evaluate, generate, profile
+from . import calibrate, doctor, evaluate, generate, profile
 from .common import UserError
 
 __all__ = ["UserError", "build_parser", "main", "profile_heatmap", "profile_table"]
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tca-attention {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in (generate, calibrate, profile, evaluate):
+    for command in (generate, calibrate, profile, evaluate, doctor):
         command.add_parser(commands)
     return parser
 

@@ -7,7 +7,7 @@ import os
 import time
 from typing import Any
 
-from .common import UserError, add_model_options, check_folder, load, read_text
+from .common import UserError, add_model_options, check_model, check_writable, load, read_text
 
 
 def add_parser(commands: Any) -> None:
@@ -40,10 +40,27 @@ def config_changes(args: argparse.Namespace) -> dict[str, Any]:
     """The TCAConfig fields the command line sets (the others keep the model's defaults)."""
     changes = {"tau": args.tau, "local_window": args.window, "block_size": args.block, "alpha": args.alpha}
     changes = {k: v for k, v in changes.items() if v is not None}
-    if args.retrieval_threshold is not None:
-        off = args.retrieval_threshold == "off"
-        changes["retrieval_threshold"] = None if off else float(args.retrieval_threshold)
+    if args.retrieval_threshold == "off":
+        changes["retrieval_threshold"] = None
+    elif args.retrieval_threshold is not None:
+        try:
+            changes["retrieval_threshold"] = float(args.retrieval_threshold)
+        except ValueError:
+            raise UserError(
+                f"--retrieval-threshold {args.retrieval_threshold}: expected a number in (0, 1] or 'off'."
+            ) from None
     return changes
+
+
+def check_max_tokens(max_tokens: int, config: Any) -> None:
+    """A UserError when ``--max-tokens`` is below what ``config`` needs (window + 4 blocks)."""
+    needed = config.effective_window + 4 * config.block_size
+    if max_tokens < needed:
+        raise UserError(
+            f"--max-tokens {max_tokens} is too small for this configuration: it needs at least {needed} "
+            f"tokens (local window {config.local_window} + 4 blocks of {config.block_size}); raise "
+            "--max-tokens or lower --window / --block."
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,9 +72,12 @@ def run(args: argparse.Namespace) -> int:
     text = None if args.text is None else read_text(args.text, "--text")
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {args.max_tokens}.")
-    out = check_folder(args.out, "--out")
+    changes = config_changes(args)
+    out = check_writable(args.out, "--out")
+    check_model(args.model)
     model, tokenizer = load(args)
-    config = TCAConfig.for_model(model).replace(**config_changes(args))
+    config = TCAConfig.for_model(model).replace(**changes)
+    check_max_tokens(args.max_tokens, config)
     start = time.perf_counter()
     profile = calibrate(model, tokenizer, text=text, config=config, max_tokens=args.max_tokens)
     seconds = time.perf_counter() - start

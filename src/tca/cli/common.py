@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
     """(model, tokenizer) from ``--model``, ``--device`` and ``--dtype``."""
     from ..bundled.models import load_model
 
+    check_model(args.model)
     device = check_device(args.device)
     return load_model(args.model, dtype=torch_dtype(args.dtype), device=device)
 
@@ -53,6 +55,34 @@ def check_folder(path: str, option: str) -> Path:
     if not out.parent.is_dir():
         raise UserError(f"{option} {path}: the folder {out.parent} does not exist.")
     return out
+
+
+def check_writable(path: str, option: str) -> Path:
+    """``path`` as a Path that can be written (folder exists, not a folder, writable), checked by
+    creating and removing a file beside it, so a long run never ends failing to write its result."""
+    out = check_folder(path, option)
+    if out.is_dir():
+        raise UserError(f"{option} {path} is a folder; pass a file name, e.g. {out / 'profile.tca.json'}.")
+    probe = out.with_name(f".{out.name}.probe{os.getpid()}")
+    try:
+        probe.open("w").close()
+    except OSError as error:
+        raise UserError(
+            f"{option} {path}: cannot write there ({error.strerror}); pass a writable path."
+        ) from None
+    probe.unlink()
+    return out
+
+
+def check_model(name: str) -> None:
+    """A UserError when ``--model`` is neither a bundled model nor a local folder."""
+    from ..bundled.models import BUNDLED
+
+    if name not in BUNDLED and not Path(name).is_dir():
+        raise UserError(
+            f"--model {name}: no such model; pass one of {', '.join(sorted(BUNDLED))} (bundled) or the "
+            "folder of a local Hugging Face checkpoint (config.json and weights)."
+        )
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from .common import MIB, UserError, add_model_options, load, read_text
+from .common import MIB, UserError, add_model_options, check_model, load, read_text
 
 
 def add_parser(commands: Any) -> None:
@@ -123,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")
     started = time.perf_counter()
+    check_model(args.model)  # before looking for its profile: a missing model is the first thing to say
     document = _document(args)
     profile, profile_source = (None, "") if args.dense else _load_profile(args)
     model, tokenizer = load(args)

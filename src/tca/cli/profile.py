@@ -18,21 +18,41 @@ def add_parser(commands: Any) -> None:
         description="Print each layer's keep ratios per KV head at a context length (min / median / max, "
         "dense heads) and optionally write a heatmap (needs matplotlib).",
     )
-    show.add_argument("path", help="profile JSON")
+    show.add_argument(
+        "path",
+        nargs="?",
+        default="smollm2",
+        help="profile JSON, or a bundled model's name for its bundled profile (default: smollm2)",
+    )
     show.add_argument("--png", help="also write a heatmap PNG here")
     show.add_argument("--length", type=int, help="context length in tokens (default: the calibration length)")
     show.set_defaults(func=run_show)
 
 
+def _profile(path: str) -> tuple[Any, str]:
+    """The profile at ``path`` (a file) or the bundled one of the model named ``path``, and its source."""
+    from ..bundled.profiles import bundled_profile_path, bundled_profiles, profile_for
+    from ..core.profile import Profile
+
+    if path in bundled_profiles() and not Path(path).is_file():
+        return profile_for(path), f"bundled {path} ({bundled_profile_path(path)})"
+    return Profile.load(path), path
+
+
 def run_show(args: argparse.Namespace) -> int:
     """Print the table (``tca.eval.profile_view``) and write the heatmap with ``--png``; exit status 0."""
-    from ..core.profile import Profile
     from ..eval.profile_view import profile_heatmap, profile_table
 
-    profile = Profile.load(args.path)
+    profile, source = _profile(args.path)
+    if args.length is not None and args.length < 1:
+        raise UserError(f"--length must be >= 1, got {args.length}.")
+    if args.length is None and profile.calibration_tokens < 1:
+        raise UserError(
+            f"{source}: its calibration_tokens is {profile.calibration_tokens} (must be >= 1): the file "
+            "is damaged; pass --length N, or calibrate again with `tca calibrate`."
+        )
     length = args.length or profile.calibration_tokens
-    if length < 1:
-        raise UserError(f"--length must be >= 1, got {length}.")
+    print(f"profile: {source}")
     if args.png:
         check_folder(args.png, "--png")
     print(profile_table(profile, length))

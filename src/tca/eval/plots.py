@@ -100,7 +100,11 @@ def _figure_legend(fig, axes) -> None:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, handle)
     if handles:
-        fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize="small")
+        # below the panels: at the upper right it can reach into the title of a narrow figure
+        columns = min(len(handles), 4)
+        fig.legend(
+            handles.values(), handles.keys(), loc="outside lower center", ncols=columns, fontsize="small"
+        )
 
 
 def _method_key(method: str) -> tuple[int, str]:
@@ -216,7 +220,8 @@ def needle_heatmap(
         image = _draw_heatmap(ax, needle_grid(mine, lengths), lengths, cmap, y_label=i % cols == 0)
         ax.set_title(first["setting"], fontsize=10)
     fig.colorbar(image, ax=axes, label="mean score (0-100)", shrink=0.9)
-    fig.suptitle("Needle retrieval by depth and context length (" + ", ".join(tasks) + ")", fontsize=10)
+    ran = sorted({r["task"] for r in needles}, key=list(tasks).index)  # only the tasks in the rows
+    fig.suptitle("Needle retrieval by depth and context length\n" + ", ".join(ran), fontsize=10)
     _save(fig, out_png)
     return len(axes)
 

@@ -5,21 +5,20 @@ calibrated in-process at that tau), or a baseline at a kept fraction (``tca.meth
 length, the samples of every task (``tca.eval.tasks``, seeded) are answered under every setting,
 in batches with left padding that mix tasks (samples with the same number of turns run together),
 and one JSON line per (setting, task, length, seed) is appended to the output and flushed after
-each batch. An interrupted run picks up where it stopped: lines already written
-are read back and skipped, a half-written last line is dropped, nothing is written twice.
+each batch (``tca.eval.rows``). An interrupted run picks up where it stopped: rows already
+written are read back and skipped, a half-written last line is dropped, nothing is written twice;
+a second process on the same output is refused while the first holds its lock.
 
 Multi-turn samples are answered turn by turn, each turn re-prefilling the whole conversation
 so far (batched); carrying one compressed cache across turns is measured by
-``benchmarks/needle.py`` (issue 5's check). The pseudo-task ``perplexity`` scores real prose
+``benchmarks/needle.py``. The pseudo-task ``perplexity`` scores real prose
 windows (prefill only) under each setting.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,43 +30,12 @@ from ..core.config import TCAConfig
 from ..integrations.transformers import apply, measure_calibration
 from ..methods import MethodSelector
 from .fidelity import prose_windows, token_nll
+from .rows import append_rows as append_rows  # re-exported with read_done and row_key
+from .rows import exclusive
+from .rows import read_done as read_done
+from .rows import row_key as row_key
 from .spec import PERPLEXITY, EvalSpec, Setting
 from .tasks import ANSWER_TOKENS, TaskSample, make_sample, score
-
-
-def row_key(row: dict[str, Any]) -> tuple:
-    """What identifies a result line (for resuming)."""
-    return (row["setting"], row["task"], int(row["length"]), int(row["seed"]))
-
-
-def read_done(path: Path) -> set[tuple]:
-    """Keys of the complete lines already in ``path``; a half-written last line is cut off the file."""
-    if not path.exists():
-        return set()
-    done, good_bytes = set(), 0
-    with path.open("rb") as handle:
-        for line in handle:
-            try:
-                key = row_key(json.loads(line))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                break  # an interrupted write: it and anything after it is dropped
-            if not line.endswith(b"\n"):
-                break
-            done.add(key)
-            good_bytes += len(line)
-    if good_bytes < path.stat().st_size:
-        with path.open("r+b") as handle:
-            handle.truncate(good_bytes)
-    return done
-
-
-def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Append JSON lines and push them to disk before returning."""
-    with path.open("a", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def calibration_text(kind: str) -> str:
@@ -80,17 +48,46 @@ def calibration_text(kind: str) -> str:
 class Evaluator:
     """Answers task samples under settings with one model (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, spec: EvalSpec, progress: bool = True):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        spec: EvalSpec,
+        progress: bool = True,
+        profiles: Sequence[tuple[Any, str]] = (),
+    ):
+        """``profiles``: ``(Profile, source)`` pairs to reuse instead of calibrating: a TCA setting
+        whose configuration (tau and options on the model's defaults) equals a profile's runs with it."""
         spec.check()
         self.model, self.tokenizer, self.spec, self.progress = model, tokenizer, spec, progress
+        self.given = list(profiles)
         self._calibrations: dict[tuple, Any] = {}  # by the setting's options
         self._windows: dict[int, list[torch.Tensor]] = {}
         self._profiles: dict[tuple, Any] = {}  # by (tau, options)
         self._samples: dict[tuple[str, int, int], TaskSample] = {}
 
+    def config_of(self, tau: float, options: tuple = ()) -> TCAConfig:
+        """The TCAConfig a tca setting runs: the model's defaults, its tau and options."""
+        return TCAConfig.for_model(self.model).replace(tau=tau, **dict(options))
+
+    def reused(self, tau: float, options: tuple = ()) -> tuple[Any, str] | None:
+        """The given ``(profile, source)`` that fits the setting (same configuration but for
+        ``query_chunk``, which changes no result), or None: the setting is calibrated."""
+        wanted = self.config_of(tau, options).replace(query_chunk=1)
+        for profile, source in self.given:
+            if profile.config.replace(query_chunk=1) == wanted:
+                return profile, source
+        return None
+
     def profile(self, tau: float, options: tuple = ()):
-        """TCA profile at ``tau`` with the TCAConfig ``options`` of a setting: one calibration pass
-        per set of options and one profile per tau, both cached."""
+        """TCA profile at ``tau`` with the TCAConfig ``options`` of a setting: a given profile that
+        fits, else one calibration pass per set of options and one profile per tau, both cached."""
+        if (tau, options) in self._profiles:
+            return self._profiles[(tau, options)]
+        fitting = self.reused(tau, options)
+        if fitting is not None:
+            self._profiles[(tau, options)] = fitting[0]
+            return fitting[0]
         if options not in self._calibrations:
             config = TCAConfig.for_model(self.model).replace(**dict(options))
             self._calibrations[options] = measure_calibration(
@@ -101,8 +98,7 @@ class Evaluator:
                 self.spec.calibration_tokens,
                 progress=False,
             )
-        if (tau, options) not in self._profiles:
-            self._profiles[(tau, options)] = self._calibrations[options].profile(tau)
+        self._profiles[(tau, options)] = self._calibrations[options].profile(tau)
         return self._profiles[(tau, options)]
 
     def selector(self, setting: Setting):
@@ -120,24 +116,35 @@ class Evaluator:
             self._samples[key] = make_sample(task, self.tokenizer, length, seed)
         return self._samples[key]
 
-    def run(self, out: Path) -> Iterator[dict[str, Any]]:
-        """Run everything not yet in ``out`` (JSONL), appending as it goes; yields each new row."""
-        out.parent.mkdir(parents=True, exist_ok=True)
-        done = read_done(out)
-        work = [  # setting by setting, so an interrupted run has whole settings to compare
+    def pending(self, out: Path) -> int:
+        """How many samples are not yet in ``out`` (0: a resumed run has nothing left to do)."""
+        return sum(len(batch) for *_, batch in self._work(read_done(out)))
+
+    def _work(self, done: set[tuple]) -> list[tuple[Setting, int, list[tuple[str, int]]]]:
+        """The pending batches, setting by setting, so an interrupted run has whole settings to compare."""
+        return [
             (setting, length, batch)
             for setting in self.spec.settings()
             for length in self.spec.lengths
             for batch in self._batches(setting, length, done)
         ]
-        bar = tqdm(total=sum(len(b) for *_, b in work), desc="eval", unit="sample", disable=not self.progress)
-        for setting, length, batch in work:
-            bar.set_postfix_str(f"{setting.key} {length}")
-            rows = self._rows(setting, length, batch)
-            append_rows(out, rows)
-            bar.update(len(batch))
-            yield from rows
-        bar.close()
+
+    def run(self, out: Path) -> Iterator[dict[str, Any]]:
+        """Run everything not yet in ``out`` (JSONL), appending as it goes; yields each new row.
+
+        Holds ``out``'s lock throughout (``ResultsBusyError`` when another process holds it)."""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive(out):
+            work = self._work(read_done(out))
+            total = sum(len(batch) for *_, batch in work)
+            bar = tqdm(total=total, desc="eval", unit="sample", disable=not self.progress)
+            for setting, length, batch in work:
+                bar.set_postfix_str(f"{setting.key} {length}")
+                rows = self._rows(setting, length, batch)
+                append_rows(out, rows)
+                bar.update(len(batch))
+                yield from rows
+            bar.close()
 
     def _batches(self, setting: Setting, length: int, done: set[tuple]) -> list[list[tuple[str, int]]]:
         """The pending (task, seed) pairs of one setting and length, in batches that run together:
@@ -162,6 +169,9 @@ class Evaluator:
         base = {"setting": setting.key, "method": setting.method, "kept_fraction": setting.kept_fraction}
         base |= {"tau": setting.tau, "length": length, "seconds": seconds}
         base["calibration"] = self.spec.calibration if setting.method == "tca" else None
+        if setting.method == "tca":  # where the profile came from: a reused file, or calibrated here
+            fitting = self.reused(setting.tau, setting.options)
+            base["profile"] = "calibrated" if fitting is None else fitting[1]
         return [
             base | {"task": task, "seed": seed} | result
             for (task, seed), result in zip(batch, results, strict=True)

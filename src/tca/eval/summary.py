@@ -8,13 +8,12 @@ Nothing here draws, so nothing here imports matplotlib.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
+from .rows import load_rows as load_rows  # re-exported: where the readers found it
 from .spec import PERPLEXITY
 from .tasks import TASKS
 
@@ -24,24 +23,6 @@ DEPTH_BINS = 5
 
 
 # ---------------------------------------------------------------------------------------------- loading
-
-
-def load_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSONL results file, skipping blank lines and a truncated (unparseable) last line.
-
-    A malformed line anywhere else raises ``ValueError`` naming the line, since it is not the
-    signature of a run interrupted mid-write.
-    """
-    lines = [(i, line) for i, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
-    rows = []
-    for position, (number, line) in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            if position == len(lines) - 1:
-                break
-            raise ValueError(f"{path}:{number}: malformed JSON line: {error}") from error
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------- ordering
