@@ -316,11 +316,11 @@ def test_profile_show_non_positive_length_is_one_line(length):
 
 def test_profile_show_bad_calibration_tokens_names_the_field(tmp_path):
     data = json.loads(BUNDLED_PROFILE.read_text())
-    data["calibration_tokens"] = -4
+    data["calibration_tokens"] = 0  # an uncalibrated profile (Profile.uniform): no length to default to
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(data))
     result = tca("profile", "show", str(path))
-    assert_user_error(result, "calibration_tokens is -4", "--length N")
+    assert_user_error(result, "calibration_tokens is 0", "--length N")
     assert "--length must" not in result.stderr
 
 
@@ -343,5 +343,7 @@ def test_doctor_reports_versions_backend_cache_and_bundled_files(name, tmp_path)
     assert report["device cpu"].endswith(f"attention backend {ops.backend_for(torch.device('cpu'))}")
     assert report["cache directory"] == f"{cache / 'tca'} (not writable ({cache} is a file))"
     assert report["model smollm2 (SmolLM2-135M-Instruct)"] == "installed"
-    assert report["bundled profiles"] == "smollm2"
+    from tca.bundled.profiles import bundled_profiles
+
+    assert report["bundled profiles"] == ", ".join(bundled_profiles())
     assert {"triton", "triton kernels", "model gemma3-270m (Gemma 3 270M, optional)"} <= set(report)

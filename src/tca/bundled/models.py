@@ -261,8 +261,8 @@ def _load_bundled(name: str, dtype: torch.dtype, cache: bool, parallel: dict[str
             f"under torchrun the bundled model {name!r} loads from its de-quantised cache, which is not "
             f"filled yet: run one `tca generate --model {name} --max-new-tokens 1` without torchrun first."
         )
+    gguf = bundled_gguf(name)  # a missing package is an error before anything is written
     cache = cache and _cache_writable(cached.parent)
-    gguf = bundled_gguf(name)
     # de-quantise to float32 so the cache holds the GGUF's values exactly, whatever dtype is asked
     model, tokenizer = _dequantise(gguf)
     if cache:
