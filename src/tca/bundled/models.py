@@ -155,7 +155,8 @@ def _load_bundled(name: str, dtype: torch.dtype, cache: bool) -> tuple[Any, Any]
             tokenizer = AutoTokenizer.from_pretrained(cached)
             return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype), tokenizer
         warnings.warn(
-            f"the cached model at {cached} is damaged: {problem}; rebuilding it from the GGUF.", stacklevel=3
+            f"the cached model at {cached} cannot be used ({problem}); rebuilding it from the GGUF (~30 s).",
+            stacklevel=3,
         )
         shutil.rmtree(cached, ignore_errors=True)
     cache = cache and _cache_writable(cached.parent)
