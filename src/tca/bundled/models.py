@@ -253,7 +253,8 @@ def _load_bundled(name: str, dtype: torch.dtype, cache: bool, parallel: dict[str
             tokenizer = AutoTokenizer.from_pretrained(cached)
             return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, **parallel), tokenizer
         warnings.warn(
-            f"the cached model at {cached} is damaged: {problem}; rebuilding it from the GGUF.", stacklevel=3
+            f"the cached model at {cached} cannot be used ({problem}); rebuilding it from the GGUF (~30 s).",
+            stacklevel=3,
         )
         shutil.rmtree(cached, ignore_errors=True)
     if parallel:  # a GGUF cannot be sharded while it is de-quantised, and ranks must not race to cache it
