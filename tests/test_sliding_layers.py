@@ -33,6 +33,8 @@ CACHE_KWARG = (
     "cache" if "cache" in inspect.signature(Gemma3ForCausalLM.forward).parameters else "past_key_values"
 )
 
+pytestmark = pytest.mark.randomised  # the tests here draw random inputs (seed printed, replayable)
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

@@ -13,6 +13,8 @@ from bruteforce import fresh_seed
 
 from tca.core.softmax import causal_prob_chunks, causal_probs, masked_softmax
 
+pytestmark = pytest.mark.randomised  # every test here draws random inputs (seed printed, replayable)
+
 
 def dense_reference(query, key, scale, first_row, key_start=None):
     """(B, H, Lq, Lk) float64: softmax over the keys k <= p (and k >= key_start[b]) of each query p."""
