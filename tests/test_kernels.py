@@ -399,6 +399,7 @@ if FULL:
     GEMMA_CASES += [(32769, "bf16", 2048, 1), (8191, "bf16", 2048, 2)]
 
 
+@pytest.mark.randomised
 @pytest.mark.parametrize("length,dtype,window,batch", GEMMA_CASES)
 def test_head_dim_256_selection_prefill_and_decode(length, dtype, window, batch):
     """Every kernel at head dim 256 against float64 (prefill, decode) and the reference (selection,
