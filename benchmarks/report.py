@@ -156,12 +156,13 @@ def needle_table(name: str = "needle-h200-retrieval.json") -> str:
 # ------------------------------------------------------------------------------------ task suite
 
 GRID, CONFIRMATION, POOLED = "eval-2026-11-25.json", "eval-2026-11-26.json", "eval-pooled-2026-11-26.json"
+RUNS = (("all methods", GRID), ("TCA vs full", CONFIRMATION), ("both pooled", POOLED))
 DEFAULT_TCA = {GRID: "tca@tau0.9", CONFIRMATION: "tca@tau0.9,retrieval_threshold=0.03", POOLED: "tca@tau0.9"}
 
 
 def setting_label(key: str) -> str:
     """``snapkv@0.5`` -> "SnapKV-style, 50%"; ``tca@tau0.9,retrieval_threshold=0.03`` -> "TCA, tau
-    0.9, retrieval threshold 0.03 (default now)": an option spelled out at today's default says so."""
+    0.9, retrieval threshold 0.03 (default)": an option spelled out at the current default says so."""
     from tca.core.config import TCAConfig
 
     if key == "full":
@@ -175,7 +176,7 @@ def setting_label(key: str) -> str:
         field, _, text = option.partition("=")
         label += f", {OPTION_NAMES.get(field, field)} {text}"
         if getattr(TCAConfig(), field) == float(text):
-            label += " (default now)"
+            label += " (default)"
     return label
 
 
@@ -216,12 +217,12 @@ def ranges(numbers: set[int]) -> str:
 
 def eval_runs_table() -> str:
     what = {
-        GRID: "every method at 10/30/50%, TCA at tau 0.3-0.9, perplexity",
-        CONFIRMATION: "full, TCA with today's defaults, FlexPrefill-style 50%",
-        POOLED: "TCA at tau 0.9 (today's defaults) against full",
+        GRID: "every method at 10/30/50% kept, TCA at tau 0.3-0.9, perplexity",
+        CONFIRMATION: "full attention, TCA (defaults), FlexPrefill-style at 50%",
+        POOLED: "TCA (defaults) against full attention, both runs together",
     }
     rows = []
-    for run, name in (("the grid", GRID), ("confirmation", CONFIRMATION), ("pooled", POOLED)):
+    for run, name in RUNS:
         data = load(name)
         prompts = max(g["prompts"] for g in data["gaps_to_full"] if g["setting"] == DEFAULT_TCA[name])
         rows.append([run, f"{prompts:,}", seed_ranges(data), what[name], f"`{name}`"])
@@ -232,12 +233,12 @@ def eval_runs_table() -> str:
 
 def tca_gaps_table() -> str:
     rows = []
-    for run, name in (("grid", GRID), ("confirmation", CONFIRMATION), ("pooled", POOLED)):
+    for run, name in RUNS:
         data, setting = load(name), DEFAULT_TCA[name]
         by_length = gaps(data)
         kv = {k: r["kv_fraction"] for k, r in averages(data).items()} if "rows" in data else {}
         prompts = max(g["prompts"] for g in data["gaps_to_full"] if g["setting"] == setting)
-        cells = [f"{run} ({prompts:,} prompts)" if run == "grid" else f"{run} ({prompts:,})"]
+        cells = [f"{run} ({prompts:,} prompts)"]
         for length in (2048, 4096, 8192):
             gap = by_length[setting, length]
             cells += [gap_text(gap), f"{kv.get((setting, length), gap.get('kv_fraction')):.2f}"]
@@ -270,7 +271,7 @@ def confirmation_table() -> str:
 
 
 def grid_table() -> str:
-    """Every setting of the grid but the calibration-text variants (``/docs``, ``/code``)."""
+    """Every setting of the all-methods run but the calibration-text variants (``/docs``, ``/code``)."""
     settings = {r["setting"] for r in load(GRID)["rows"] if "/" not in r["setting"]}
     return scores_table(GRID, sorted(settings, key=_setting_order))
 

@@ -68,7 +68,7 @@ def test_milliseconds_keep_three_digits_and_three_decimals_at_most(value, text):
         ("full", "full attention"),
         ("snapkv@0.5", "SnapKV-style, 50%"),
         ("tca@tau0.7", "TCA, tau 0.7"),
-        ("tca@tau0.9,retrieval_threshold=0.03", "TCA, tau 0.9, retrieval threshold 0.03 (default now)"),
+        ("tca@tau0.9,retrieval_threshold=0.03", "TCA, tau 0.9, retrieval threshold 0.03 (default)"),
         ("tca@tau0.9,retrieval_threshold=0.05", "TCA, tau 0.9, retrieval threshold 0.05"),
     ],
 )
