@@ -192,6 +192,16 @@ def test_calibrate_end_to_end_with_given_text():
         calibrate(model, CharTokenizer(), text="short", config=CONFIG, progress=False)
 
 
+def test_a_cap_below_the_configuration_names_the_cap_not_the_text():
+    """A long text cut by ``max_tokens`` below what the configuration needs: the cap is named."""
+    needed = CONFIG.local_window + 4 * CONFIG.block_size  # 96
+    with pytest.raises(ValueError, match=f"max_tokens={needed - 1} cuts .* raise max_tokens"):
+        calibration_ids(CharTokenizer(), "a" * 1000, CONFIG, max_tokens=needed - 1)
+    assert calibration_ids(CharTokenizer(), "a" * 1000, CONFIG, max_tokens=needed).shape == (1, needed)
+    with pytest.raises(ValueError, match=f"has {needed - 1} tokens.*pass a longer text"):
+        calibration_ids(CharTokenizer(), "a" * (needed - 1), CONFIG, max_tokens=4096)
+
+
 class BosTokenizer(CharTokenizer):
     """Like Gemma's: a BOS token before every text unless ``add_special_tokens=False``."""
 

@@ -170,8 +170,13 @@ def calibration_ids(tokenizer: Any, text: str, config: TCAConfig, max_tokens: in
     ids = tokenizer(prefix, return_tensors="pt", add_special_tokens=False)["input_ids"]
     if leads_with_bos(tokenizer):
         ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]], dtype=ids.dtype), ids], -1)
-    ids = ids[:, :max_tokens]
     needed = config.effective_window + 4 * config.block_size
+    if max_tokens < needed <= ids.shape[-1]:
+        raise ValueError(
+            f"max_tokens={max_tokens} cuts the calibration text below the {needed} tokens it needs "
+            f"(local_window {config.local_window} + 4 blocks of {config.block_size}): raise max_tokens."
+        )
+    ids = ids[:, :max_tokens]
     if ids.shape[-1] < needed:
         raise ValueError(
             f"the calibration text has {ids.shape[-1]} tokens; it needs at least {needed} "
