@@ -78,6 +78,9 @@ def make_rows(seed: int = 0, perplexity: bool = True) -> list[dict]:
                             "seconds": 0.2,
                         }
                     )
+    for row in rows:  # rows of a model with unmanaged layers carry both fractions; older rows one
+        if rng.random() < 0.5:
+            row["managed_kv_fraction"] = row["kv_fraction"] * rng.uniform(0.5, 1.0)
     return rows
 
 
@@ -89,6 +92,7 @@ def expected_summary(rows: list[dict]) -> dict[tuple, dict]:
     expected = {}
     for key, members in groups.items():
         kv = sum(r["kv_fraction"] for r in members) / len(members)
+        managed = sum(r.get("managed_kv_fraction", r["kv_fraction"]) for r in members) / len(members)
         if key[2] == "perplexity":
             score = math.exp(sum(r["nll"] for r in members) / sum(r["tokens"] for r in members))
         else:
@@ -96,6 +100,7 @@ def expected_summary(rows: list[dict]) -> dict[tuple, dict]:
         nominal = members[0]["kept_fraction"]
         expected[key] = {
             "kv_fraction": kv,
+            "managed_kv_fraction": managed,
             "kept_fraction": nominal if nominal is not None else kv,
             "tau": members[0]["tau"],
             "samples": len(members),
@@ -110,6 +115,7 @@ def expected_summary(rows: list[dict]) -> dict[tuple, dict]:
         nominal = tasks[0]["kept_fraction"] if method not in ("tca", "full") else None
         expected[(method, setting, "average", length)] = {
             "kv_fraction": kv,
+            "managed_kv_fraction": sum(t["managed_kv_fraction"] for t in tasks) / len(tasks),
             "kept_fraction": nominal if nominal is not None else kv,
             "tau": tasks[0]["tau"],
             "samples": sum(t["samples"] for t in tasks),

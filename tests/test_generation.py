@@ -855,7 +855,8 @@ def test_profile_for_another_model_names_the_field(family, changes, field):
 def test_stats_bytes_match_the_stored_tensors_and_a_dense_cache(family, dtype):
     """kv_bytes: every TCA head's store plus, on Gemma 3, the sliding layers' window caches;
     dense_kv_bytes: what transformers' own cache holds for the same generation (its sliding layers
-    keep their window); host_kv_bytes: every token of the managed layers."""
+    keep their window); host_kv_bytes: every token of the managed layers; managed_kv_bytes and
+    managed_dense_kv_bytes: the first two over the managed layers alone."""
     seed = fresh_seed()
     model = tiny_model(family, seed).to(dtype)
     profile = sparse_profile(model, seed)
@@ -875,6 +876,11 @@ def test_stats_bytes_match_the_stored_tensors_and_a_dense_cache(family, dtype):
     managed_bytes = sum(dense_layers[l].keys.nbytes + dense_layers[l].values.nbytes for l in managed(model))
     assert run.stats.host_kv_bytes == managed_bytes
     assert run.stats.kv_bytes < run.stats.dense_kv_bytes
+    # the same over the managed layers alone (all of Llama's; Gemma's full-attention layers)
+    managed_stored = sum(h.keys.nbytes + h.values.nbytes for layer in tca_layers for h in layer.heads)
+    assert run.stats.managed_kv_bytes == managed_stored
+    assert run.stats.managed_dense_kv_bytes == managed_bytes
+    assert run.stats.managed_kv_fraction == managed_stored / managed_bytes < 1
     valid = sum(int(head.lengths.sum()) for layer in tca_layers for head in layer.heads)
     assert valid * 2 * 16 * torch.empty(0, dtype=dtype).element_size() <= run.stats.kv_bytes
 

@@ -136,7 +136,8 @@ def test_stats_report_the_whole_model_on_every_rank(folder, single_process, fami
             where = f"{family}, rank {rank} of {world}, {moment}"
             for name in ("kept_fraction", "pairs_fraction", "prefills", "kv_bytes", "dense_kv_bytes"):
                 assert got[name] == expected[name], f"{where}: {name} {got[name]} != {expected[name]}"
-            assert got["host_kv_bytes"] == expected["host_kv_bytes"], where
+            for name in ("host_kv_bytes", "managed_kv_bytes", "managed_dense_kv_bytes"):
+                assert got[name] == expected[name], f"{where}: {name} {got[name]} != {expected[name]}"
             for name in ("kept_counts", "kept_entries", "context_tokens", "tca_pairs", "dense_pairs"):
                 np.testing.assert_array_equal(got[name], expected[name], err_msg=f"{where}: {name}")
             np.testing.assert_allclose(got["gamma"], expected["gamma"], atol=1e-5, err_msg=where)

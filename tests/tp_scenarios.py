@@ -96,6 +96,8 @@ def stats_summary(stats) -> dict:
         "kv_bytes": stats.kv_bytes,
         "dense_kv_bytes": stats.dense_kv_bytes,
         "host_kv_bytes": stats.host_kv_bytes,
+        "managed_kv_bytes": stats.managed_kv_bytes,
+        "managed_dense_kv_bytes": stats.managed_dense_kv_bytes,
         **{name: getattr(stats, name).copy() for name in arrays},
     }
 

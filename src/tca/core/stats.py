@@ -31,6 +31,9 @@ def pair_counts(
     return global_pairs + window_pairs.view(-1, 1), n * (n + 1) // 2
 
 
+BYTE_COUNTS = ("kv_bytes", "dense_kv_bytes", "host_kv_bytes", "managed_kv_bytes", "managed_dense_kv_bytes")
+
+
 @dataclass
 class RunStats:
     """Statistics of the prefills run under ``tca.apply`` (the most recent prefill per layer).
@@ -46,7 +49,8 @@ class RunStats:
     element. After a generation with the compressed cache, over every layer (a sliding layer's
     window cache included): ``kv_bytes`` (what the device cache holds), ``dense_kv_bytes`` (what
     transformers' own cache holds for the same tokens) and ``host_kv_bytes`` (history kept on the
-    host for multi-turn re-selection).
+    host for multi-turn re-selection); ``managed_kv_bytes`` and ``managed_dense_kv_bytes`` are the
+    first two over the managed layers alone (``managed_kv_fraction``: their ratio).
 
     The head counts are those of the heads one process holds; under tensor parallelism each rank
     records its own heads and ``gather_from`` assembles the whole model's statistics.
@@ -67,6 +71,8 @@ class RunStats:
     kv_bytes: int = 0
     dense_kv_bytes: int = 0
     host_kv_bytes: int = 0
+    managed_kv_bytes: int = 0
+    managed_dense_kv_bytes: int = 0
 
     def __post_init__(self) -> None:
         self.layers = tuple(range(self.n_layers)) if self.layers is None else tuple(self.layers)
@@ -132,6 +138,8 @@ class RunStats:
         self.kv_bytes = cache.kv_bytes
         self.dense_kv_bytes = cache.dense_kv_bytes()
         self.host_kv_bytes = cache.host_kv_bytes
+        self.managed_kv_bytes = cache.managed_kv_bytes
+        self.managed_dense_kv_bytes = cache.dense_kv_bytes(managed_only=True)
 
     @property
     def kept_fraction(self) -> float:
@@ -139,6 +147,12 @@ class RunStats:
         and KV heads."""
         self.flush()
         return float((self.kept_entries / self.context_tokens[:, None].clip(min=1)).mean())
+
+    @property
+    def managed_kv_fraction(self) -> float:
+        """Device KV bytes over what a dense cache would hold, on the managed layers alone (1.0
+        before a generation with the compressed cache has recorded them)."""
+        return self.managed_kv_bytes / self.managed_dense_kv_bytes if self.managed_dense_kv_bytes else 1.0
 
     @property
     def pairs_fraction(self) -> float:
@@ -171,5 +185,5 @@ class RunStats:
         self.context_tokens[:] = first.context_tokens
         self.dense_pairs[:] = first.dense_pairs
         self.prefills = first.prefills
-        for name in ("kv_bytes", "dense_kv_bytes", "host_kv_bytes"):
+        for name in BYTE_COUNTS:
             setattr(self, name, sum(getattr(part, name) for _, part in parts))

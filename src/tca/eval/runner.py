@@ -180,18 +180,18 @@ class Evaluator:
     def _answers(self, setting: Setting, samples: list[TaskSample]) -> list[dict[str, Any]]:
         """Answer a batch turn by turn; the last turn's answer is scored."""
         conversations: list[list[dict[str, str]]] = [[] for _ in samples]
-        kv_fraction = 1.0
+        kv = {"kv_fraction": 1.0, "managed_kv_fraction": 1.0}
         for turn in range(len(samples[0].turns)):
             for conversation, sample in zip(conversations, samples, strict=True):
                 conversation.append({"role": "user", "content": sample.turns[turn]})
-            answers, kv_fraction = self._generate(setting, conversations)
+            answers, kv = self._generate(setting, conversations)
             for conversation, answer in zip(conversations, answers, strict=True):
                 conversation.append({"role": "assistant", "content": answer})
         return [
             {
                 "score": score(sample, conversation[-1]["content"]),
                 "answer": conversation[-1]["content"],
-                "kv_fraction": kv_fraction,
+                **kv,
                 "depth": sample.depths[0] if sample.depths else None,
             }
             for sample, conversation in zip(samples, conversations, strict=True)
@@ -199,8 +199,10 @@ class Evaluator:
 
     def _generate(
         self, setting: Setting, conversations: list[list[dict[str, str]]]
-    ) -> tuple[list[str], float]:
-        """Greedy answers for a batch of conversations (left padding); returns (answers, KV fraction)."""
+    ) -> tuple[list[str], dict[str, float]]:
+        """Greedy answers for a batch of conversations (left padding); returns the answers and the KV
+        fractions: ``kv_fraction`` over every layer (a sliding layer's window cache included) and
+        ``managed_kv_fraction`` over the layers TCA manages."""
         tokenizer = self.tokenizer
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
@@ -217,13 +219,16 @@ class Evaluator:
         with torch.no_grad():
             if selector is None:
                 out = self.model.generate(**batch, **kwargs)
-                kv_fraction = 1.0
+                kv = {"kv_fraction": 1.0, "managed_kv_fraction": 1.0}
             else:
                 with apply(self.model, selector, keep_history=False) as run:
                     out = self.model.generate(**batch, **kwargs)
-                kv_fraction = run.stats.kv_bytes / max(run.stats.dense_kv_bytes, 1)
+                kv = {
+                    "kv_fraction": run.stats.kv_bytes / max(run.stats.dense_kv_bytes, 1),
+                    "managed_kv_fraction": run.stats.managed_kv_fraction,
+                }
         answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        return answers, kv_fraction
+        return answers, kv
 
     def _perplexity(self, setting: Setting, length: int, seeds: list[int]) -> list[dict[str, Any]]:
         """NLL of the second half of a real-prose window per seed (prefill only, one batch)."""
@@ -240,6 +245,12 @@ class Evaluator:
             kv_fraction = run.stats.kept_fraction
         half = nll[:, nll.shape[1] // 2 :]
         return [
-            {"score": None, "nll": float(row.sum()), "tokens": len(row), "kv_fraction": kv_fraction}
+            {
+                "score": None,
+                "nll": float(row.sum()),
+                "tokens": len(row),
+                "kv_fraction": kv_fraction,
+                "managed_kv_fraction": kv_fraction,  # the kept fraction is over the managed layers
+            }
             for row in half
         ]

@@ -98,10 +98,19 @@ def _summary_row(key: tuple, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "length": length,
         "kept_fraction": nominal if nominal is not None else kv,
         "kv_fraction": kv,
+        "managed_kv_fraction": _managed_kv(rows),
         "tau": _first(r.get("tau") for r in rows),
         "samples": len(rows),
         "score": _group_score(task, rows),
     }
+
+
+def _managed_kv(rows: list[dict[str, Any]]) -> float | None:
+    """Mean KV fraction over the managed layers (rows written before it was recorded: their
+    ``kv_fraction``, which then covered only managed layers: every model then had only those)."""
+    return _mean(
+        [r.get("managed_kv_fraction", r.get("kv_fraction")) for r in rows if r.get("kv_fraction") is not None]
+    )
 
 
 def _average_row(task_rows: list[dict[str, Any]], nominal: float | None) -> dict[str, Any] | None:
@@ -117,6 +126,7 @@ def _average_row(task_rows: list[dict[str, Any]], nominal: float | None) -> dict
         "length": scored[0]["length"],
         "kept_fraction": nominal if nominal is not None else kv,
         "kv_fraction": kv,
+        "managed_kv_fraction": _managed_kv(scored),
         "tau": scored[0]["tau"],
         "samples": sum(r["samples"] for r in scored),
         "score": _mean([r["score"] for r in scored]),

@@ -413,17 +413,23 @@ class TCACache(Cache):
         return sum(_device_bytes(layer) for layer in self.layers)
 
     @property
+    def managed_kv_bytes(self) -> int:
+        """Bytes the device cache holds over the layers TCA manages (the others left out)."""
+        return sum(layer.nbytes for layer in self.layers if isinstance(layer, TCACacheLayer))
+
+    @property
     def host_kv_bytes(self) -> int:
         """Bytes of host history kept for multi-turn re-selection."""
         return sum(layer.host_nbytes for layer in self.layers if isinstance(layer, TCACacheLayer))
 
-    def dense_kv_bytes(self) -> int:
+    def dense_kv_bytes(self, managed_only: bool = False) -> int:
         """Bytes transformers' own cache would hold for the same tokens: every token of every head of a
-        managed layer (the batch's padding included), and a sliding layer's window as it is."""
+        managed layer (the batch's padding included), and a sliding layer's window as it is (left
+        out with ``managed_only``)."""
         total = 0
         for layer in self.layers:
             if not isinstance(layer, TCACacheLayer):
-                total += _device_bytes(layer)
+                total += 0 if managed_only else _device_bytes(layer)
             elif layer.store is not None:
                 batch, _, dim = layer.store.keys.shape
                 total += 2 * batch * layer.store.n_kv * layer.seen * dim * layer.store.keys.element_size()
