@@ -113,10 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def model_config(shape: str, longest: int):
-    """The configuration, its position limit raised to ``longest`` where needed."""
-    if shape in SHAPES:
-        fields = dict(SHAPES[shape])
+def model_config(shape: str, longest: int, shapes: dict[str, dict] = SHAPES):
+    """The configuration of ``shape`` (a name in ``shapes`` or a config.json path), its position
+    limit raised to ``longest`` where needed."""
+    if shape in shapes:
+        fields = dict(shapes[shape])
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     else:
         config = AutoConfig.from_pretrained(shape)
@@ -124,7 +125,20 @@ def model_config(shape: str, longest: int):
     return config
 
 
+def random_model(config, device: str) -> torch.nn.Module:
+    """The model of ``config`` on ``device`` with random bf16 weights and SDPA attention, in eval mode."""
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    return model.eval()
+
+
+def default_out(prefix: str, device: str) -> Path:
+    """``results/<prefix>-<device>.json``, the device's name in lower case with dashes for spaces."""
+    return RESULTS / f"{prefix}-{device.lower().replace(' ', '-')}.json"
+
+
 def sync() -> None:
+    """Wait for the current CUDA device (nothing on the CPU)."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -362,12 +376,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch4_length:
         cases.append((args.batch4_length, 4))
     config = model_config(args.shape, max(8192, *(length for length, _ in cases)) + args.new_tokens + 256)
-    with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-    model.eval()
+    model = random_model(config, args.device)
     name = Path(args.shape).stem if args.shape not in SHAPES else args.shape
     device = device_name(args.device)
-    out = Path(args.out) if args.out else RESULTS / f"e2e-{device.lower().replace(' ', '-')}.json"
+    out = Path(args.out) if args.out else default_out("e2e", device)
     resolved = vars(args) | {"tca": TCAConfig.for_model(model).to_dict(), "profile": "uniform, sigma 1"}
     record = provenance(args.device, resolved) | dict(shape=name, model_config=config.to_dict(), rows=[])
     record["note"] = (
