@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 from tca.bundled import texts
 from tca.bundled.models import BUNDLED, load_model
 from tca.bundled.profiles import bundled_profiles, profile_for
-from tca.core.calibration import calibration_ids, leads_with_bos, profile_from_retention
+from tca.core.calibration import calibration_ids, profile_from_retention
 from tca.core.config import TCAConfig
-from tca.eval.fidelity import evaluate_profile, prose_windows, score_window
+from tca.eval.fidelity import document_windows, evaluate_profile, score_window
 from tca.eval.provenance import provenance
 from tca.integrations.transformers import measure_retention, measure_retrieval
 
@@ -92,15 +92,6 @@ MODELS = {
     "smollm2": "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised)",
     "gemma3-270m": "Gemma 3 270M base (Q4_K_M GGUF, de-quantised)",
 }
-
-
-def document_windows(tokenizer, length: int, count: int, seed: int) -> list[torch.Tensor]:
-    """Prose windows of ``length`` tokens, the first one BOS when the tokenizer starts texts with it."""
-    if not leads_with_bos(tokenizer):
-        return prose_windows(tokenizer, texts.evaluation_texts(), length, count, seed)
-    bos = torch.tensor([[tokenizer.bos_token_id]])
-    windows = prose_windows(tokenizer, texts.evaluation_texts(), length - 1, count, seed)
-    return [torch.cat([bos, window], -1) for window in windows]
 
 
 def retrieval_thresholds(args: argparse.Namespace, default: TCAConfig) -> list[float | None]:

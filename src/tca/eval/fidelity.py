@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..bundled import texts
+from ..core.calibration import leads_with_bos
 from ..core.profile import Profile
 from ..integrations.transformers import apply
 
@@ -68,6 +70,16 @@ def prose_windows(tokenizer, texts: dict[str, str], length: int, count: int, see
         start = rng.randrange(0, len(ids) - length + 1)
         windows.append(torch.tensor([ids[start : start + length]]))
     return windows
+
+
+def document_windows(tokenizer, length: int, count: int, seed: int) -> list[torch.Tensor]:
+    """``prose_windows`` of the bundled evaluation texts, each read as a document is: led by the BOS
+    token when the tokenizer starts texts with it (Gemma's ``<bos>``; SmolLM2 has none)."""
+    if not leads_with_bos(tokenizer):
+        return prose_windows(tokenizer, texts.evaluation_texts(), length, count, seed)
+    bos = torch.tensor([[tokenizer.bos_token_id]])
+    windows = prose_windows(tokenizer, texts.evaluation_texts(), length - 1, count, seed)
+    return [torch.cat([bos, window], -1) for window in windows]
 
 
 def compare(dense: WindowScores, sparse: WindowScores) -> dict[str, float]:

@@ -29,7 +29,7 @@ from ..bundled import texts
 from ..core.config import TCAConfig
 from ..integrations.transformers import apply, measure_calibration
 from ..methods import MethodSelector
-from .fidelity import prose_windows, token_nll
+from .fidelity import document_windows, token_nll
 from .rows import append_rows as append_rows  # re-exported with read_done and row_key
 from .rows import exclusive
 from .rows import read_done as read_done
@@ -234,7 +234,7 @@ class Evaluator:
         """NLL of the second half of a real-prose window per seed (prefill only, one batch)."""
         if length not in self._windows:  # seeded windows, seed i is the i-th (tokenizing once)
             count = self.spec.seed + self.spec.samples
-            self._windows[length] = prose_windows(self.tokenizer, texts.evaluation_texts(), length, count, 0)
+            self._windows[length] = document_windows(self.tokenizer, length, count, 0)
         ids = torch.cat([self._windows[length][seed] for seed in seeds])  # (n, length)
         selector = self.selector(setting)
         if selector is None:
