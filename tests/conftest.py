@@ -72,3 +72,21 @@ def _hypothesis_core(function):
     from hypothesis import core, is_hypothesis_test
 
     return core if is_hypothesis_test(function) else None
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """A model cache shared by every test: (cache dir, the model and tokenizer loaded from the GGUF)."""
+    from tca.bundled.models import load_model
+
+    folder = tmp_path_factory.mktemp("tca-cache")
+    previous = os.environ.get("TCA_CACHE_DIR")
+    os.environ["TCA_CACHE_DIR"] = str(folder)
+    try:
+        model, tokenizer = load_model("smollm2")  # de-quantises the GGUF and fills the cache
+    finally:
+        if previous is None:
+            del os.environ["TCA_CACHE_DIR"]
+        else:
+            os.environ["TCA_CACHE_DIR"] = previous
+    return folder, model, tokenizer

@@ -31,24 +31,6 @@ QUESTION = "What is the secret number of the silver key?"
 BUNDLED_PROFILE = Path(__file__).parents[1] / "src" / "tca" / "data" / "profiles" / "smollm2.json"
 
 
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory):
-    """A model cache shared by every test: (cache dir, the model and tokenizer loaded from the GGUF)."""
-    from tca.bundled.models import load_model
-
-    folder = tmp_path_factory.mktemp("tca-cache")
-    previous = os.environ.get("TCA_CACHE_DIR")
-    os.environ["TCA_CACHE_DIR"] = str(folder)
-    try:
-        model, tokenizer = load_model("smollm2")  # de-quantises the GGUF and fills the cache
-    finally:
-        if previous is None:
-            del os.environ["TCA_CACHE_DIR"]
-        else:
-            os.environ["TCA_CACHE_DIR"] = previous
-    return folder, model, tokenizer
-
-
 def tca(*args: str, cache: Path | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     if cache is not None:
