@@ -393,11 +393,14 @@ def test_generate_within_window_equals_dense(family, dtype):
                 torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
                 continue
             # after a managed layer, upstream rounding differs (TCA's attention against dense's):
-            # TCA's keys may stray from the float32 keys at most twice as far as dense's own do
+            # TCA's keys stray from the float32 keys by rounding, as dense's own do. The largest
+            # deviation of either is one draw of that noise (their ratio reached 2.2 in 3,000 runs);
+            # hiding one token from the first layer moves them 17-30x as far (these tiny models)
             exact = exact_keys[l][0, g, :same]
-            dense_error = float((expected - exact).abs().max())
+            ulp = torch.finfo(dtype).eps * float(exact.abs().max())
+            dense_error = max(float((expected - exact).abs().max()), ulp)
             tca_error = float((got - exact).abs().max())
-            assert tca_error <= 2 * dense_error, (l, g, tca_error, dense_error)
+            assert tca_error <= 4 * dense_error, (l, g, tca_error, dense_error)
     assert run.stats.kept_fraction == pytest.approx(1.0)
 
 
