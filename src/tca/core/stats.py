@@ -135,11 +135,8 @@ class RunStats:
 
     def record_cache(self, cache) -> None:
         """Store the compressed cache's sizes: device bytes, dense-equivalent bytes, host history bytes."""
-        self.kv_bytes = cache.kv_bytes
-        self.dense_kv_bytes = cache.dense_kv_bytes()
-        self.host_kv_bytes = cache.host_kv_bytes
-        self.managed_kv_bytes = cache.managed_kv_bytes
-        self.managed_dense_kv_bytes = cache.dense_kv_bytes(managed_only=True)
+        for name, value in cache.byte_counts().items():
+            setattr(self, name, value)
 
     @property
     def kept_fraction(self) -> float:

@@ -16,7 +16,7 @@ import torch
 
 from . import reference, triton  # noqa: F401  (registers the backends)
 from .reference import dense_causal  # noqa: F401  (a public reference op)
-from .registry import BACKENDS, Backend
+from .registry import AUTO, BACKENDS, Backend
 from .triton import dense_prefill, pairs_fraction, sparse_pays  # noqa: F401  (the Triton backend's tuning)
 
 _override: str | None = None
@@ -33,8 +33,10 @@ def backend_for(device: torch.device) -> str:
         raise ValueError(f"TCA_BACKEND={choice!r} is not one of {_choices()}.")
     if choice != "auto":
         return choice
-    fast = [name for name, backend in BACKENDS.items() if name != "reference" and backend.available(device)]
-    return fast[0] if fast else "reference"
+    if device not in AUTO:  # asked once per device: every attention call of every layer comes here
+        fast = [name for name, found in BACKENDS.items() if name != "reference" and found.available(device)]
+        AUTO[device] = fast[0] if fast else "reference"
+    return AUTO[device]
 
 
 def backend(device: torch.device) -> Backend:

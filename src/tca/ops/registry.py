@@ -53,9 +53,11 @@ class Backend(Protocol):
 
 
 BACKENDS: dict[str, Backend] = {}
+AUTO: dict[torch.device, str] = {}  # the backend "auto" picked per device (every registration clears it)
 
 
 def register(backend: Backend) -> Backend:
     """Add ``backend`` under its ``name`` (a later registration of the same name replaces it)."""
     BACKENDS[backend.name] = backend
+    AUTO.clear()
     return backend

@@ -39,6 +39,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 from ... import ops
 from ...core.budgets import rank_fractions
 from ...core.profile import model_fingerprint, text_config
+from ...core.stats import BYTE_COUNTS
 
 
 def valid_first(valid: torch.Tensor) -> torch.Tensor:
@@ -77,6 +78,12 @@ class LayerStore:
         self.lengths = lengths.to(device=keys.device, dtype=torch.int32)
         self.offsets_device = torch.tensor(offsets, dtype=torch.int64, device=keys.device)
         self.rows = torch.arange(keys.shape[0], device=keys.device).view(-1, 1, 1)
+        self._measure_room()
+
+    def _measure_room(self) -> None:
+        """``spare``: the entries every (row, head) can still take (host); ``widest``: max capacity."""
+        self.spare = int((np.asarray(self.capacity) - self.bound_host.max(0, initial=0)).min())
+        self.widest = max(self.capacity)
 
     @classmethod
     def gather(cls, key, value, indices, bound_host, reserve: int, lengths=None) -> LayerStore:
@@ -123,18 +130,18 @@ class LayerStore:
 
     def _make_room(self, n: int) -> None:
         """Grow first if some head cannot take ``n`` more entries (known on the host: no sync)."""
-        needed = self.bound_host.max(0) + n  # (G,)
-        if any(int(need) > cap for need, cap in zip(needed, self.capacity, strict=True)):
-            self._grow(needed)
+        if n > self.spare:
+            self._grow(self.bound_host.max(0) + n)
 
     def decode_step(self, query, key, value, position: int, scale: float) -> torch.Tensor:
         """Append one token per (row, head) (key, value (B, G, 1, d)) and attend over every head's
         entries with ``query`` (B, H, 1, d): the two launches of ``ops.decode_ragged_append``."""
         self._make_room(1)
         self.bound_host += 1
+        self.spare -= 1  # every (row, head) took one entry
         return ops.decode_ragged_append(
             query, key, value, self.keys, self.values, self.positions, self.lengths, self.offsets_device,
-            max(self.capacity), position, scale,
+            self.widest, position, scale,
         )  # fmt: skip
 
     def append(self, key: torch.Tensor, value: torch.Tensor, first_position: int) -> None:
@@ -151,6 +158,7 @@ class LayerStore:
         self.positions.index_put_((self.rows, slots), (steps + first_position).expand_as(slots))
         self.lengths += n
         self.bound_host += n
+        self.spare -= n
 
     def _grow(self, needed: np.ndarray) -> None:
         """Reallocate with room for ``needed`` (G,) entries per head and an eighth more (amortised)."""
@@ -167,6 +175,7 @@ class LayerStore:
             new.positions[:, :width] = old.positions
         self.keys, self.values, self.positions = grown.keys, grown.values, grown.positions
         self.offsets, self.capacity, self.offsets_device = grown.offsets, grown.capacity, grown.offsets_device
+        self._measure_room()
 
     @staticmethod
     def empty_like(store: LayerStore, capacity: list[int]) -> LayerStore:
@@ -218,6 +227,7 @@ class LayerStore:
         self.positions.scatter_(1, flat, torch.gather(self.positions, 1, source))
         self.lengths -= block - keep
         self.bound_host -= block - keep_host
+        self._measure_room()
 
 
 class HostHistory:
@@ -406,34 +416,43 @@ class TCACache(Cache):
             )
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
-    @property
-    def kv_bytes(self) -> int:
-        """Bytes the device cache holds over all layers (keys and values, allocated; a sliding
-        layer's window included)."""
-        return sum(_device_bytes(layer) for layer in self.layers)
+    def byte_counts(self) -> dict[str, int]:
+        """One pass over the layers (it runs every decode step), in bytes of keys and values:
+        ``kv_bytes``: what the device cache holds (allocated; a sliding layer's window included);
+        ``dense_kv_bytes``: what transformers' own cache would hold for the same tokens (every token
+        of every head of a managed layer, the batch's padding included, and a sliding layer's window
+        as it is); ``host_kv_bytes``: the host history kept for multi-turn re-selection;
+        ``managed_kv_bytes`` and ``managed_dense_kv_bytes``: the first two over the managed layers."""
+        counts = dict.fromkeys(BYTE_COUNTS, 0)
+        for layer in self.layers:
+            if not isinstance(layer, TCACacheLayer):
+                own = _device_bytes(layer)
+                counts["kv_bytes"] += own
+                counts["dense_kv_bytes"] += own
+                continue
+            counts["host_kv_bytes"] += layer.host_nbytes
+            if layer.store is None:
+                continue
+            batch, _, dim = layer.store.keys.shape
+            dense = 2 * batch * layer.store.n_kv * layer.seen * dim * layer.store.keys.element_size()
+            for kind in ("", "managed_"):
+                counts[f"{kind}kv_bytes"] += layer.nbytes
+                counts[f"{kind}dense_kv_bytes"] += dense
+        return counts
 
     @property
-    def managed_kv_bytes(self) -> int:
-        """Bytes the device cache holds over the layers TCA manages (the others left out)."""
-        return sum(layer.nbytes for layer in self.layers if isinstance(layer, TCACacheLayer))
+    def kv_bytes(self) -> int:
+        """Bytes the device cache holds over all layers (``byte_counts``)."""
+        return self.byte_counts()["kv_bytes"]
 
     @property
     def host_kv_bytes(self) -> int:
-        """Bytes of host history kept for multi-turn re-selection."""
-        return sum(layer.host_nbytes for layer in self.layers if isinstance(layer, TCACacheLayer))
+        """Bytes of host history kept for multi-turn re-selection (``byte_counts``)."""
+        return self.byte_counts()["host_kv_bytes"]
 
-    def dense_kv_bytes(self, managed_only: bool = False) -> int:
-        """Bytes transformers' own cache would hold for the same tokens: every token of every head of a
-        managed layer (the batch's padding included), and a sliding layer's window as it is (left
-        out with ``managed_only``)."""
-        total = 0
-        for layer in self.layers:
-            if not isinstance(layer, TCACacheLayer):
-                total += 0 if managed_only else _device_bytes(layer)
-            elif layer.store is not None:
-                batch, _, dim = layer.store.keys.shape
-                total += 2 * batch * layer.store.n_kv * layer.seen * dim * layer.store.keys.element_size()
-        return total
+    def dense_kv_bytes(self) -> int:
+        """Bytes transformers' own cache would hold for the same tokens (``byte_counts``)."""
+        return self.byte_counts()["dense_kv_bytes"]
 
 
 def dense_cache_bytes(model: torch.nn.Module, tokens: int, batch: int = 1) -> int:

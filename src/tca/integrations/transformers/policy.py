@@ -27,6 +27,7 @@ class CachePolicy:
             np.asarray(decode_keep, dtype=np.int64), config.block_size
         )  # (layers, G)
         self._keep_device: dict[tuple, torch.Tensor] = {}
+        self._never_cut = (self.decode_keep >= config.block_size).all(1)  # (layers,): every head keeps all
 
     def store(self, layer: TCACacheLayer, key, value, selection, key_start) -> None:
         """Fill the layer's cache with each head's kept tokens plus the window (true positions).
@@ -83,9 +84,11 @@ class CachePolicy:
         """Cut every block that has left the window to its head's budget (DESIGN 2.4); rows whose
         next block starts at the same position are cut together. No synchronisation."""
         block, window = self.config.block_size, self.config.effective_window
-        keep = self.decode_keep[layer_idx]  # (G,)
-        if layer.store is None or (keep >= block).all():  # nothing to cut in this layer
+        if layer.store is None or self._never_cut[layer_idx]:  # nothing to cut in this layer
             return
+        if layer.seen - window - min(layer.boundary) < block:  # no row has a block due (most steps)
+            return
+        keep = self.decode_keep[layer_idx]  # (G,)
         batch = len(layer.boundary)
         observed = query[:, :, -1].reshape(batch, len(keep), self.group, -1)  # (B, G, group, d)
         while True:
