@@ -29,13 +29,14 @@ def _choices() -> tuple[str, ...]:
 def backend_for(device: torch.device) -> str:
     """The name of the backend used for tensors on ``device``."""
     choice = _override or os.environ.get("TCA_BACKEND", "auto")
+    if choice == "auto" and device in AUTO:  # every attention call of every layer comes here
+        return AUTO[device]
     if choice not in _choices():
         raise ValueError(f"TCA_BACKEND={choice!r} is not one of {_choices()}.")
     if choice != "auto":
         return choice
-    if device not in AUTO:  # asked once per device: every attention call of every layer comes here
-        fast = [name for name, found in BACKENDS.items() if name != "reference" and found.available(device)]
-        AUTO[device] = fast[0] if fast else "reference"
+    fast = [name for name, found in BACKENDS.items() if name != "reference" and found.available(device)]
+    AUTO[device] = fast[0] if fast else "reference"
     return AUTO[device]
 
 
