@@ -1,6 +1,6 @@
 """The cache policy (DESIGN 2.3-2.4): what a compressed-cache layer stores after a prefill, how a
 decode step appends and attends, how a new turn without history attends, and when a block that has
-left the window is cut to its head's budget. Storage itself is ``cache.LayerStore``.
+left the window is cut to its head's budget. Storage itself is ``store.LayerStore``.
 
 Decode and compression run on the device with no host synchronisation: lengths are mirrored on
 the host exactly (``LayerStore``), so every shape is known without asking the GPU.
@@ -13,8 +13,9 @@ import torch
 
 from ... import ops
 from ...core.config import TCAConfig
-from .cache import LayerStore, TCACacheLayer, valid_first
+from .cache import TCACacheLayer
 from .registration import row_starts
+from .store import LayerStore, valid_first
 
 
 class CachePolicy:

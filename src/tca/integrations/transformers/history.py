@@ -1,0 +1,84 @@
+"""The host history of one compressed-cache layer, for multi-turn re-selection (DESIGN 2.4).
+
+With ``keep_history=True`` (default) every token's K/V is also copied to the host, off the
+critical path: into pinned memory on a side stream, a layer's prompt once, decode tokens a block
+at a time, so a new turn can select again from the whole conversation. The cost is host memory
+(dense); ``TCACache.host_kv_bytes`` reports it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class HostHistory:
+    """Every token's K/V of one layer on the host, copied off the critical path.
+
+    On CUDA each copy goes to pinned host memory with ``non_blocking`` on a side stream that waits
+    for the data with an event: the model's stream and the Python thread never wait for it. Decode
+    tokens gather in a device staging block and go over ``block`` at a time. ``tensors()`` waits
+    for the copies (a new turn, or a caller reading the history).
+    """
+
+    def __init__(self, block: int):
+        self.block = block
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.done: torch.cuda.Event | None = None  # the last copy's completion
+        self.staging: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.staged = 0
+        self.nbytes = 0
+
+    def add(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Append (B, G, n, d) states: a prompt goes over at once, single tokens through the staging block."""
+        self.nbytes += 2 * key.numel() * key.element_size()
+        if key.shape[2] > 1 or key.device.type != "cuda":
+            self._flush()
+            self._copy(key, value)
+            return
+        if self.staging is None:
+            shape = (*key.shape[:2], self.block, key.shape[-1])
+            self.staging = (key.new_empty(shape), value.new_empty(shape))
+        self.staging[0][:, :, self.staged : self.staged + 1] = key
+        self.staging[1][:, :, self.staged : self.staged + 1] = value
+        self.staged += 1
+        if self.staged == self.block:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.staged:
+            key, value = self.staging
+            self._copy(key[:, :, : self.staged], value[:, :, : self.staged])
+            self.staging, self.staged = None, 0  # the copy reads the block; the next one is new
+
+    def _copy(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        if key.device.type != "cuda":
+            self.chunks.append((key.to("cpu", copy=True), value.to("cpu", copy=True)))
+            return
+        stream = _side_stream(key.device)
+        stream.wait_stream(torch.cuda.current_stream(key.device))
+        with torch.cuda.stream(stream):
+            host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (key, value))
+            for target, source in zip(host, (key, value), strict=True):
+                target.copy_(source, non_blocking=True)
+                source.record_stream(stream)  # its memory is not reused before the copy is done
+            self.done = torch.cuda.Event()
+            self.done.record(stream)
+        self.chunks.append(host)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The history as host (B, G, length, d) keys and values (waits for the copies)."""
+        self._flush()
+        if self.done is not None:
+            self.done.synchronize()
+        if len(self.chunks) > 1:
+            self.chunks = [tuple(torch.cat(parts, 2) for parts in zip(*self.chunks, strict=True))]
+        return self.chunks[0]
+
+
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device)
+    return _STREAMS[device]
