@@ -134,7 +134,7 @@ class RunStats:
             )
 
     def record_cache(self, cache) -> None:
-        """Store the compressed cache's sizes: device bytes, dense-equivalent bytes, host history bytes."""
+        """Store the compressed cache's sizes (``BYTE_COUNTS``, from ``cache.byte_counts()``)."""
         for name, value in cache.byte_counts().items():
             setattr(self, name, value)
 
