@@ -74,6 +74,18 @@ def _hypothesis_core(function):
     return core if is_hypothesis_test(function) else None
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine threads spin (10x slower): one
+    thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory):
     """A model cache shared by every test: (cache dir, the model and tokenizer loaded from the GGUF)."""

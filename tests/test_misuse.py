@@ -30,12 +30,7 @@ NESTED = "already runs under tca.apply or tca.patch"
 LIMIT_WARNING = r"stopped at the model's context limit \(max_position_embeddings = 64\)"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 def tca_greedy(model, profile, ids, new_tokens: int, **kwargs):

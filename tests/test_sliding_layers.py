@@ -33,15 +33,10 @@ CACHE_KWARG = (
     "cache" if "cache" in inspect.signature(Gemma3ForCausalLM.forward).parameters else "past_key_values"
 )
 
-pytestmark = pytest.mark.randomised  # the tests here draw random inputs (seed printed, replayable)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [
+    pytest.mark.randomised,  # the tests here draw random inputs (seed printed, replayable)
+    pytest.mark.usefixtures("one_thread"),  # tiny models: one thread (conftest)
+]
 
 
 def sparse_profile(model, seed: int, config: TCAConfig = CONFIG) -> Profile:

@@ -180,7 +180,6 @@ class Evaluator:
     def _answers(self, setting: Setting, samples: list[TaskSample]) -> list[dict[str, Any]]:
         """Answer a batch turn by turn; the last turn's answer is scored."""
         conversations: list[list[dict[str, str]]] = [[] for _ in samples]
-        kv = {"kv_fraction": 1.0, "managed_kv_fraction": 1.0}
         for turn in range(len(samples[0].turns)):
             for conversation, sample in zip(conversations, samples, strict=True):
                 conversation.append({"role": "user", "content": sample.turns[turn]})
