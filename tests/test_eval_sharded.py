@@ -120,7 +120,8 @@ def test_scheduler_keeps_to_per_gpu_and_uses_every_gpu(tmp_path, monkeypatch):
     jobs = [(driver.Job("full", 2048, seed, 1), []) for seed in range(6)]
     assert driver.run(jobs, ["3", "5"], 2, "reference", None) == 0
     ran = [json.loads(line) for line in log.read_text().splitlines()]
-    assert sorted(gpu for gpu, _, _ in ran) == ["3", "3", "3", "5", "5", "5"]
+    # The first four start two per GPU; the last two go to whichever slots free first (timing decides).
+    assert len(ran) == 6 and all(sum(g == gpu for g, _, _ in ran) >= 2 for gpu in ("3", "5")), ran
     for gpu, began, _ in ran:  # when each started, how many ran on its GPU
         at_once = sum(g == gpu and start <= began < end for g, start, end in ran)
         assert at_once <= 2, f"{at_once} processes at once on GPU {gpu}"
