@@ -19,7 +19,13 @@ alone, summed over layers, timed with CUDA events in a separate pass: SDPA for d
 sparse attention for TCA), ``amdahl_ttft_ms`` = dense ttft - dense attention + TCA attention (what
 TCA's first token would cost if the integration cost nothing), and ``host_syncs_per_token``
 (synchronisations made by tca code per decode step, counted with ``torch.cuda.set_sync_debug_mode``;
-for dense: by the whole generate loop). Timings are wall-clock with the device synchronised.
+for dense: by the whole generate loop). Timings are wall-clock with the device synchronised;
+``decode_ms_median`` is the median step (a one-off compilation or graph capture does not move it).
+
+With ``--graphs`` two more modes per case: ``dense-graph``, dense with transformers' static cache,
+whose decode step ``generate`` compiles (torch.compile with CUDA graphs; one untimed warm-up
+generate compiles it), and ``tca-graph``, TCA with ``tca.apply(..., cuda_graphs=True)`` (its
+decode replayed from a CUDA graph captured at the second decode step, inside the timed run).
 """
 
 from __future__ import annotations
@@ -105,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch4-length", type=int, default=32768, help="also batch 4 at this length (0: no)"
     )
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed after the first token")
+    parser.add_argument("--graphs", action="store_true", help="also modes dense-graph and tca-graph")
     parser.add_argument("--out", default=None, help="JSON path (default results/e2e-<device>.json)")
     parser.add_argument("--device", default="cuda", help="cuda (cpu only to try the script on a tiny config)")
     parser.add_argument(
@@ -155,8 +162,9 @@ class Clock(LogitsProcessor):
         return scores
 
 
-def timed_generate(model, ids, new_tokens: int) -> tuple[float, float, float]:
-    """(ttft ms, decode ms per token, peak GiB) of one greedy generate of ``new_tokens + 1`` tokens."""
+def timed_generate(model, ids, new_tokens: int, **options) -> tuple[float, float, float, float]:
+    """(ttft ms, decode ms per token (mean), its median, peak GiB) of one greedy generate of
+    ``new_tokens + 1`` tokens; ``options`` go to ``generate`` (``cache_implementation="static"``)."""
     clock = Clock()
     sync()
     cuda = ids.device.type == "cuda"
@@ -171,10 +179,13 @@ def timed_generate(model, ids, new_tokens: int) -> tuple[float, float, float]:
         do_sample=False,
         logits_processor=[clock],
         pad_token_id=0,
+        **options,
     )
     ttft = (clock.times[0] - start) * 1e3
     decode = (clock.times[-1] - clock.times[0]) * 1e3 / max(len(clock.times) - 1, 1)
-    return ttft, decode, torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    steps = sorted(b - a for a, b in zip(clock.times[:-1], clock.times[1:], strict=True)) or [0.0]
+    median = steps[len(steps) // 2] * 1e3
+    return ttft, decode, median, torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
 
 
 class AttentionTimer:
@@ -233,9 +244,10 @@ def tca_attention_ms(model, profile, ids) -> float:
     return timer.total_ms()
 
 
-def syncs_per_token(model, ids, profile, steps: int) -> float:
+def syncs_per_token(model, ids, profile, steps: int, cuda_graphs: bool = False) -> float:
     """Synchronisations per decode step (steady state: the steps after the first token): by tca
-    code under TCA, by anything in the generate loop for dense (``profile`` None)."""
+    code under TCA (``cuda_graphs``: its graph mode), by anything in the generate loop for dense
+    (``profile`` None)."""
     if ids.device.type != "cuda":
         return float("nan")
 
@@ -255,7 +267,7 @@ def syncs_per_token(model, ids, profile, steps: int) -> float:
 
     if profile is None:
         return (count(1 + steps) - count(1)) / steps
-    with tca.apply(model, profile):
+    with tca.apply(model, profile, cuda_graphs=cuda_graphs):
         return (count(1 + steps) - count(1)) / steps
 
 
@@ -266,12 +278,16 @@ def uniform_profile(model, kept: float, context_len: int) -> Profile:
     return Profile.uniform(model, config, mu_for_share(kept, n_cand, config.block_size), 1.0)
 
 
-def measure(model, shape: str, length: int, batch: int, kept_targets, new_tokens: int) -> list[dict]:
-    """Dense, then TCA at each kept target, on one random prompt batch."""
+def measure(
+    model, shape: str, length: int, batch: int, kept_targets, new_tokens: int, graphs: bool = False
+) -> list[dict]:
+    """Dense, then TCA at each kept target, on one random prompt batch; with ``graphs`` also
+    dense with transformers' static cache (whose decode ``generate`` compiles: torch.compile, CUDA
+    graphs) and TCA with ``cuda_graphs=True``."""
     generator = torch.Generator().manual_seed(length + batch)
     ids = torch.randint(3, model.config.vocab_size, (batch, length), generator=generator).to(model.device)
     dense_kv = dense_cache_bytes(model, length + new_tokens, batch)  # sliding layers: their window
-    ttft, decode, peak = timed_generate(model, ids, new_tokens)
+    ttft, decode, median, peak = timed_generate(model, ids, new_tokens)
     dense_attention = dense_attention_ms(model, ids)
     base = dict(shape=shape, L=length, batch=batch, weights="random bf16")
     rows = [
@@ -283,19 +299,22 @@ def measure(model, shape: str, length: int, batch: int, kept_targets, new_tokens
             pairs_fraction=1.0,
             ttft_ms=ttft,
             decode_ms_per_token=decode,
+            decode_ms_median=median,
             peak_gib=peak,
             kv_bytes=dense_kv,
             attention_ms=dense_attention,
             amdahl_ttft_ms=ttft,
         )
     ]
+    if graphs:
+        rows += dense_graph_row(model, ids, new_tokens, rows[0])
     for i, kept in enumerate(kept_targets):
         profile = uniform_profile(model, kept, length)
         if i == 0:  # Triton specialises on shapes: compile outside the timed runs
             with tca.apply(model, profile):
                 timed_generate(model, ids, 1)
         with tca.apply(model, profile) as run:
-            ttft_tca, decode_tca, peak_tca = timed_generate(model, ids, new_tokens)
+            ttft_tca, decode_tca, median_tca, peak_tca = timed_generate(model, ids, new_tokens)
             stats = dict(
                 kept_fraction=run.stats.kept_fraction,
                 pairs_fraction=run.stats.pairs_fraction,
@@ -311,6 +330,7 @@ def measure(model, shape: str, length: int, batch: int, kept_targets, new_tokens
                 kept_target=kept,
                 ttft_ms=ttft_tca,
                 decode_ms_per_token=decode_tca,
+                decode_ms_median=median_tca,
                 peak_gib=peak_tca,
                 attention_ms=attention,
                 amdahl_ttft_ms=ttft - dense_attention + attention,
@@ -319,7 +339,26 @@ def measure(model, shape: str, length: int, batch: int, kept_targets, new_tokens
                 decode_speedup=decode / decode_tca,
             )
         )
+        if graphs:  # the same, decode replayed from a CUDA graph (captured at the second decode step)
+            with tca.apply(model, profile, cuda_graphs=True):
+                ttft_g, decode_g, median_g, peak_g = timed_generate(model, ids, new_tokens)
+            rows.append(rows[-1] | dict(mode="tca-graph", ttft_ms=ttft_g, decode_ms_per_token=decode_g,
+                                        decode_ms_median=median_g, peak_gib=peak_g))  # fmt: skip
     return rows
+
+
+def dense_graph_row(model, ids, new_tokens: int, dense: dict) -> list[dict]:
+    """Dense with transformers' static cache, whose decode step ``generate`` compiles (torch.compile
+    with CUDA graphs on a GPU): one warm-up generate (the compilation), then the timed one. No row,
+    with the error printed, when this transformers cannot compile it."""
+    try:
+        timed_generate(model, ids, new_tokens, cache_implementation="static")
+        ttft, decode, median, peak = timed_generate(model, ids, new_tokens, cache_implementation="static")
+    except Exception as error:  # noqa: BLE001 (a benchmark row, not a library path)
+        print(f"dense-graph at L={ids.shape[1]}: {type(error).__name__}: {str(error)[:200]}", flush=True)
+        return []
+    timings = dict(ttft_ms=ttft, decode_ms_per_token=decode, decode_ms_median=median, amdahl_ttft_ms=ttft)
+    return [dense | timings | dict(mode="dense-graph", peak_gib=peak)]
 
 
 def print_table(rows: list[dict]) -> None:
@@ -386,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
         "random bf16 weights: speed does not depend on the weight values once the kept sets are fixed"
     )
     # warm-up: Triton compilation and cuBLAS/cuDNN handles stay out of the timed runs
-    measure(model, name, 8192, 1, kept[:1], 2)
+    measure(model, name, 8192, 1, kept[:1], 2, args.graphs)
     # synchronisations per decode step, over more than one block-compression event (block + 8 steps)
     warm = torch.randint(3, config.vocab_size, (1, 8192), generator=torch.Generator().manual_seed(0)).to(
         model.device
@@ -396,10 +435,15 @@ def main(argv: list[str] | None = None) -> None:
         "dense": syncs_per_token(model, warm, None, block + 8),
         "tca": syncs_per_token(model, warm, uniform_profile(model, 0.1, 8192), block + 8),
     }
+    if args.graphs:
+        syncs["tca-graph"] = syncs_per_token(model, warm, uniform_profile(model, 0.1, 8192), block + 8, True)
+        syncs["dense-graph"] = float("nan")  # not counted (its compiled step)
     record["host_syncs_per_token"] = syncs | {"prompt": 8192, "steps": block + 8}
     for length, batch in tqdm(cases, desc="e2e", unit="case"):
         try:
-            rows = measure(model, name, length, batch, kept if batch == 1 else [0.1], args.new_tokens)
+            rows = measure(
+                model, name, length, batch, kept if batch == 1 else [0.1], args.new_tokens, args.graphs
+            )
         except torch.OutOfMemoryError as error:
             print(f"L={length} batch={batch}: out of memory ({str(error)[:120]})", flush=True)
             torch.cuda.empty_cache()

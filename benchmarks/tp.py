@@ -191,10 +191,10 @@ def timed(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict:
     ttft, decode, peaks = [], [], []
     for _ in range(repeats):
         barrier()
-        ranks = gathered(e2e.timed_generate(model, ids, new_tokens))  # [(ttft, decode, peak)] per rank
+        ranks = gathered(e2e.timed_generate(model, ids, new_tokens))  # per rank: (ttft, decode, median, peak)
         ttft.append(max(r[0] for r in ranks))
         decode.append(max(r[1] for r in ranks))
-        peaks.append([r[2] for r in ranks])
+        peaks.append([r[3] for r in ranks])
     per_rank = [max(p[i] for p in peaks) for i in range(len(peaks[0]))]
     return dict(
         ttft_ms=statistics.median(ttft),

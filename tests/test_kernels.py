@@ -232,7 +232,8 @@ def test_ragged_decode_matches_padded(max_len, group, dtype, batch):
 @pytest.mark.parametrize("max_len,group,dtype,batch", RAGGED_CASES)
 def test_ragged_append_then_decode_matches_reference(max_len, group, dtype, batch):
     """Two decode steps that append a token per (row, head) inside the kernels: the same stored
-    entries, positions and lengths as the reference's writes, and the same output."""
+    entries, positions and lengths as the reference's writes, and the same output. The second step
+    gives the kernel its position as a device tensor (as a CUDA graph replays it), the reference an int."""
     gen, seed = fresh_generator()
     n_kv, dim = (8, 128) if FULL else (3, 32)
     dt = DTYPES[dtype]
@@ -246,9 +247,10 @@ def test_ragged_append_then_decode_matches_reference(max_len, group, dtype, batc
     for step in range(2):
         q = randn(gen, batch, n_kv * group, 1, dim, dtype=dt)
         new_k, new_v = (randn(gen, batch, n_kv, 1, dim, dtype=dt) for _ in range(2))
-        args = (offsets, max(capacity), 1000 + step)
-        out = launchers.decode_ragged_append(q, new_k, new_v, *kernel, *args)
-        ref = reference.decode_ragged_append(q, new_k, new_v, *refs, *args)
+        position = 1000 + step
+        on_device = torch.tensor([position], device=DEVICE) if step == 1 else position
+        out = launchers.decode_ragged_append(q, new_k, new_v, *kernel, offsets, max(capacity), on_device)
+        ref = reference.decode_ragged_append(q, new_k, new_v, *refs, offsets, max(capacity), position)
         where = f"seed {seed}, step {step}"
         assert torch.equal(kernel[3].long(), refs[3]), where
         for g in range(n_kv):

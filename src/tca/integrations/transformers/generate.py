@@ -3,10 +3,11 @@ serves (a clear error for the others), and where it stops (the model's context l
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -112,8 +113,28 @@ def generate_with_cache(run: Any, generate: Callable) -> Callable:
         if limit is not None and (requested is None or requested > limit + 1):
             criteria = StoppingCriteriaList(kwargs.get("stopping_criteria") or [])
             kwargs["stopping_criteria"] = StoppingCriteriaList([*criteria, StopAtContextLimit(limit)])
-        output = generate(*args, **kwargs)
+        with _decode_graph(run):
+            output = generate(*args, **kwargs)
         run.gather_stats()  # the cache sizes after decoding, from every rank (tensor parallel)
         return output
 
     return tca_generate
+
+
+@contextlib.contextmanager
+def _decode_graph(run: Any) -> Iterator[None]:
+    """Inside the block the model's forward serves the run's decode steps from its ``DecodeGraph``
+    (``cuda_graphs=True``; nothing otherwise); the forward in place before is restored after."""
+    if run.decode_graph is None:
+        yield
+        return
+    model = run.model
+    previous = model.__dict__.get("forward")  # an instance forward (accelerate's hooks) stays
+    model.forward = run.decode_graph.wrap(model.forward)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del model.forward
+        else:
+            model.forward = previous

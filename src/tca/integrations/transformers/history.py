@@ -15,31 +15,48 @@ class HostHistory:
     """Every token's K/V of one layer on the host, copied off the critical path.
 
     On CUDA each copy goes to pinned host memory with ``non_blocking`` on a side stream that waits
-    for the data with an event: the model's stream and the Python thread never wait for it. Decode
-    tokens gather in a device staging block and go over ``block`` at a time. ``tensors()`` waits
-    for the copies (a new turn, or a caller reading the history).
+    for the data with an event: the Python thread never waits for it. Decode tokens gather in a
+    device staging block, one buffer for the whole history, and go over ``block`` at a time; the
+    model's stream waits for that copy before it writes the block again (a block's copy, every
+    ``block`` tokens). A CUDA graph's decode step writes the block at a device index (``stage``)
+    and counts the token on the host after replaying (``advance``). ``tensors()`` waits for the
+    copies (a new turn, or a caller reading the history).
     """
 
     def __init__(self, block: int):
         self.block = block
         self.chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.done: torch.cuda.Event | None = None  # the last copy's completion
-        self.staging: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.staging: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, G, block, d) each
         self.staged = 0
         self.nbytes = 0
 
     def add(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Append (B, G, n, d) states: a prompt goes over at once, single tokens through the staging block."""
-        self.nbytes += 2 * key.numel() * key.element_size()
         if key.shape[2] > 1 or key.device.type != "cuda":
             self._flush()
+            self.nbytes += 2 * key.numel() * key.element_size()
             self._copy(key, value)
             return
+        self.stage(key, value, self.staged)
+        self.advance(key)
+
+    def stage(self, key: torch.Tensor, value: torch.Tensor, index: int | torch.Tensor) -> None:
+        """Write one token's (B, G, 1, d) states at slot ``index`` of the staging block (a host int,
+        or a one-element int64 device tensor: a CUDA graph replays it); ``advance`` counts it."""
         if self.staging is None:
             shape = (*key.shape[:2], self.block, key.shape[-1])
             self.staging = (key.new_empty(shape), value.new_empty(shape))
-        self.staging[0][:, :, self.staged : self.staged + 1] = key
-        self.staging[1][:, :, self.staged : self.staged + 1] = value
+        if isinstance(index, int):
+            self.staging[0][:, :, index : index + 1] = key
+            self.staging[1][:, :, index : index + 1] = value
+        else:
+            self.staging[0].index_copy_(2, index, key)
+            self.staging[1].index_copy_(2, index, value)
+
+    def advance(self, key: torch.Tensor) -> None:
+        """Count the token just staged (``key``: its states, for the byte count); a full block goes over."""
+        self.nbytes += 2 * key.numel() * key.element_size()
         self.staged += 1
         if self.staged == self.block:
             self._flush()
@@ -48,7 +65,9 @@ class HostHistory:
         if self.staged:
             key, value = self.staging
             self._copy(key[:, :, : self.staged], value[:, :, : self.staged])
-            self.staging, self.staged = None, 0  # the copy reads the block; the next one is new
+            self.staged = 0
+            if self.done is not None:  # the next write to the block waits for this copy (device only)
+                torch.cuda.current_stream(key.device).wait_event(self.done)
 
     def _copy(self, key: torch.Tensor, value: torch.Tensor) -> None:
         if key.device.type != "cuda":

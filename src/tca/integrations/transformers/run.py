@@ -32,6 +32,7 @@ from ...core.profile import Profile, ProfileError, model_fingerprint
 from ...core.stats import RunStats
 from .cache import TCACache, TCACacheLayer
 from .generate import generate_with_cache
+from .graphs import DecodeGraph, StaticStep
 from .layout import head_layout
 from .policy import CachePolicy
 from .registration import (
@@ -52,7 +53,13 @@ class TCARun:
     as ``past_key_values``; ``new_cache()`` makes one to reuse across turns).
     """
 
-    def __init__(self, model: torch.nn.Module, selector: Profile | Any, keep_history: bool = True):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        selector: Profile | Any,
+        keep_history: bool = True,
+        cuda_graphs: bool = False,
+    ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(
                 f"tca.apply needs a transformers model (tca.load_model returns one), got {_what(model)}."
@@ -84,6 +91,10 @@ class TCARun:
                 "model's layout (tca.integrations.transformers.layout.head_layout(model))."
             )
         self.policy = CachePolicy(self.config, self.group, self.decode_keep)
+        self.static: StaticStep | None = None  # set while a graph's decode step runs (graphs.py)
+        self.decode_graph = DecodeGraph(self) if cuda_graphs else None
+        if cuda_graphs:
+            _check_graphs_serve(model, layout)
 
     def new_cache(self) -> TCACache:
         """A fresh compressed cache, made the run's current one."""
@@ -125,6 +136,9 @@ class TCARun:
                 module, query, key, value, attention_mask, scaling=scaling, **kwargs
             )
         decoding = layer is not None and layer.seen > 0 and query.shape[2] == 1
+        if decoding and self.static is not None:  # a graph's step: its device side only
+            out = self.static.attend(layer, layer_idx, query, key, value, scale)
+            return out.transpose(1, 2).contiguous(), None
         if decoding:
             out = self.policy.decode(layer, query, key, value, scale)  # no mask work per decode step
         else:
@@ -194,6 +208,22 @@ class TCARun:
         return out
 
 
+def _check_graphs_serve(model: torch.nn.Module, layout) -> None:
+    """Raise ValueError when ``cuda_graphs=True`` cannot serve this model (``graphs.py``)."""
+    architecture = type(model).__name__
+    if layout.sharded:
+        raise ValueError(
+            f"cuda_graphs=True does not run under tensor parallelism ({architecture} is sharded over "
+            "ranks): pass cuda_graphs=False."
+        )
+    others = sorted(set(range(layout.n_layers)) - set(layout.layers))
+    if others:
+        raise ValueError(
+            f"cuda_graphs=True needs every attention layer managed by TCA, but {architecture}'s layers "
+            f"{others} attend within a sliding window (transformers' own cache): pass cuda_graphs=False."
+        )
+
+
 def _what(value: Any) -> str:
     """``value`` for an error message: its type, and its repr when short."""
     if value is None:
@@ -224,7 +254,9 @@ def _as_selector(profile: Any) -> Profile | Any:
 
 
 @contextlib.contextmanager
-def apply(model: torch.nn.Module, profile: Profile | Any, keep_history: bool = True) -> Iterator[TCARun]:
+def apply(
+    model: torch.nn.Module, profile: Profile | Any, keep_history: bool = True, cuda_graphs: bool = False
+) -> Iterator[TCARun]:
     """Run ``model`` with TCA attention inside the block.
 
     ``profile``: a calibrated ``Profile`` (TCA) or the path of a saved one, or any selector with
@@ -235,12 +267,14 @@ def apply(model: torch.nn.Module, profile: Profile | Any, keep_history: bool = T
     cache (``run.cache``), for greedy search and sampling (other modes: ``use_cache=False``), and
     stops with a warning when a sequence reaches the model's context limit, keeping what it
     generated. ``keep_history`` keeps every token's K/V on the host so that a new turn re-selects
-    from the whole conversation. Yields the ``TCARun``, whose ``stats`` fill as the model runs.
+    from the whole conversation. ``cuda_graphs`` replays ``generate``'s decode steps from a captured
+    CUDA graph (``graphs.py``: every layer managed, one process; the same tokens, less host time).
+    Yields the ``TCARun``, whose ``stats`` fill as the model runs.
     Everything is restored on exit, also after an exception; the cache then accepts no more
     tokens. Runs do not nest: entering ``apply`` (or ``patch``) on a model already under one
     is a RuntimeError that leaves the outer run as it was.
     """
-    run = TCARun(model, profile, keep_history)
+    run = TCARun(model, profile, keep_history, cuda_graphs)
     with attention_handler(model, ATTENTION_NAME, run, run.layout.layers):
         model.generate = generate_with_cache(run, type(model).generate.__get__(model))
         try:
@@ -253,12 +287,14 @@ def apply(model: torch.nn.Module, profile: Profile | Any, keep_history: bool = T
 _PATCHED: weakref.WeakKeyDictionary[torch.nn.Module, contextlib.ExitStack] = weakref.WeakKeyDictionary()
 
 
-def patch(model: torch.nn.Module, profile: Profile, keep_history: bool = True) -> TCARun:
+def patch(
+    model: torch.nn.Module, profile: Profile, keep_history: bool = True, cuda_graphs: bool = False
+) -> TCARun:
     """``apply`` without a ``with``: TCA stays on until ``unpatch(model)``. Returns the run."""
     if model in _PATCHED:
         raise RuntimeError("this model is already patched with TCA; call tca.unpatch(model) first.")
     stack = contextlib.ExitStack()
-    run = stack.enter_context(apply(model, profile, keep_history))
+    run = stack.enter_context(apply(model, profile, keep_history, cuda_graphs))
     _PATCHED[model] = stack
     return run
 

@@ -117,14 +117,30 @@ class LayerStore:
 
     def decode_step(self, query, key, value, position: int, scale: float) -> torch.Tensor:
         """Append one token per (row, head) (key, value (B, G, 1, d)) and attend over every head's
-        entries with ``query`` (B, H, 1, d): the two launches of ``ops.decode_ragged_append``."""
-        self._make_room(1)
-        self.bound_host += 1
-        self.spare -= 1  # every (row, head) took one entry
+        entries with ``query`` (B, H, 1, d): ``reserve`` then ``attend_appending``."""
+        self.reserve(1)
+        return self.attend_appending(query, key, value, position, scale)
+
+    def reserve(self, n: int) -> None:
+        """The host side of appending ``n`` entries to every (row, head): room (growing first when
+        some head has too little) and the host bound. A CUDA graph's step calls it before replaying."""
+        self._make_room(n)
+        self.bound_host += n
+        self.spare -= n
+
+    def attend_appending(self, query, key, value, position, scale: float) -> torch.Tensor:
+        """The device side of a decode step (``reserve`` done): the two launches of
+        ``ops.decode_ragged_append``. ``position``: a host int, or a one-element int64 device tensor
+        (a CUDA graph replays the step with each position). (B, H, 1, d)."""
         return ops.decode_ragged_append(
             query, key, value, self.keys, self.values, self.positions, self.lengths, self.offsets_device,
             self.widest, position, scale,
         )  # fmt: skip
+
+    def buffers(self) -> tuple[int, ...]:
+        """The addresses of the device tensors a decode step reads and writes (a grown store has new ones)."""
+        tensors = (self.keys, self.values, self.positions, self.lengths, self.offsets_device)
+        return tuple(t.data_ptr() for t in tensors)
 
     def append(self, key: torch.Tensor, value: torch.Tensor, first_position: int) -> None:
         """Write n tokens per (row, head) after each one's last entry: key, value (B, G, n, d).

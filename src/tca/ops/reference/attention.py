@@ -182,7 +182,8 @@ def decode_ragged_append(
 
     Args:
         new_key, new_value: (B, G, 1, d); key, value: (B, S, d); positions: (B, S) int64 (the
-            token's slot gets ``position``); lengths: (B, G); max_len: a bound of the new lengths.
+            token's slot gets ``position``, a host int or a one-element int64 tensor on the device);
+            lengths: (B, G); max_len: a bound of the new lengths.
     Returns:
         (B, H, 1, d) in the query's dtype.
     """

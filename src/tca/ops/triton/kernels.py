@@ -306,6 +306,7 @@ def decode_split_kernel(
     PRECISION: tl.constexpr,
     RAGGED: tl.constexpr,
     APPEND: tl.constexpr,
+    POSITION_ON_DEVICE: tl.constexpr = False,
 ):
     """Grid (splits, B * G): one split of one KV head's cache, all its query heads at once.
 
@@ -314,6 +315,8 @@ def decode_split_kernel(
     APPEND: the step's new token (NewK/NewV (B, G, d) rows with strides stride_nb, stride_ng) is
     attended by split 0 as one more key, which also writes it (and ``position`` into Positions) at
     the slot after the cache's last; ``decode_combine_kernel`` then adds 1 to Lengths.
+    POSITION_ON_DEVICE: ``position`` points to a one-element int64 tensor holding it (a CUDA graph
+    replays the launch with the position of each step).
 
     Writes the split's running max, sum (log2 units) and unnormalised output per query head to
     PartMax/PartSum (B*G, splits, GROUP_PAD) and PartAcc (B*G, splits, GROUP_PAD, d).
@@ -366,7 +369,10 @@ def decode_split_kernel(
             slot = length
             if RAGGED:
                 slot += tl.load(Offsets + g)
-            tl.store(Positions + b64 * stride_pb + slot, position)
+            if POSITION_ON_DEVICE:
+                tl.store(Positions + b64 * stride_pb + slot, tl.load(position))
+            else:
+                tl.store(Positions + b64 * stride_pb + slot, position)
 
     part = pid_bg * tl.num_programs(0) + pid_s
     tl.store(PartMax + part * GROUP_PAD + rows, m_i)

@@ -214,7 +214,8 @@ def decode_ragged_append(
     Args:
         new_key, new_value: (B, G, 1, d); key, value: (B, S, d); positions: (B, S) int64;
         lengths: (B, G) int32 on the device, incremented in place; max_len: a host bound of the
-        lengths after the append; position: the token's position (host int).
+        lengths after the append; position: the token's position, a host int or a one-element
+        int64 tensor on the device (read by the kernel: a CUDA graph can replay the launch).
     """
     if lengths.dtype != torch.int32 or positions.stride(-1) != 1:
         raise ValueError("appending needs int32 lengths (updated in place) and contiguous positions.")
@@ -286,6 +287,7 @@ def _decode(query, key, value, lengths, offsets, max_len: int, scale, append=Non
         PRECISION=precision,
         RAGGED=offsets is not None,
         APPEND=append is not None,
+        POSITION_ON_DEVICE=isinstance(position, torch.Tensor),
         **extra,
     )
     out = _empty(*query.shape, dtype=query.dtype, device=query.device)

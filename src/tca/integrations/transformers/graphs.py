@@ -1,0 +1,213 @@
+"""Decode steps replayed from a CUDA graph: ``tca.apply(model, profile, cuda_graphs=True)``.
+
+An eager decode step spends most of its time on the host at short contexts: Python and kernel
+launches for every layer, dense's and TCA's alike. With ``cuda_graphs=True``, ``model.generate``
+captures one whole decode forward (every layer) once and replays it for every later token, so
+a step costs one replay plus TCA's host bookkeeping, whatever the number of layers.
+
+A step is split in two (``StaticStep``):
+- the device side, captured: each layer appends its token to the ragged store and attends
+  (``LayerStore.attend_appending``, the position read from a device tensor) and writes the token
+  into the host history's staging block at a device index;
+- the host side, run after each replay: the counts the eager step keeps on the host (``seen``,
+  the stores' host bounds, the history's staged tokens), block compression when a block has left
+  the window (with each layer's query of the step, which the graph leaves in its buffers; the cut
+  is in place, so the graph stays valid), and the statistics.
+
+The graph is captured for one cache, batch and set of store buffers (``DecodeGraph.signature``);
+when a store grows (every few hundred tokens at most, by an eighth) the next step runs eagerly
+and the one after is captured again. The first step of each ``generate`` runs eagerly too (it
+compiles what the capture needs). Off CUDA the step runs eagerly, uncaptured: the same
+arithmetic, no speed-up (the CPU tests check that it equals the eager ``generate``).
+
+Served: models whose every attention layer TCA manages (Llama, Qwen2/3, Mistral without a window),
+one process (no tensor parallelism), batch of any size (left padding included), greedy search and
+sampling. A forward ``generate`` makes that is not a decode step of the run's cache (prefill, a
+new turn) runs as without graphs.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+# the tensors of a decode forward that the graph takes through its static buffers (the mask it drops:
+# a decode step of the compressed cache reads no mask)
+STEP_INPUTS = ("input_ids", "position_ids", "cache_position", "attention_mask")
+
+
+class StaticStep:
+    """One decode step split into its device side (``attend``, what a graph captures) and its host
+    side (``finish``). ``position`` and ``slot``: one-element int64 device tensors, the token's
+    position (index space) and its slot in the history's staging block."""
+
+    def __init__(self, run: Any, device: torch.device):
+        self.run = run
+        self.position = torch.zeros(1, dtype=torch.int64, device=device)
+        self.slot = torch.zeros(1, dtype=torch.int64, device=device)
+        self.queries: dict[int, tuple[torch.Tensor, float]] = {}  # layer -> (its query (B, H, 1, d), scale)
+        self.keys: dict[int, torch.Tensor] = {}  # layer -> its new key (B, G, 1, d), for the byte counts
+
+    def layers(self) -> list:
+        return [self.run.cache.layers[i] for i in self.run.layout.layers]
+
+    def prepare(self) -> None:
+        """Host side before the step: the context limit, room in every store (may grow it), and the
+        step's position and staging slot written to the device."""
+        from .registration import check_context
+
+        layers = self.layers()
+        seen = layers[0].seen
+        check_context(self.run.model, seen + 1)
+        for layer in layers:
+            layer.store.reserve(1)
+        history = layers[0]._history
+        self.position.fill_(seen)
+        self.slot.fill_(0 if history is None else history.staged)
+
+    def attend(self, layer: Any, layer_idx: int, query, key, value, scale: float) -> torch.Tensor:
+        """Device side of one layer's step: stage the token in the history, append and attend.
+        (B, H, 1, d). Nothing on the host changes (a replay runs none of this Python)."""
+        if layer._history is not None:
+            layer._history.stage(key, value, self.slot)
+        self.queries[layer_idx] = (query, scale)
+        self.keys[layer_idx] = key
+        return layer.store.attend_appending(query, key, value, self.position, scale)
+
+    def finish(self) -> None:
+        """Host side after the step (eager or replayed): what the eager step counts on the host,
+        block compression with each layer's query of the step, and the statistics."""
+        run = self.run
+        for layer_idx in run.layout.layers:
+            layer = run.cache.layers[layer_idx]
+            if layer._history is not None:
+                layer._history.advance(self.keys[layer_idx])
+            layer.seen += 1
+            layer.pending = 0
+            query, scale = self.queries[layer_idx]
+            run.policy.compress(layer, layer_idx, query, scale)
+        run._stats.record_cache(run.cache)
+
+
+class DecodeGraph:
+    """Serves ``generate``'s decode forwards of one run from a captured CUDA graph (module docstring)."""
+
+    def __init__(self, run: Any):
+        self.run = run
+        self.step: StaticStep | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.captured_for: tuple | None = None  # the signature the graph was captured for
+        self.warm_for: tuple | None = None  # the signature of the last eager step
+        self.inputs: dict[str, torch.Tensor] = {}  # static input buffers of the graph
+        self.output: Any = None  # the graph's output (its logits are overwritten by each replay)
+        self.steps = 0  # decode steps served (eager or replayed)
+        self.replays = 0
+        self.captures = 0
+
+    def wrap(self, forward: Callable) -> Callable:
+        """``forward`` that serves the run's decode steps here and everything else as before."""
+        takes_cache_position = "cache_position" in inspect.signature(forward).parameters
+
+        @functools.wraps(forward)  # generate reads the signature (which arguments it may pass)
+        def graphed_forward(*args, **kwargs):
+            if args or not self.serves(kwargs):
+                return forward(*args, **kwargs)
+            return self(forward, kwargs, takes_cache_position)
+
+        return graphed_forward
+
+    def serves(self, kwargs: dict) -> bool:
+        """Whether this forward is a decode step of the run's current cache (one new token per row)."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        ids = kwargs.get("input_ids")
+        if cache is None or cache is not self.run.cache or ids is None or ids.shape[-1] != 1:
+            return False
+        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            return False
+        if any(isinstance(v, torch.Tensor) for k, v in kwargs.items() if k not in STEP_INPUTS):
+            return False  # an input the graph would freeze (inputs_embeds, ...)
+        layers = [cache.layers[i] for i in self.run.layout.layers]
+        return all(layer.seen > 0 and layer.store is not None for layer in layers)
+
+    def signature(self, ids: torch.Tensor) -> tuple:
+        """What a captured graph depends on: the cache, the batch and every buffer a step touches."""
+        cache = self.run.cache
+        buffers = []
+        for layer in self.step.layers():
+            buffers.extend(layer.store.buffers())
+            staging = layer._history.staging if layer._history is not None else None
+            buffers.append(None if staging is None else staging[0].data_ptr())
+        return (id(cache), tuple(ids.shape), *buffers)
+
+    def __call__(self, forward: Callable, kwargs: dict, takes_cache_position: bool):
+        ids = kwargs["input_ids"]
+        if self.step is None or self.step.position.device != ids.device:
+            self.step = StaticStep(self.run, ids.device)
+        self.step.prepare()
+        seen = self.step.layers()[0].seen
+        inputs = self._static_inputs(ids, kwargs.get("position_ids"), seen, takes_cache_position)
+        call = {k: v for k, v in kwargs.items() if k not in STEP_INPUTS} | inputs
+        signature = self.signature(ids)
+        if signature == self.captured_for:
+            self.graph.replay()
+            self.replays += 1
+            output = self.output
+        elif ids.device.type == "cuda" and signature == self.warm_for:
+            output = self._capture(forward, call)
+            self.captured_for = signature
+        else:
+            self.graph, self.output, self.captured_for = None, None, None
+            output = self._eager(forward, call)
+            self.warm_for = signature
+        self.step.finish()
+        self.steps += 1
+        return output
+
+    def _static_inputs(self, ids, position_ids, seen: int, takes_cache_position: bool) -> dict:
+        """The step's inputs copied into the graph's static buffers: ids (B, 1), position_ids (B, 1)
+        (transformers' own, or ``seen`` for every row as transformers computes them when absent) and,
+        for transformers versions that take it, cache_position (1,)."""
+        batch = ids.shape[0]
+        if self.inputs.get("input_ids") is None or self.inputs["input_ids"].shape != ids.shape:
+            self.inputs = {
+                "input_ids": torch.empty_like(ids),
+                "position_ids": torch.empty(batch, 1, dtype=torch.int64, device=ids.device),
+            }
+            if takes_cache_position:
+                self.inputs["cache_position"] = torch.empty(1, dtype=torch.int64, device=ids.device)
+        self.inputs["input_ids"].copy_(ids)
+        if position_ids is None:
+            self.inputs["position_ids"].fill_(seen)
+        else:
+            self.inputs["position_ids"].copy_(position_ids.expand(batch, 1))
+        if takes_cache_position:
+            self.inputs["cache_position"].fill_(seen)
+        return self.inputs
+
+    def _eager(self, forward: Callable, call: dict):
+        """The static step run eagerly (the first after a change, and every step off CUDA)."""
+        self.run.static = self.step
+        try:
+            return forward(**call)
+        finally:
+            self.run.static = None
+
+    def _capture(self, forward: Callable, call: dict):
+        """Capture the step and replay it (the capture itself runs nothing)."""
+        self.graph, self.output = None, None  # the old graph's memory goes back first
+        graph = torch.cuda.CUDAGraph()
+        self.run.static = self.step
+        try:
+            with torch.cuda.graph(graph):
+                output = forward(**call)
+        finally:
+            self.run.static = None
+        graph.replay()
+        self.graph, self.output = graph, output
+        self.captures += 1
+        self.replays += 1
+        return output
