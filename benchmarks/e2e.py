@@ -26,19 +26,27 @@ With ``--graphs`` two more modes per case: ``dense-graph``, dense with transform
 whose decode step ``generate`` compiles (torch.compile with CUDA graphs; one untimed warm-up
 generate compiles it), and ``tca-graph``, TCA with ``tca.apply(..., cuda_graphs=True)`` (its
 decode replayed from a CUDA graph captured at the second decode step, inside the timed run).
+
+With ``--turns``: ``next_turn_ttft_ms``, the time to the first token of a second turn (64 new
+tokens after the first answer, on the same cache; TCA with its host history selects again from
+the whole conversation), on the dense and TCA rows, and a ``tca-no-history`` row
+(``keep_history=False``): the first turn's cost of the history, and a second turn read from the
+compressed cache alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import time
 import warnings
+from math import nan
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, LogitsProcessor
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, DynamicCache, LogitsProcessor
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -51,6 +59,7 @@ from tca.eval.provenance import device_name, provenance
 from tca.integrations.transformers.cache import dense_cache_bytes
 
 RESULTS = Path(__file__).parent / "results"
+FOLLOW_UP = 64  # tokens of the second turn's question (--turns)
 SHAPES = {
     "llama-3.1-8b": dict(
         model_type="llama",
@@ -112,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed after the first token")
     parser.add_argument("--graphs", action="store_true", help="also modes dense-graph and tca-graph")
+    parser.add_argument(
+        "--turns", action="store_true", help="also a second turn's ttft, and TCA without host history"
+    )
     parser.add_argument("--out", default=None, help="JSON path (default results/e2e-<device>.json)")
     parser.add_argument("--device", default="cuda", help="cuda (cpu only to try the script on a tiny config)")
     parser.add_argument(
@@ -279,11 +291,12 @@ def uniform_profile(model, kept: float, context_len: int) -> Profile:
 
 
 def measure(
-    model, shape: str, length: int, batch: int, kept_targets, new_tokens: int, graphs: bool = False
+    model, shape: str, length: int, batch: int, kept_targets, new_tokens: int, graphs=False, turns=False
 ) -> list[dict]:
     """Dense, then TCA at each kept target, on one random prompt batch; with ``graphs`` also
     dense with transformers' static cache (whose decode ``generate`` compiles: torch.compile, CUDA
-    graphs) and TCA with ``cuda_graphs=True``."""
+    graphs) and TCA with ``cuda_graphs=True``; with ``turns`` a second turn's time to first token
+    and TCA without the host history (``tca-no-history``)."""
     generator = torch.Generator().manual_seed(length + batch)
     ids = torch.randint(3, model.config.vocab_size, (batch, length), generator=generator).to(model.device)
     dense_kv = dense_cache_bytes(model, length + new_tokens, batch)  # sliding layers: their window
@@ -306,8 +319,11 @@ def measure(
             amdahl_ttft_ms=ttft,
         )
     ]
+    dense_row = rows[0]
     if graphs:
-        rows += dense_graph_row(model, ids, new_tokens, rows[0])
+        rows += dense_graph_row(model, ids, new_tokens, dense_row)
+    if turns:
+        dense_row["next_turn_ttft_ms"] = next_turn_ttft(model, ids, new_tokens, DynamicCache())
     for i, kept in enumerate(kept_targets):
         profile = uniform_profile(model, kept, length)
         if i == 0:  # Triton specialises on shapes: compile outside the timed runs
@@ -322,7 +338,7 @@ def measure(
                 host_kv_bytes=run.stats.host_kv_bytes,
             )
         attention = tca_attention_ms(model, profile, ids)
-        rows.append(
+        tca_row = (
             base
             | stats
             | dict(
@@ -339,12 +355,43 @@ def measure(
                 decode_speedup=decode / decode_tca,
             )
         )
+        rows.append(tca_row)
         if graphs:  # the same, decode replayed from a CUDA graph (captured at the second decode step)
             with tca.apply(model, profile, cuda_graphs=True):
                 ttft_g, decode_g, median_g, peak_g = timed_generate(model, ids, new_tokens)
-            rows.append(rows[-1] | dict(mode="tca-graph", ttft_ms=ttft_g, decode_ms_per_token=decode_g,
+            rows.append(tca_row | dict(mode="tca-graph", ttft_ms=ttft_g, decode_ms_per_token=decode_g,
                                         decode_ms_median=median_g, peak_gib=peak_g))  # fmt: skip
+        if turns:
+            with tca.apply(model, profile) as run:
+                tca_row["next_turn_ttft_ms"] = next_turn_ttft(model, ids, new_tokens, run.new_cache())
+            rows.append(no_history_row(model, ids, profile, new_tokens, tca_row))
     return rows
+
+
+def next_turn_ttft(model, ids, new_tokens: int, cache) -> float:
+    """ms to the first token of a second turn on ``cache``: a first generate of ``new_tokens`` tokens
+    after ``ids``, then ``FOLLOW_UP`` new tokens (TCA with its history selects again from all of it)."""
+    kwarg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    with torch.no_grad():
+        first = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, pad_token_id=0, **{kwarg: cache},
+        )  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    follow_up = torch.randint(3, model.config.vocab_size, (ids.shape[0], FOLLOW_UP), generator=generator)
+    ttft, *_ = timed_generate(model, torch.cat([first, follow_up.to(ids.device)], 1), 0, **{kwarg: cache})
+    return ttft
+
+
+def no_history_row(model, ids, profile, new_tokens: int, tca_row: dict) -> dict:
+    """TCA with ``keep_history=False``: what the default host history costs (the first turn), and
+    the second turn read from the compressed cache alone."""
+    with tca.apply(model, profile, keep_history=False) as run:
+        ttft, decode, median, peak = timed_generate(model, ids, new_tokens)
+        host = run.stats.host_kv_bytes
+        next_turn = next_turn_ttft(model, ids, new_tokens, run.new_cache())
+    timings = dict(ttft_ms=ttft, decode_ms_per_token=decode, decode_ms_median=median, peak_gib=peak)
+    return tca_row | timings | dict(mode="tca-no-history", host_kv_bytes=host, next_turn_ttft_ms=next_turn)
 
 
 def dense_graph_row(model, ids, new_tokens: int, dense: dict) -> list[dict]:
@@ -382,7 +429,7 @@ def plot(paths: list[str], out_png: Path) -> None:
         (r["L"], r["kept_target"]): r
         for p in paths
         for r in json.loads(Path(p).read_text())["rows"]
-        if r["batch"] == 1
+        if r["batch"] == 1 and r["mode"] in ("dense", "tca")  # the library's defaults
     }
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
     for ax, key, title in zip(
@@ -437,18 +484,17 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.graphs:
         syncs["tca-graph"] = syncs_per_token(model, warm, uniform_profile(model, 0.1, 8192), block + 8, True)
-        syncs["dense-graph"] = float("nan")  # not counted (its compiled step)
+        syncs["dense-graph"] = nan  # not counted (its compiled step)
     record["host_syncs_per_token"] = syncs | {"prompt": 8192, "steps": block + 8}
     for length, batch in tqdm(cases, desc="e2e", unit="case"):
         try:
-            rows = measure(
-                model, name, length, batch, kept if batch == 1 else [0.1], args.new_tokens, args.graphs
-            )
+            targets = kept if batch == 1 else [0.1]
+            rows = measure(model, name, length, batch, targets, args.new_tokens, args.graphs, args.turns)
         except torch.OutOfMemoryError as error:
             print(f"L={length} batch={batch}: out of memory ({str(error)[:120]})", flush=True)
             torch.cuda.empty_cache()
             continue
-        record["rows"] += [row | {"host_syncs_per_token": syncs[row["mode"]]} for row in rows]
+        record["rows"] += [row | {"host_syncs_per_token": syncs.get(row["mode"], nan)} for row in rows]
         print_table(record["rows"][-len(rows) :])
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1))  # after every case: an interrupted run keeps its rows

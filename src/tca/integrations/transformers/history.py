@@ -90,8 +90,17 @@ class HostHistory:
         if self.done is not None:
             self.done.synchronize()
         if len(self.chunks) > 1:
-            self.chunks = [tuple(torch.cat(parts, 2) for parts in zip(*self.chunks, strict=True))]
+            self.chunks = [tuple(_joined(parts) for parts in zip(*self.chunks, strict=True))]
         return self.chunks[0]
+
+
+def _joined(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The chunks joined along the tokens, in pinned memory when they are (so that a new turn's copy
+    to the device is asynchronous and at full speed)."""
+    if not parts[0].is_pinned():
+        return torch.cat(parts, 2)
+    shape = (*parts[0].shape[:2], sum(part.shape[2] for part in parts), parts[0].shape[3])
+    return torch.cat(parts, 2, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=True))
 
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}

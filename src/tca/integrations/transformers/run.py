@@ -200,8 +200,9 @@ class TCARun:
         kept, else attend to the stored entries plus the new tokens (causal). (B, H, n, d)."""
         if layer.history is None:
             return self.policy.attend_new_turn(layer, query, key, value, scale)
-        full_key = torch.cat([layer.history[0].to(key.device, key.dtype), key], dim=2)
-        full_value = torch.cat([layer.history[1].to(value.device, value.dtype), value], dim=2)
+        past_key, past_value = layer.history  # pinned on a GPU: the copies below do not block the host
+        full_key = torch.cat([past_key.to(key.device, key.dtype, non_blocking=True), key], dim=2)
+        full_value = torch.cat([past_value.to(value.device, value.dtype, non_blocking=True), value], dim=2)
         out, selection = self.prefill(layer_idx, query, full_key, full_value, key_start, scale)
         self.policy.store(layer, full_key, full_value, selection, key_start)
         layer.remember(key, value)
