@@ -134,6 +134,7 @@ def _decode_graph(run: Any) -> Iterator[None]:
     try:
         yield
     finally:
+        run.decode_graph.release()
         if previous is None:
             del model.forward
         else:

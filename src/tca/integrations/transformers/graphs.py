@@ -14,11 +14,15 @@ A step is split in two (``StaticStep``):
   the window (with each layer's query of the step, which the graph leaves in its buffers; the cut
   is in place, so the graph stays valid), and the statistics.
 
-The graph is captured for one cache, batch and set of store buffers (``DecodeGraph.signature``);
-when a store grows (every few hundred tokens at most, by an eighth) the next step runs eagerly
-and the one after is captured again. The first step of each ``generate`` runs eagerly too (it
-compiles what the capture needs). Off CUDA the step runs eagerly, uncaptured: the same
-arithmetic, no speed-up (the CPU tests check that it equals the eager ``generate``).
+The graph is captured for one cache, batch and set of store buffers (``DecodeGraph.signature``)
+and lives for one ``generate`` call (its memory is freed when the call returns). The first decode
+step of a call runs eagerly (it compiles what the capture needs) and the second is captured; when
+a store grows the next step runs eagerly and the one after is captured again. A store grows a
+head by an eighth of its entries (16 at the least), as without graphs: the same buffers, so the
+same arithmetic bit for bit; a head that keeps every token grows every 1,000 tokens at 8K.
+
+Off CUDA the step runs eagerly, uncaptured: the same arithmetic, no speed-up (the CPU tests check
+that it equals the eager ``generate``).
 
 Served: models whose every attention layer TCA manages (Llama, Qwen2/3, Mistral without a window),
 one process (no tensor parallelism), batch of any size (left padding included), greedy search and
@@ -120,6 +124,11 @@ class DecodeGraph:
 
         return graphed_forward
 
+    def release(self) -> None:
+        """Free the graph and its memory (the end of a ``generate``: a graph lives for one call)."""
+        self.graph, self.output, self.captured_for, self.warm_for = None, None, None, None
+        self.step, self.inputs = None, {}
+
     def serves(self, kwargs: dict) -> bool:
         """Whether this forward is a decode step of the run's current cache (one new token per row)."""
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -139,6 +148,7 @@ class DecodeGraph:
         buffers = []
         for layer in self.step.layers():
             buffers.extend(layer.store.buffers())
+            buffers.append(layer.store.widest)  # the kernel's split of the keys is baked in
             staging = layer._history.staging if layer._history is not None else None
             buffers.append(None if staging is None else staging[0].data_ptr())
         return (id(cache), tuple(ids.shape), *buffers)
@@ -160,7 +170,7 @@ class DecodeGraph:
             output = self._capture(forward, call)
             self.captured_for = signature
         else:
-            self.graph, self.output, self.captured_for = None, None, None
+            self.graph, self.output, self.captured_for = None, None, None  # its memory goes back first
             output = self._eager(forward, call)
             self.warm_for = signature
         self.step.finish()
@@ -198,7 +208,6 @@ class DecodeGraph:
 
     def _capture(self, forward: Callable, call: dict):
         """Capture the step and replay it (the capture itself runs nothing)."""
-        self.graph, self.output = None, None  # the old graph's memory goes back first
         graph = torch.cuda.CUDAGraph()
         self.run.static = self.step
         try:
