@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from .registration import check_context
+
 # the tensors of a decode forward that the graph takes through its static buffers (the mask it drops:
 # a decode step of the compressed cache reads no mask)
 STEP_INPUTS = ("input_ids", "position_ids", "cache_position", "attention_mask")
@@ -62,8 +64,6 @@ class StaticStep:
     def prepare(self) -> None:
         """Host side before the step: the context limit, room in every store (may grow it), and the
         step's position and staging slot written to the device."""
-        from .registration import check_context
-
         layers = self.layers()
         seen = layers[0].seen
         check_context(self.run.model, seen + 1)

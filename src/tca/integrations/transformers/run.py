@@ -91,10 +91,10 @@ class TCARun:
                 "model's layout (tca.integrations.transformers.layout.head_layout(model))."
             )
         self.policy = CachePolicy(self.config, self.group, self.decode_keep)
-        self.static: StaticStep | None = None  # set while a graph's decode step runs (graphs.py)
-        self.decode_graph = DecodeGraph(self) if cuda_graphs else None
         if cuda_graphs:
             _check_graphs_serve(model, layout)
+        self.static: StaticStep | None = None  # set while a graph's decode step runs (graphs.py)
+        self.decode_graph = DecodeGraph(self) if cuda_graphs else None
 
     def new_cache(self) -> TCACache:
         """A fresh compressed cache, made the run's current one."""
