@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -108,6 +109,7 @@ class DecodeGraph:
         self.warm_for: tuple | None = None  # the signature of the last eager step
         self.inputs: dict[str, torch.Tensor] = {}  # static input buffers of the graph
         self.output: Any = None  # the graph's output (its logits are overwritten by each replay)
+        self.capturable = True  # False once a capture failed (until the generate ends)
         self.steps = 0  # decode steps served (eager or replayed)
         self.replays = 0
         self.captures = 0
@@ -127,7 +129,7 @@ class DecodeGraph:
     def release(self) -> None:
         """Free the graph and its memory (the end of a ``generate``: a graph lives for one call)."""
         self.graph, self.output, self.captured_for, self.warm_for = None, None, None, None
-        self.step, self.inputs = None, {}
+        self.step, self.inputs, self.capturable = None, {}, True
 
     def serves(self, kwargs: dict) -> bool:
         """Whether this forward is a decode step of the run's current cache (one new token per row)."""
@@ -162,14 +164,15 @@ class DecodeGraph:
         inputs = self._static_inputs(ids, kwargs.get("position_ids"), seen, takes_cache_position)
         call = {k: v for k, v in kwargs.items() if k not in STEP_INPUTS} | inputs
         signature = self.signature(ids)
+        output = None
         if signature == self.captured_for:
             self.graph.replay()
             self.replays += 1
             output = self.output
-        elif ids.device.type == "cuda" and signature == self.warm_for:
-            output = self._capture(forward, call)
-            self.captured_for = signature
-        else:
+        elif ids.device.type == "cuda" and signature == self.warm_for and self.capturable:
+            output = self._capture(forward, call)  # None when the capture failed
+            self.captured_for = signature if output is not None else None
+        if output is None:  # the first step after a change, every step off CUDA, or no capture
             self.graph, self.output, self.captured_for = None, None, None  # its memory goes back first
             output = self._eager(forward, call)
             self.warm_for = signature
@@ -207,12 +210,22 @@ class DecodeGraph:
             self.run.static = None
 
     def _capture(self, forward: Callable, call: dict):
-        """Capture the step and replay it (the capture itself runs nothing)."""
+        """Capture the step and replay it (the capture itself runs nothing). None, with a warning,
+        when the capture fails (something in the forward cannot be captured): this ``generate``
+        then decodes eagerly (the capture ran nothing, so the step is still to do)."""
         graph = torch.cuda.CUDAGraph()
         self.run.static = self.step
         try:
             with torch.cuda.graph(graph):
                 output = forward(**call)
+        except RuntimeError as error:
+            self.capturable = False
+            warnings.warn(
+                f"cuda_graphs: the decode step could not be captured ({str(error)[:200]}); this generate "
+                "decodes without graphs (the same tokens).",
+                stacklevel=2,
+            )
+            return None
         finally:
             self.run.static = None
         graph.replay()
