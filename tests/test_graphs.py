@@ -152,8 +152,8 @@ def test_models_with_sliding_layers_are_refused_with_the_layers_named():
             pass
 
 
-def test_a_model_without_graphs_runs_its_own_forward():
-    """``cuda_graphs=False`` leaves generate's forward alone; True restores it after generate."""
+def test_generate_restores_the_models_own_forward():
+    """The split step serves generate's decode forwards only: the model's forward is its own after."""
     model = tiny("llama", 0)
     profile = sparse_profile(model, 0)
     ids = prompts(0, [40])[0].unsqueeze(0)
