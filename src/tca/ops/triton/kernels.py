@@ -17,6 +17,7 @@ stable sorts do.
 Arguments that change with the context length (lengths, positions, index widths and their strides)
 are not specialised on (``do_not_specialize``): Triton would otherwise compile a variant per
 divisibility of each, so the first call at a new length, or every 16th decode position, compiled.
+For the same reason the decode's split count pads to a bound of the device and batch, not of the length.
 """
 
 import triton

@@ -234,7 +234,8 @@ def _decode(query, key, value, lengths, offsets, max_len: int, scale, append=Non
     block_n = _tile(DECODE_BLOCK_N[kind], head_dim)
     # flash-decoding: enough splits to fill the machine twice over, each a whole number of tiles
     programs = DECODE_PROGRAMS_PER_SM * _multiprocessors(query.device)
-    n_splits = max(1, min(triton.cdiv(programs, batch * n_kv), triton.cdiv(max(max_len, 1), block_n)))
+    most_splits = triton.cdiv(programs, batch * n_kv)  # never more, whatever the length
+    n_splits = max(1, min(most_splits, triton.cdiv(max(max_len, 1), block_n)))
     keys_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), n_splits), block_n) * block_n
     n_splits = triton.cdiv(max(max_len, 1), keys_per_split)
     group_pad = max(16, triton.next_power_of_2(group))
@@ -305,7 +306,9 @@ def _decode(query, key, value, lengths, offsets, max_len: int, scale, append=Non
         GROUP=group,
         GROUP_PAD=group_pad,
         HEAD_DIM=head_dim,
-        SPLITS_PAD=triton.next_power_of_2(n_splits),
+        # from the bound, not the length: a split count that changes with the length would compile
+        # the combine kernel again inside a decode (as the cache grows past a power of two)
+        SPLITS_PAD=triton.next_power_of_2(most_splits),
         PRECISION=precision,
         APPEND=append is not None,
     )
