@@ -14,8 +14,8 @@ A step is split in two (``StaticStep``):
   the window (with each layer's query of the step, which the graph leaves in its buffers; the cut
   is in place, so the graph stays valid), and the statistics.
 
-The graph is captured for one cache, batch and set of store buffers (``DecodeGraph.signature``)
-and lives for one ``generate`` call (its memory is freed when the call returns). The first decode
+The graph lives for one ``generate`` call (one cache and batch; its memory is freed when the call
+returns), and for one set of store buffers. The first decode
 step of a call runs eagerly (it compiles what the capture needs) and the second is captured; when
 a store grows the next step runs eagerly and the one after is captured again. A store grows a
 head by an eighth of its entries (16 at the least), as without graphs: the same buffers, so the
@@ -57,22 +57,21 @@ class StaticStep:
         self.position = torch.zeros(1, dtype=torch.int64, device=device)
         self.slot = torch.zeros(1, dtype=torch.int64, device=device)
         self.queries: dict[int, tuple[torch.Tensor, float]] = {}  # layer -> (its query (B, H, 1, d), scale)
-        self.keys: dict[int, torch.Tensor] = {}  # layer -> its new key (B, G, 1, d), for the byte counts
 
     def layers(self) -> list:
         return [self.run.cache.layers[i] for i in self.run.layout.layers]
 
-    def prepare(self) -> None:
-        """Host side before the step: the context limit, room in every store (may grow it), and the
-        step's position and staging slot written to the device."""
+    def prepare(self) -> tuple[int, bool]:
+        """Host side before the step: the context limit, room in every store, and the step's position
+        and staging slot written to the device. Returns (tokens seen, whether a store grew)."""
         layers = self.layers()
         seen = layers[0].seen
         check_context(self.run.model, seen + 1)
-        for layer in layers:
-            layer.store.reserve(1)
+        grew = [layer.store.reserve(1) for layer in layers]
         history = layers[0]._history
         self.position.fill_(seen)
         self.slot.fill_(0 if history is None else history.staged)
+        return seen, any(grew)
 
     def attend(self, layer: Any, layer_idx: int, query, key, value, scale: float) -> torch.Tensor:
         """Device side of one layer's step: stage the token in the history, append and attend.
@@ -80,7 +79,6 @@ class StaticStep:
         if layer._history is not None:
             layer._history.stage(key, value, self.slot)
         self.queries[layer_idx] = (query, scale)
-        self.keys[layer_idx] = key
         return layer.store.attend_appending(query, key, value, self.position, scale)
 
     def finish(self) -> None:
@@ -90,7 +88,7 @@ class StaticStep:
         for layer_idx in run.layout.layers:
             layer = run.cache.layers[layer_idx]
             if layer._history is not None:
-                layer._history.advance(self.keys[layer_idx])
+                layer._history.advance()
             layer.seen += 1
             layer.pending = 0
             query, scale = self.queries[layer_idx]
@@ -105,8 +103,7 @@ class DecodeGraph:
         self.run = run
         self.step: StaticStep | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.captured_for: tuple | None = None  # the signature the graph was captured for
-        self.warm_for: tuple | None = None  # the signature of the last eager step
+        self.warm = False  # an eager step ran since the last change: the next one may be captured
         self.inputs: dict[str, torch.Tensor] = {}  # static input buffers of the graph
         self.output: Any = None  # the graph's output (its logits are overwritten by each replay)
         self.capturable = True  # False once a capture failed (until the generate ends)
@@ -128,7 +125,7 @@ class DecodeGraph:
 
     def release(self) -> None:
         """Free the graph and its memory (the end of a ``generate``: a graph lives for one call)."""
-        self.graph, self.output, self.captured_for, self.warm_for = None, None, None, None
+        self.graph, self.output, self.warm = None, None, False
         self.step, self.inputs, self.capturable = None, {}, True
 
     def serves(self, kwargs: dict) -> bool:
@@ -144,38 +141,25 @@ class DecodeGraph:
         layers = [cache.layers[i] for i in self.run.layout.layers]
         return all(layer.seen > 0 and layer.store is not None for layer in layers)
 
-    def signature(self, ids: torch.Tensor) -> tuple:
-        """What a captured graph depends on: the cache, the batch and every buffer a step touches."""
-        cache = self.run.cache
-        buffers = []
-        for layer in self.step.layers():
-            buffers.extend(layer.store.buffers())
-            buffers.append(layer.store.widest)  # the kernel's split of the keys is baked in
-            staging = layer._history.staging if layer._history is not None else None
-            buffers.append(None if staging is None else staging[0].data_ptr())
-        return (id(cache), tuple(ids.shape), *buffers)
-
     def __call__(self, forward: Callable, kwargs: dict, takes_cache_position: bool):
         ids = kwargs["input_ids"]
         if self.step is None or self.step.position.device != ids.device:
             self.step = StaticStep(self.run, ids.device)
-        self.step.prepare()
-        seen = self.step.layers()[0].seen
+        seen, grew = self.step.prepare()
+        if grew:  # new store buffers: the graph's addresses are stale
+            self.graph, self.output, self.warm = None, None, False  # its memory goes back first
         inputs = self._static_inputs(ids, kwargs.get("position_ids"), seen, takes_cache_position)
         call = {k: v for k, v in kwargs.items() if k not in STEP_INPUTS} | inputs
-        signature = self.signature(ids)
         output = None
-        if signature == self.captured_for:
+        if self.graph is not None:
             self.graph.replay()
             self.replays += 1
             output = self.output
-        elif ids.device.type == "cuda" and signature == self.warm_for and self.capturable:
+        elif ids.device.type == "cuda" and self.warm and self.capturable:
             output = self._capture(forward, call)  # None when the capture failed
-            self.captured_for = signature if output is not None else None
-        if output is None:  # the first step after a change, every step off CUDA, or no capture
-            self.graph, self.output, self.captured_for = None, None, None  # its memory goes back first
+        if output is None:  # the first step of a call or after a growth, every step off CUDA, or no capture
             output = self._eager(forward, call)
-            self.warm_for = signature
+            self.warm = True
         self.step.finish()
         self.steps += 1
         return output

@@ -39,7 +39,7 @@ class HostHistory:
             self._copy(key, value)
             return
         self.stage(key, value, self.staged)
-        self.advance(key)
+        self.advance()
 
     def stage(self, key: torch.Tensor, value: torch.Tensor, index: int | torch.Tensor) -> None:
         """Write one token's (B, G, 1, d) states at slot ``index`` of the staging block (a host int,
@@ -54,9 +54,10 @@ class HostHistory:
             self.staging[0].index_copy_(2, index, key)
             self.staging[1].index_copy_(2, index, value)
 
-    def advance(self, key: torch.Tensor) -> None:
-        """Count the token just staged (``key``: its states, for the byte count); a full block goes over."""
-        self.nbytes += 2 * key.numel() * key.element_size()
+    def advance(self) -> None:
+        """Count the token just staged; a full block goes over."""
+        token = self.staging[0][:, :, :1]
+        self.nbytes += 2 * token.numel() * token.element_size()
         self.staged += 1
         if self.staged == self.block:
             self._flush()

@@ -110,10 +110,13 @@ class LayerStore:
             self.keys[:, lo:hi], self.values[:, lo:hi], self.positions[:, lo:hi], self.lengths[:, g]
         )
 
-    def _make_room(self, n: int) -> None:
-        """Grow first if some head cannot take ``n`` more entries (known on the host: no sync)."""
-        if n > self.spare:
-            self._grow(self.bound_host.max(0) + n)
+    def _make_room(self, n: int) -> bool:
+        """Grow first if some head cannot take ``n`` more entries (known on the host: no sync).
+        Whether it grew (new buffers)."""
+        if n <= self.spare:
+            return False
+        self._grow(self.bound_host.max(0) + n)
+        return True
 
     def decode_step(self, query, key, value, position: int, scale: float) -> torch.Tensor:
         """Append one token per (row, head) (key, value (B, G, 1, d)) and attend over every head's
@@ -121,12 +124,14 @@ class LayerStore:
         self.reserve(1)
         return self.attend_appending(query, key, value, position, scale)
 
-    def reserve(self, n: int) -> None:
+    def reserve(self, n: int) -> bool:
         """The host side of appending ``n`` entries to every (row, head): room (growing first when
-        some head has too little) and the host bound. A CUDA graph's step calls it before replaying."""
-        self._make_room(n)
+        some head has too little) and the host bound. Whether the store grew (new buffers: a CUDA
+        graph's step, which calls this before replaying, must be captured again)."""
+        grew = self._make_room(n)
         self.bound_host += n
         self.spare -= n
+        return grew
 
     def attend_appending(self, query, key, value, position, scale: float) -> torch.Tensor:
         """The device side of a decode step (``reserve`` done): the two launches of
@@ -137,26 +142,19 @@ class LayerStore:
             self.widest, position, scale,
         )  # fmt: skip
 
-    def buffers(self) -> tuple[int, ...]:
-        """The addresses of the device tensors a decode step reads and writes (a grown store has new ones)."""
-        tensors = (self.keys, self.values, self.positions, self.lengths, self.offsets_device)
-        return tuple(t.data_ptr() for t in tensors)
-
     def append(self, key: torch.Tensor, value: torch.Tensor, first_position: int) -> None:
         """Write n tokens per (row, head) after each one's last entry: key, value (B, G, n, d).
 
         A fixed number of device ops and no synchronisation (the room needed is known on the host).
         """
         n = key.shape[2]
-        self._make_room(n)
+        self.reserve(n)
         steps = torch.arange(n, device=key.device)
         slots = (self.offsets_device.view(1, -1, 1) + self.lengths.unsqueeze(-1)) + steps  # (B, G, n)
         self.keys.index_put_((self.rows, slots), key)
         self.values.index_put_((self.rows, slots), value)
         self.positions.index_put_((self.rows, slots), (steps + first_position).expand_as(slots))
         self.lengths += n
-        self.bound_host += n
-        self.spare -= n
 
     def _grow(self, needed: np.ndarray) -> None:
         """Reallocate with room for ``needed`` (G,) entries per head and an eighth more (amortised)."""
