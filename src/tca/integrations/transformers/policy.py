@@ -15,7 +15,7 @@ from ... import ops
 from ...core.config import TCAConfig
 from .cache import TCACacheLayer
 from .registration import row_starts
-from .store import LayerStore, valid_first
+from .store import LayerStore, to_device, valid_first
 
 
 class CachePolicy:
@@ -33,7 +33,8 @@ class CachePolicy:
     def store(self, layer: TCACacheLayer, key, value, selection, key_start) -> None:
         """Fill the layer's cache with each head's kept tokens plus the window (true positions).
 
-        key, value: (B, G, L, d); one synchronisation (the kept counts) per layer and prefill.
+        key, value: (B, G, L, d); no synchronisation when the selection bounds its heads and no row
+        is padded (otherwise the host reads the kept counts or the padding once).
         """
         batch, n_kv, context_len, _ = key.shape
         window = self.config.effective_window
@@ -52,7 +53,7 @@ class CachePolicy:
             key, value, list(indices.unbind(1)), bound, reserve=self.config.block_size + 16, lengths=lengths
         )
         # per row: a left-padded row's blocks start at its own first valid token, as when it runs alone
-        layer.boundary = first.clamp_min(max(context_len - window, 0)).tolist()
+        layer.boundary = [max(start, context_len - window, 0) for start in _host_starts(key_start, batch)]
 
     def _host_bound(self, selection, lengths, key_start, context_len: int) -> np.ndarray:
         """(B, G) host upper bound of the stored lengths: from the selection's per-head bounds and
@@ -60,7 +61,7 @@ class CachePolicy:
         if selection.head_bounds is None:
             return lengths.cpu().numpy()
         window = min(self.config.effective_window, context_len)
-        starts = [0] * lengths.shape[0] if key_start is None else key_start.tolist()
+        starts = _host_starts(key_start, lengths.shape[0])
         recent = np.array([min(window, context_len - start) for start in starts]).reshape(-1, 1)
         return np.asarray(selection.head_bounds).reshape(1, -1) + recent
 
@@ -108,5 +109,10 @@ class CachePolicy:
         """``keep_host`` on the device, made once per distinct table (no copy per compression)."""
         key = (keep_host.tobytes(), keep_host.shape, device)
         if key not in self._keep_device:
-            self._keep_device[key] = torch.tensor(keep_host, dtype=torch.int32, device=device)
+            self._keep_device[key] = to_device(keep_host, torch.int32, device)
         return self._keep_device[key]
+
+
+def _host_starts(key_start: torch.Tensor | None, batch: int) -> list[int]:
+    """Each row's first valid key as host ints (no padding: zeros, and no synchronisation)."""
+    return [0] * batch if key_start is None else key_start.tolist()

@@ -24,6 +24,15 @@ import torch
 from ... import ops
 
 
+def to_device(array, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host ``array`` as a ``dtype`` tensor on ``device``; on CUDA through pinned memory without
+    blocking, so the host does not wait for the work already queued (a plain copy would)."""
+    tensor = torch.as_tensor(np.asarray(array), dtype=dtype)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def valid_first(valid: torch.Tensor) -> torch.Tensor:
     """Per row, the column order that puts the ``valid`` (..., N) columns first, each part in order."""
     return torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
@@ -56,9 +65,9 @@ class LayerStore:
         self.offsets, self.capacity = offsets, capacity
         self.bound_host = np.array(bound_host, dtype=np.int64)  # (B, G), a copy
         if lengths is None:
-            lengths = torch.tensor(self.bound_host, device=keys.device)
+            lengths = to_device(self.bound_host, torch.int32, keys.device)
         self.lengths = lengths.to(device=keys.device, dtype=torch.int32)
-        self.offsets_device = torch.tensor(offsets, dtype=torch.int64, device=keys.device)
+        self.offsets_device = to_device(offsets, torch.int64, keys.device)
         self.rows = torch.arange(keys.shape[0], device=keys.device).view(-1, 1, 1)
         self._measure_room()
 
