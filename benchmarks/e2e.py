@@ -22,10 +22,13 @@ TCA's first token would cost if the integration cost nothing), and ``host_syncs_
 for dense: by the whole generate loop). Timings are wall-clock with the device synchronised;
 ``decode_ms_median`` is the median step (a one-off compilation or graph capture does not move it).
 
-With ``--graphs`` two more modes per case: ``dense-graph``, dense with transformers' static cache,
-whose decode step ``generate`` compiles (torch.compile with CUDA graphs; one untimed warm-up
-generate compiles it), and ``tca-graph``, TCA with ``tca.apply(..., cuda_graphs=True)`` (its
-decode replayed from a CUDA graph captured at the second decode step, inside the timed run).
+On a CUDA device the defaults replay TCA's decode steps from a CUDA graph (``cuda_graphs``, on
+wherever it serves; captured at the second decode step, inside the timed run); rows say so in
+``cuda_graphs``. ``first_call_ttft_ms``: the first generate at a length, before the timed one (its
+host history pins new memory; later calls reuse it). With ``--graphs`` two more modes per case:
+``dense-graph``, dense with transformers' static cache, whose decode step ``generate`` compiles
+(torch.compile with CUDA graphs; one untimed warm-up generate compiles it), and ``tca-eager``, TCA
+with ``cuda_graphs=False`` (every decode step run eagerly, in Python).
 
 With ``--turns``: ``next_turn_ttft_ms``, the time to the first token of a second turn (64 new
 tokens after the first answer, on the same cache; TCA with its host history selects again from
@@ -120,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch4-length", type=int, default=32768, help="also batch 4 at this length (0: no)"
     )
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed after the first token")
-    parser.add_argument("--graphs", action="store_true", help="also modes dense-graph and tca-graph")
+    parser.add_argument("--graphs", action="store_true", help="also modes dense-graph and tca-eager")
     parser.add_argument(
         "--turns", action="store_true", help="also a second turn's ttft, and TCA without host history"
     )
@@ -256,9 +259,9 @@ def tca_attention_ms(model, profile, ids) -> float:
     return timer.total_ms()
 
 
-def syncs_per_token(model, ids, profile, steps: int, cuda_graphs: bool = False) -> float:
+def syncs_per_token(model, ids, profile, steps: int, cuda_graphs: bool | None = None) -> float:
     """Synchronisations per decode step (steady state: the steps after the first token): by tca
-    code under TCA (``cuda_graphs``: its graph mode), by anything in the generate loop for dense
+    code under TCA (``cuda_graphs``: as ``tca.apply`` takes it), by anything in the generate loop for dense
     (``profile`` None)."""
     if ids.device.type != "cuda":
         return float("nan")
@@ -295,7 +298,7 @@ def measure(
 ) -> list[dict]:
     """Dense, then TCA at each kept target, on one random prompt batch; with ``graphs`` also
     dense with transformers' static cache (whose decode ``generate`` compiles: torch.compile, CUDA
-    graphs) and TCA with ``cuda_graphs=True``; with ``turns`` a second turn's time to first token
+    graphs) and TCA with ``cuda_graphs=False``; with ``turns`` a second turn's time to first token
     and TCA without the host history (``tca-no-history``)."""
     generator = torch.Generator().manual_seed(length + batch)
     ids = torch.randint(3, model.config.vocab_size, (batch, length), generator=generator).to(model.device)
@@ -326,17 +329,10 @@ def measure(
         dense_row["next_turn_ttft_ms"] = next_turn_ttft(model, ids, new_tokens, DynamicCache())
     for i, kept in enumerate(kept_targets):
         profile = uniform_profile(model, kept, length)
-        if i == 0:  # Triton specialises on shapes: compile outside the timed runs
-            with tca.apply(model, profile):
-                timed_generate(model, ids, 1)
-        with tca.apply(model, profile) as run:
-            ttft_tca, decode_tca, median_tca, peak_tca = timed_generate(model, ids, new_tokens)
-            stats = dict(
-                kept_fraction=run.stats.kept_fraction,
-                pairs_fraction=run.stats.pairs_fraction,
-                kv_bytes=run.stats.kv_bytes,
-                host_kv_bytes=run.stats.host_kv_bytes,
-            )
+        first_call = None
+        if i == 0:  # the first generate at this length (new pinned memory for its history): not timed
+            first_call = tca_generate(model, ids, profile, 1)[0][0]
+        (ttft_tca, decode_tca, median_tca, peak_tca), stats = tca_generate(model, ids, profile, new_tokens)
         attention = tca_attention_ms(model, profile, ids)
         tca_row = (
             base
@@ -345,6 +341,7 @@ def measure(
                 mode="tca",
                 kept_target=kept,
                 ttft_ms=ttft_tca,
+                first_call_ttft_ms=first_call,
                 decode_ms_per_token=decode_tca,
                 decode_ms_median=median_tca,
                 peak_gib=peak_tca,
@@ -356,16 +353,34 @@ def measure(
             )
         )
         rows.append(tca_row)
-        if graphs:  # the same, decode replayed from a CUDA graph (captured at the second decode step)
-            with tca.apply(model, profile, cuda_graphs=True):
-                ttft_g, decode_g, median_g, peak_g = timed_generate(model, ids, new_tokens)
-            rows.append(tca_row | dict(mode="tca-graph", ttft_ms=ttft_g, decode_ms_per_token=decode_g,
-                                        decode_ms_median=median_g, peak_gib=peak_g))  # fmt: skip
+        if graphs:  # the same with every decode step run eagerly (no CUDA graph)
+            (ttft_e, decode_e, median_e, peak_e), _ = tca_generate(
+                model, ids, profile, new_tokens, cuda_graphs=False
+            )
+            eager = dict(ttft_ms=ttft_e, decode_ms_per_token=decode_e, decode_ms_median=median_e)
+            rows.append(tca_row | eager | dict(mode="tca-eager", peak_gib=peak_e, first_call_ttft_ms=None))
         if turns:
             with tca.apply(model, profile) as run:
                 tca_row["next_turn_ttft_ms"] = next_turn_ttft(model, ids, new_tokens, run.new_cache())
+            del run  # its cache and host history go before the next row
             rows.append(no_history_row(model, ids, profile, new_tokens, tca_row))
     return rows
+
+
+def tca_generate(model, ids, profile, new_tokens: int, **options) -> tuple[tuple, dict]:
+    """``timed_generate`` inside ``tca.apply(model, profile, **options)``, and the run's statistics.
+    The run (its cache, its pinned host history) is gone when this returns, so every row starts
+    from the same state: the caching host allocator holds the pinned blocks for the next one."""
+    with tca.apply(model, profile, **options) as run:
+        timings = timed_generate(model, ids, new_tokens)
+        stats = dict(
+            kept_fraction=run.stats.kept_fraction,
+            pairs_fraction=run.stats.pairs_fraction,
+            kv_bytes=run.stats.kv_bytes,
+            host_kv_bytes=run.stats.host_kv_bytes,
+            cuda_graphs=run.cuda_graphs,
+        )
+    return timings, stats
 
 
 def next_turn_ttft(model, ids, new_tokens: int, cache) -> float:
@@ -483,7 +498,7 @@ def main(argv: list[str] | None = None) -> None:
         "tca": syncs_per_token(model, warm, uniform_profile(model, 0.1, 8192), block + 8),
     }
     if args.graphs:
-        syncs["tca-graph"] = syncs_per_token(model, warm, uniform_profile(model, 0.1, 8192), block + 8, True)
+        syncs["tca-eager"] = syncs_per_token(model, warm, uniform_profile(model, 0.1, 8192), block + 8, False)
         syncs["dense-graph"] = nan  # not counted (its compiled step)
     record["host_syncs_per_token"] = syncs | {"prompt": 8192, "steps": block + 8}
     for length, batch in tqdm(cases, desc="e2e", unit="case"):

@@ -152,6 +152,20 @@ def test_models_with_sliding_layers_are_refused_with_the_layers_named():
             pass
 
 
+def test_graphs_are_on_by_default_only_where_they_serve():
+    """The default (``cuda_graphs=None``) captures on one CUDA device with the Triton kernels only:
+    never on the CPU, and never on a model with sliding layers (no error there: it decodes eagerly)."""
+    model = tiny("llama", 0)
+    with apply(model, sparse_profile(model, 0)) as run:
+        assert not run.cuda_graphs and run.decode_graph is None
+    with apply(model, sparse_profile(model, 0), cuda_graphs=True) as run:  # asked for: served eagerly here
+        assert run.cuda_graphs and run.decode_graph is not None
+    gemma = tiny_gemma3(0)
+    profile = build_profile(model_fingerprint(gemma), np.full((2, 2), 0.2), np.full((2, 2), 0.3), CONFIG)
+    with apply(gemma, profile) as run:
+        assert not run.cuda_graphs
+
+
 def test_generate_restores_the_models_own_forward():
     """The split step serves generate's decode forwards only: the model's forward is its own after."""
     model = tiny("llama", 0)
@@ -173,10 +187,11 @@ def test_captured_decode_gives_the_eager_tokens_on_cuda():
     profile = sparse_profile(model, seed)
     ids, mask, _ = left_padded(prompts(seed, [300, 211]))
     ids, mask = ids.cuda(), mask.cuda()
-    with apply(model, profile) as run:
+    with apply(model, profile, cuda_graphs=False) as run:
         eager = generate(model, ids, mask, 200)
-    with apply(model, profile, cuda_graphs=True) as graphed_run:
+    with apply(model, profile) as graphed_run:  # the default on a CUDA device with the Triton kernels
         graphed = generate(model, ids, mask, 200)
+    assert graphed_run.cuda_graphs and not run.cuda_graphs
     assert graphed_run.decode_graph.replays > 150 and graphed_run.decode_graph.captures >= 1
     assert torch.equal(graphed.sequences, eager.sequences), f"seed {seed}"
     for step, (got, want) in enumerate(zip(graphed.logits, eager.logits, strict=True)):

@@ -40,9 +40,13 @@ def grouped_logits(query: torch.Tensor, key: torch.Tensor, scale: float) -> torc
         (..., G, H // G, C, S) float32.
     """
     *lead, n_heads, q_len, head_dim = query.shape
-    n_kv = key.shape[-3]
-    q = query.float().reshape(*lead, n_kv, n_heads // n_kv, q_len, head_dim)
-    return torch.matmul(q, key.float().unsqueeze(-3).transpose(-1, -2)) * scale
+    n_kv, k_len = key.shape[-3], key.shape[-2]
+    group = n_heads // n_kv
+    # a group's queries stacked along the rows: one (group * C, d) x (d, S) product per KV head, so the
+    # keys are read as they are (a broadcast over the group would copy them group times)
+    q = query.float().reshape(*lead, n_kv, group * q_len, head_dim)
+    logits = torch.matmul(q, key.float().transpose(-1, -2)) * scale
+    return logits.view(*lead, n_kv, group, q_len, k_len)
 
 
 def causal_visible(

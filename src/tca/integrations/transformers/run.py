@@ -58,7 +58,7 @@ class TCARun:
         model: torch.nn.Module,
         selector: Profile | Any,
         keep_history: bool = True,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | None = None,
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(
@@ -91,8 +91,11 @@ class TCARun:
                 "model's layout (tca.integrations.transformers.layout.head_layout(model))."
             )
         self.policy = CachePolicy(self.config, self.group, self.decode_keep)
-        if cuda_graphs:
-            _check_graphs_serve(model, layout)
+        if cuda_graphs is None:  # the default: wherever graphs serve this model
+            cuda_graphs = _graphs_refusal(model, layout) is None and _graph_safe_device(model)
+        elif cuda_graphs and (refusal := _graphs_refusal(model, layout)):
+            raise ValueError(refusal)
+        self.cuda_graphs = bool(cuda_graphs)  # whether generate's decode steps replay a CUDA graph
         self.static: StaticStep | None = None  # set while a graph's decode step runs (graphs.py)
         self.decode_graph = DecodeGraph(self) if cuda_graphs else None
 
@@ -209,20 +212,30 @@ class TCARun:
         return out
 
 
-def _check_graphs_serve(model: torch.nn.Module, layout) -> None:
-    """Raise ValueError when ``cuda_graphs=True`` cannot serve this model (``graphs.py``)."""
+def _graphs_refusal(model: torch.nn.Module, layout) -> str | None:
+    """Why ``cuda_graphs=True`` cannot serve this model (``graphs.py``), or None when it can."""
     architecture = type(model).__name__
     if layout.sharded:
-        raise ValueError(
+        return (
             f"cuda_graphs=True does not run under tensor parallelism ({architecture} is sharded over "
             "ranks): pass cuda_graphs=False."
         )
     others = sorted(set(range(layout.n_layers)) - set(layout.layers))
     if others:
-        raise ValueError(
+        return (
             f"cuda_graphs=True needs every attention layer managed by TCA, but {architecture}'s layers "
             f"{others} attend within a sliding window (transformers' own cache): pass cuda_graphs=False."
         )
+    return None
+
+
+def _graph_safe_device(model: torch.nn.Module) -> bool:
+    """Whether every parameter of ``model`` is on one CUDA device whose ops are the Triton kernels
+    (their decode step never waits for the device, so a graph can capture it)."""
+    devices = {parameter.device for parameter in model.parameters()}
+    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+        return False
+    return ops.backend(next(iter(devices))).name == "triton"
 
 
 def _what(value: Any) -> str:
@@ -256,7 +269,10 @@ def _as_selector(profile: Any) -> Profile | Any:
 
 @contextlib.contextmanager
 def apply(
-    model: torch.nn.Module, profile: Profile | Any, keep_history: bool = True, cuda_graphs: bool = False
+    model: torch.nn.Module,
+    profile: Profile | Any,
+    keep_history: bool = True,
+    cuda_graphs: bool | None = None,
 ) -> Iterator[TCARun]:
     """Run ``model`` with TCA attention inside the block.
 
@@ -269,7 +285,9 @@ def apply(
     stops with a warning when a sequence reaches the model's context limit, keeping what it
     generated. ``keep_history`` keeps every token's K/V on the host so that a new turn re-selects
     from the whole conversation. ``cuda_graphs`` replays ``generate``'s decode steps from a captured
-    CUDA graph (``graphs.py``: every layer managed, one process; the same tokens, less host time).
+    CUDA graph (``graphs.py``; the same tokens, less host time): None (default) does so wherever it
+    serves (the model on one CUDA device, every layer managed, one process), True insists (a
+    ValueError where it cannot serve), False decodes eagerly.
     Yields the ``TCARun``, whose ``stats`` fill as the model runs.
     Everything is restored on exit, also after an exception; the cache then accepts no more
     tokens. Runs do not nest: entering ``apply`` (or ``patch``) on a model already under one
@@ -289,7 +307,7 @@ _PATCHED: weakref.WeakKeyDictionary[torch.nn.Module, contextlib.ExitStack] = wea
 
 
 def patch(
-    model: torch.nn.Module, profile: Profile, keep_history: bool = True, cuda_graphs: bool = False
+    model: torch.nn.Module, profile: Profile, keep_history: bool = True, cuda_graphs: bool | None = None
 ) -> TCARun:
     """``apply`` without a ``with``: TCA stays on until ``unpatch(model)``. Returns the run."""
     if model in _PATCHED:

@@ -1,0 +1,50 @@
+"""GPU probe: what does a first ``generate`` pay to pin the host history's memory?
+
+The host history (``keep_history=True``) copies every layer's prompt K/V into pinned host memory.
+PyTorch's caching host allocator keeps freed pinned blocks for reuse, so only a process's first
+prompt of a new size pays for pinning (``cudaHostAlloc``). This times that cost for ``--gib`` of
+history in blocks of ``--block-mib`` (a layer's keys or values at the length of interest), cold
+and warm, under the allocator settings given by ``PYTORCH_CUDA_ALLOC_CONF`` (run it once per
+setting, each in a fresh process):
+
+    python benchmarks/probes/pinned_alloc.py --gib 16 --block-mib 256
+    PYTORCH_CUDA_ALLOC_CONF=pinned_use_cuda_host_register:True,pinned_num_register_threads:8 \\
+        python benchmarks/probes/pinned_alloc.py --gib 16 --block-mib 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+
+def pin(blocks: int, numel: int) -> tuple[float, list[torch.Tensor]]:
+    """Seconds to allocate ``blocks`` pinned bf16 tensors of ``numel`` elements, and the tensors."""
+    start = time.perf_counter()
+    tensors = [torch.empty(numel, dtype=torch.bfloat16, pin_memory=True) for _ in range(blocks)]
+    return time.perf_counter() - start, tensors
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gib", type=float, default=16.0)
+    parser.add_argument("--block-mib", type=float, default=256.0)
+    args = parser.parse_args()
+    torch.cuda.init()
+    numel = int(args.block_mib * 2**20 / 2)
+    blocks = max(1, round(args.gib * 1024 / args.block_mib))
+    cold, tensors = pin(blocks, numel)
+    del tensors  # back to the caching host allocator
+    warm, _ = pin(blocks, numel)
+    setting = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "(default)")
+    print(
+        f"{setting}: {blocks} x {args.block_mib:.0f} MiB pinned: cold {cold:.2f} s "
+        f"({args.gib / cold:.1f} GiB/s), warm {warm * 1e3:.1f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()
