@@ -358,7 +358,8 @@ def measure(
                 model, ids, profile, new_tokens, cuda_graphs=False
             )
             eager = dict(ttft_ms=ttft_e, decode_ms_per_token=decode_e, decode_ms_median=median_e)
-            rows.append(tca_row | eager | dict(mode="tca-eager", peak_gib=peak_e, first_call_ttft_ms=None))
+            eager |= dict(peak_gib=peak_e, first_call_ttft_ms=None, cuda_graphs=False)
+            rows.append(tca_row | eager | dict(mode="tca-eager"))
         if turns:
             with tca.apply(model, profile) as run:
                 tca_row["next_turn_ttft_ms"] = next_turn_ttft(model, ids, new_tokens, run.new_cache())

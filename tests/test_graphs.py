@@ -11,8 +11,10 @@ replayed, and must still give the same tokens.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -164,6 +166,22 @@ def test_graphs_are_on_by_default_only_where_they_serve():
     profile = build_profile(model_fingerprint(gemma), np.full((2, 2), 0.2), np.full((2, 2), 0.3), CONFIG)
     with apply(gemma, profile) as run:
         assert not run.cuda_graphs
+
+
+def test_a_finished_run_is_freed_without_the_garbage_collector():
+    """A run with a decode graph holds no reference cycle: its cache (device store, pinned host
+    history) goes when the ``with`` block's last reference does, not at some later collection."""
+    model = tiny("llama", 0)
+    ids = prompts(0, [40])[0].unsqueeze(0)
+    gc.disable()
+    try:
+        with apply(model, sparse_profile(model, 0), cuda_graphs=True) as run:
+            generate(model, ids, torch.ones_like(ids), 3)
+        freed = weakref.ref(run.cache)
+        del run
+        assert freed() is None
+    finally:
+        gc.enable()
 
 
 def test_generate_restores_the_models_own_forward():

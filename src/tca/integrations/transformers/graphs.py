@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -100,7 +101,8 @@ class DecodeGraph:
     """Serves ``generate``'s decode forwards of one run from a captured CUDA graph (module docstring)."""
 
     def __init__(self, run: Any):
-        self.run = run
+        self._run = weakref.ref(run)  # the run holds this object: no cycle, so the run (its cache, its
+        # pinned history) is freed as soon as its last reference goes, without waiting for the collector
         self.step: StaticStep | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.warm = False  # an eager step ran since the last change: the next one may be captured
@@ -110,6 +112,10 @@ class DecodeGraph:
         self.steps = 0  # decode steps served (eager or replayed)
         self.replays = 0
         self.captures = 0
+
+    @property
+    def run(self) -> Any:
+        return self._run()
 
     def wrap(self, forward: Callable) -> Callable:
         """``forward`` that serves the run's decode steps here and everything else as before."""
