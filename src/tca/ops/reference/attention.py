@@ -8,7 +8,10 @@ the sparse pairs, not L^2. GQA: K/V are never repeated; query heads are grouped 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ...core.selection import Selection
 from ...core.softmax import causal_prob_chunks, grouped_logits, masked_softmax
@@ -26,7 +29,10 @@ def _fused_masked_attention(
     k = keys.reshape(batch * n_kv, 1, -1, head_dim).expand(-1, group, -1, -1)
     v = values.reshape(batch * n_kv, 1, -1, head_dim).expand(-1, group, -1, -1)
     mask = visible.reshape(batch * n_kv, 1, chunk, -1)
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    # on CUDA the math kernel: the memory-efficient one answered a 129-query chunk's last row wrongly
+    # (H200, torch 2.11, float32, these broadcast keys and masks; seen against brute force)
+    with sdpa_kernel(SDPBackend.MATH) if query.device.type == "cuda" else contextlib.nullcontext():
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     out = out.view(batch, n_kv, group, chunk, head_dim)
     return torch.where(
         visible.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device)
