@@ -84,7 +84,10 @@ def attention_table(name: str = "attention-h100-80gb-hbm3.json", shape: str = "l
     return markdown(header, cells)
 
 
-def e2e_table(names: tuple[str, ...] = ("e2e-nvidia-h200.json", "e2e-nvidia-h200-8k-256k.json")) -> str:
+E2E_FILES = ("e2e-nvidia-h200.json", "e2e-nvidia-h200-8k-256k.json", "e2e-nvidia-h200-graphs.json")
+
+
+def e2e_table(names: tuple[str, ...] = E2E_FILES) -> str:
     """What a user runs: generate() inside tca.apply with the defaults against dense, per length and
     kept target; a length measured in several files is taken from the last (the newest code)."""
     rows: dict[tuple, dict] = {}
@@ -119,6 +122,45 @@ def e2e_table(names: tuple[str, ...] = ("e2e-nvidia-h200.json", "e2e-nvidia-h200
             + [f"{r['peak_gib']:.1f}", f"{r['kv_bytes'] / 2**30:.2f}", r["commit"]]
         )
     return markdown(header, cells)
+
+
+def e2e_modes_table(
+    name: str = "e2e-nvidia-h200-graphs.json", turns: str = "e2e-nvidia-h200-turns.json"
+) -> str:
+    """Decode per token in every mode (dense eager and compiled, TCA with its defaults, which replay a
+    CUDA graph, and TCA eager), then what the host history costs the first turn (TCA without it)."""
+    rows = load(name)["rows"]
+    by = {(r["L"], r["mode"], r["kept_target"]): r for r in rows}
+    header = ["L", "kept", "dense", "dense compiled", "TCA (defaults: graph)", "TCA eager"]
+    header += ["x dense", "x dense compiled", "x dense (eager vs eager)"]
+    cells = []
+    for length in sorted({r["L"] for r in rows}):
+        dense, compiled = by[length, "dense", None], by[length, "dense-graph", None]
+        for kept in sorted({r["kept_target"] for r in rows if r["L"] == length and r["mode"] == "tca"}):
+            tca, eager = by[length, "tca", kept], by[length, "tca-eager", kept]
+            cells.append(
+                [short_length(length), f"{kept:.0%}"]
+                + [f"{r['decode_ms_per_token']:.1f}" for r in (dense, compiled, tca, eager)]
+                + [f"{dense['decode_ms_per_token'] / tca['decode_ms_per_token']:.1f}x"]
+                + [f"{compiled['decode_ms_per_token'] / tca['decode_ms_per_token']:.1f}x"]
+                + [f"{dense['decode_ms_per_token'] / eager['decode_ms_per_token']:.2f}x"]
+            )
+    table = markdown(header, cells)
+    history = load(turns)["rows"]
+    header = ["L", "kept", "ttft, history kept (default)", "ttft, keep_history=False", "history's cost"]
+    header += ["next turn ttft: dense", "TCA", "TCA without history"]
+    cells = []
+    for r in history:
+        if r["mode"] != "tca":
+            continue
+        off = next(o for o in history if o["mode"] == "tca-no-history" and o["L"] == r["L"])
+        dense = next(o for o in history if o["mode"] == "dense" and o["L"] == r["L"])
+        cells.append(
+            [short_length(r["L"]), f"{r['kept_target']:.0%}", f"{r['ttft_ms']:.0f}", f"{off['ttft_ms']:.0f}"]
+            + [f"{r['ttft_ms'] / off['ttft_ms'] - 1:+.1%}"]
+            + [f"{x['next_turn_ttft_ms']:.0f}" for x in (dense, r, off)]
+        )
+    return table + "\n\n" + markdown(header, cells)
 
 
 # ------------------------------------------------------------------------------ fidelity, needles
@@ -290,6 +332,7 @@ def _setting_order(key: str) -> tuple:
 TABLES: dict[str, Callable[[], str]] = {
     "attention": attention_table,
     "e2e": e2e_table,
+    "e2e-modes": e2e_modes_table,
     "fidelity": fidelity_table,
     "needles": needle_table,
     "eval-runs": eval_runs_table,

@@ -19,8 +19,9 @@ class HostHistory:
     device staging block, one buffer for the whole history, and go over ``block`` at a time; the
     model's stream waits for that copy before it writes the block again (a block's copy, every
     ``block`` tokens). A CUDA graph's decode step writes the block at a device index (``stage``)
-    and counts the token on the host after replaying (``advance``). ``tensors()`` waits for the
-    copies (a new turn, or a caller reading the history).
+    and counts the token on the host after replaying (``advance``). A new turn reads it with
+    ``joined_on_device`` (the device waits for the copies), a caller on the host with ``tensors()``
+    (the host waits).
     """
 
     def __init__(self, block: int):
@@ -90,18 +91,29 @@ class HostHistory:
         self._flush()
         if self.done is not None:
             self.done.synchronize()
-        if len(self.chunks) > 1:
-            self.chunks = [tuple(_joined(parts) for parts in zip(*self.chunks, strict=True))]
-        return self.chunks[0]
+        keys, values = zip(*self.chunks, strict=True)
+        return torch.cat(keys, 2), torch.cat(values, 2)
 
-
-def _joined(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """The chunks joined along the tokens, in pinned memory when they are (so that a new turn's copy
-    to the device is asynchronous and at full speed)."""
-    if not parts[0].is_pinned():
-        return torch.cat(parts, 2)
-    shape = (*parts[0].shape[:2], sum(part.shape[2] for part in parts), parts[0].shape[3])
-    return torch.cat(parts, 2, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=True))
+    def joined_on_device(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The history followed by ``key``, ``value`` (B, G, n, d), as (B, G, length + n, d) tensors on
+        their device (a new turn selects from all of it). Each chunk goes straight from its pinned
+        block into its place, after its copy to the host (the model's stream waits for that on the
+        device; the host waits for nothing): no host-side join, no second pinned buffer."""
+        self._flush()
+        if self.done is not None and key.device.type == "cuda":
+            torch.cuda.current_stream(key.device).wait_event(self.done)
+        joined = []
+        for part, new in ((0, key), (1, value)):
+            past = sum(chunk[part].shape[2] for chunk in self.chunks)
+            out = new.new_empty(*new.shape[:2], past + new.shape[2], new.shape[3])
+            start = 0
+            for chunk in self.chunks:
+                length = chunk[part].shape[2]
+                out[:, :, start : start + length].copy_(chunk[part], non_blocking=True)
+                start += length
+            out[:, :, past:] = new
+            joined.append(out)
+        return joined[0], joined[1]
 
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}

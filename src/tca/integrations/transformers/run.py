@@ -201,11 +201,9 @@ class TCARun:
     def _new_turn(self, layer: TCACacheLayer, layer_idx: int, query, key, value, key_start, scale):
         """A prefill onto a non-empty cache: select again from the whole host history when it is
         kept, else attend to the stored entries plus the new tokens (causal). (B, H, n, d)."""
-        if layer.history is None:
+        if layer._history is None:
             return self.policy.attend_new_turn(layer, query, key, value, scale)
-        past_key, past_value = layer.history  # pinned on a GPU: the copies below do not block the host
-        full_key = torch.cat([past_key.to(key.device, key.dtype, non_blocking=True), key], dim=2)
-        full_value = torch.cat([past_value.to(value.device, value.dtype, non_blocking=True), value], dim=2)
+        full_key, full_value = layer._history.joined_on_device(key, value)  # no host wait, no host copy
         out, selection = self.prefill(layer_idx, query, full_key, full_value, key_start, scale)
         self.policy.store(layer, full_key, full_value, selection, key_start)
         layer.remember(key, value)
