@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tca.core.config import TCAConfig
 from tca.core.error_bound import last_query_dropped_mass, theorem1_bound
 from tca.core.selection import Selection, select
-from tca.core.stats import pair_counts
+from tca.core.stats import RunStats, pair_counts
 from tca.ops import reference
 
 
@@ -233,3 +233,43 @@ def test_pair_counts_equal_visible_pairs(seed, batch, context_len, window, keep_
     dense = [int(visibility(context_len, [], context_len + 1, s).sum()) for s in starts]
     assert dense_pairs.tolist() == dense
     assert causal_masks(1, 1, context_len)[0, 0].sum() == context_len * (context_len + 1) // 2
+
+
+@pytest.mark.randomised
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    batch=st.integers(1, 3),
+    context_len=st.integers(1, 80),
+    window=st.integers(1, 30),
+    padded=st.booleans(),
+)
+def test_run_stats_of_several_layers_equal_each_layers_own_counts(seed, batch, context_len, window, padded):
+    """``RunStats.flush`` computes every queued layer's figures together (the layers' kept indices
+    side by side, of different widths): each layer's must equal ``pair_counts`` of that layer alone
+    and the plain batch means of its counts, gamma and bound."""
+    n_kv, n_heads, n_layers = 3, 6, 4
+    rng = np.random.default_rng(seed)
+    cases = [random_case(seed + i, batch, 2, n_kv, context_len, window, 2, rng.choice([0.0, 0.3, 1.0]),
+                         30 if padded else 0) for i in range(n_layers)]  # fmt: skip
+    starts = torch.tensor(cases[0][3]) if padded else None  # one prefill: one padding for every layer
+    stats = RunStats(n_layers, n_kv, n_heads)
+    expected = []
+    for layer, case in enumerate(cases):
+        rows = [[[i for i in head if i >= (cases[0][3][b] if padded else 0)] for head in row]
+                for b, row in enumerate(case[4])]  # fmt: skip
+        selection = pack(rows, context_len)
+        gamma, bound = torch.rand(batch, n_heads, dtype=torch.float64), torch.rand(batch, n_heads)
+        stats.record_prefill(layer, selection, starts, window, gamma, bound)
+        start = starts if padded else torch.zeros(batch, dtype=torch.int64)
+        pairs, dense = pair_counts(selection, start, window)
+        expected.append((pairs.sum(0).tolist(), int(dense.sum()), selection.counts.double().mean(0).tolist(),
+                         gamma.mean(0).tolist(), bound.double().mean(0).tolist()))  # fmt: skip
+    stats.flush()
+    for layer, (pairs, dense, kept, gamma, bound) in enumerate(expected):
+        where = f"seed {seed}, layer {layer}"
+        assert stats.tca_pairs[layer].tolist() == pairs and stats.dense_pairs[layer] == dense, where
+        np.testing.assert_allclose(stats.kept_counts[layer], kept, rtol=1e-12, err_msg=where)
+        np.testing.assert_allclose(stats.gamma[layer], gamma, rtol=1e-12, err_msg=where)
+        np.testing.assert_allclose(stats.error_bound[layer], bound, rtol=1e-6, err_msg=where)
+    assert stats.prefills == 1

@@ -184,6 +184,9 @@ def test_user_errors_are_one_clear_line_on_every_rank(folder, world):
         assert "divides 3 (1, 3)" in message and "\n" not in message, message
         assert errors["profile"].startswith("ProfileError: this profile was calibrated for another model")
         assert "architecture: profile 'llama', model 'qwen2'" in errors["profile"]
+        graphs = errors["graphs"]  # the default (cuda_graphs=None) decodes eagerly here, with no error
+        assert graphs.startswith("ValueError: cuda_graphs=True does not run under tensor parallelism"), graphs
+        assert "pass cuda_graphs=False" in graphs, graphs
 
 
 @pytest.mark.slow

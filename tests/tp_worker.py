@@ -2,8 +2,9 @@
 
 FOLDER holds the checkpoints and profiles ``test_tensor_parallel.py`` wrote. Each model is loaded
 with ``tp_plan="auto"`` as a user would; the rank runs ``tp_scenarios`` under TCA and saves what it
-saw to ``FOLDER/<family>-rank<r>-of<N>.pt``. Then the two user errors: a model whose KV heads the
-world size does not divide, and a profile for another model; each rank saves the message it got.
+saw to ``FOLDER/<family>-rank<r>-of<N>.pt``. Then the user errors: a model whose KV heads the
+world size does not divide, a profile for another model, and ``cuda_graphs=True`` (refused under
+tensor parallelism); each rank saves the message it got.
 A rank that hangs is caught by the process group's timeout and the test's.
 """
 
@@ -31,10 +32,10 @@ def load(path: Path) -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", dtype=torch.float32).eval()
 
 
-def error_of(model: torch.nn.Module, profile: Profile) -> str:
-    """The message ``tca.apply`` raises (it must raise before any work)."""
+def error_of(model: torch.nn.Module, profile: Profile, **options) -> str:
+    """The message ``tca.apply(model, profile, **options)`` raises (it must raise before any work)."""
     try:
-        with apply(model, profile):
+        with apply(model, profile, **options):
             pass
     except ValueError as error:
         return f"{type(error).__name__}: {error}"
@@ -55,6 +56,7 @@ def main(folder: Path, seed: int) -> None:
     errors = {
         "world_size": error_of(load(folder / "odd"), Profile.load(folder / "odd.json")),
         "profile": error_of(models["qwen2"], Profile.load(folder / "llama.json")),
+        "graphs": error_of(models["llama"], Profile.load(folder / "llama.json"), cuda_graphs=True),
     }
     torch.save(errors, folder / f"errors-rank{rank}-of{world}.pt")
     dist.barrier()  # every rank got here: none is stuck in a collective

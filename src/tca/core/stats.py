@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .selection import Selection
+from .transfer import to_device
 
 
 def pair_counts(
@@ -91,39 +92,32 @@ class RunStats:
         self,
         layer: int,
         selection: Selection,
-        key_start: torch.Tensor,
+        key_start: torch.Tensor | None,
         local_window: int,
         gamma: torch.Tensor,
         bound: torch.Tensor,
     ) -> None:
-        """Queue one layer's prefill figures (batch-averaged), on the device: ``flush`` brings every
-        queued layer to the host with one synchronisation, so a prefill waits once, not per layer."""
-        layer = self.layers.index(layer)  # its row
-        tca_pairs, dense_pairs = pair_counts(selection, key_start, local_window)
-        n = (selection.context_len - key_start).double()
-        counts = selection.counts.double()
-        figures = [
-            counts.mean(0),
-            (counts + n.clamp(max=local_window).view(-1, 1)).mean(0),
-            n.mean().view(1),
-            tca_pairs.double().sum(0),
-            dense_pairs.double().sum().view(1),
-            gamma.double().mean(0),
-            bound.double().mean(0),
-        ]
-        self._pending.append((layer, torch.cat([f.to(counts.device) for f in figures])))
-        if layer == 0:
+        """Queue one layer's prefill (``key_start``: (B,) first valid key per row, None without
+        padding; ``gamma``, ``bound``: (B, H)). Nothing runs on the device here: ``flush`` computes
+        the figures of every queued layer together (a few launches per prefill, not per layer)
+        and brings them to the host with one synchronisation."""
+        row = self.layers.index(layer)
+        self._pending.append(_Queued(row, selection, key_start, local_window, gamma, bound))
+        if row == 0:
             self.prefills += 1
 
     def flush(self) -> None:
         """Store the queued layers' figures in the arrays (one device-to-host copy)."""
         if not self._pending:
             return
-        layers = [layer for layer, _ in self._pending]
-        values = torch.stack([v for _, v in self._pending]).cpu().numpy()
+        groups: dict[tuple, list[_Queued]] = {}  # layers of one prefill share these
+        for queued in self._pending:
+            groups.setdefault(queued.shares(), []).append(queued)
         self._pending = []
+        rows = [queued.row for group in groups.values() for queued in group]
+        values = torch.cat([_figures(group) for group in groups.values()]).cpu().numpy()
         g, h = self.n_kv_heads, self.n_heads
-        for layer, row in zip(layers, values, strict=True):
+        for layer, row in zip(rows, values, strict=True):
             parts = np.split(row, np.cumsum([g, g, 1, g, 1, h]))
             self.kept_counts[layer], self.kept_entries[layer] = parts[0], parts[1]
             self.context_tokens[layer], self.tca_pairs[layer] = parts[2][0], parts[3]
@@ -184,3 +178,68 @@ class RunStats:
         self.prefills = first.prefills
         for name in BYTE_COUNTS:
             setattr(self, name, sum(getattr(part, name) for _, part in parts))
+
+
+@dataclass
+class _Queued:
+    """One layer's prefill as ``record_prefill`` received it (device tensors, nothing computed)."""
+
+    row: int
+    selection: Selection
+    key_start: torch.Tensor | None
+    local_window: int
+    gamma: torch.Tensor
+    bound: torch.Tensor
+
+    def shares(self) -> tuple:
+        """What the layers of one prefill have in common (their figures are computed together)."""
+        start = None if self.key_start is None else id(self.key_start)
+        return self.selection.context_len, self.selection.counts.shape[0], self.local_window, start
+
+
+def _figures(group: list[_Queued]) -> torch.Tensor:
+    """(layers, F) float64 figures of layers that share context, batch, window and padding: per row
+    kept counts (G), kept entries (G), context tokens (1), TCA pairs (G), dense pairs (1), gamma
+    (H), error bound (H); batch-averaged as ``RunStats`` documents (pairs summed over the batch)."""
+    first = group[0]
+    counts = torch.stack([q.selection.counts for q in group]).to(first.gamma.device)  # (n, B, G)
+    device, (n_layers, batch, _) = counts.device, counts.shape
+    start = torch.zeros(batch, dtype=torch.int64, device=device)
+    if first.key_start is not None:
+        start = first.key_start.to(device, torch.int64)
+    tca_pairs, dense_pairs = _pairs(group, start, device)  # (n, G), scalar
+    valid = first.selection.context_len - start  # (B,) valid tokens per row
+    window = valid.clamp(max=first.local_window).double()
+    counts = counts.double()
+    per_layer = torch.ones(n_layers, 1, dtype=torch.float64, device=device)
+    return torch.cat(
+        [
+            counts.mean(1),
+            (counts + window.view(1, -1, 1)).mean(1),
+            per_layer * valid.double().mean(),
+            tca_pairs,
+            per_layer * dense_pairs,
+            torch.stack([q.gamma for q in group]).to(device).double().mean(1),
+            torch.stack([q.bound for q in group]).to(device).double().mean(1),
+        ],
+        1,
+    )
+
+
+def _pairs(group: list[_Queued], start: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pair_counts`` of every layer of ``group`` at once: the kept indices of all layers side by
+    side, each one's pairs added into its layer. Returns (n, G) TCA pairs summed over the batch, and
+    the dense pairs summed over the batch (a scalar tensor); int64 arithmetic, exact."""
+    first = group[0]
+    context_len, window = first.selection.context_len, first.local_window
+    indices = torch.cat([q.selection.indices.to(device) for q in group], -1)  # (B, G, sum K)
+    widths = [q.selection.indices.shape[-1] for q in group]
+    layer_of = to_device(np.repeat(np.arange(len(group)), widths), torch.int64, device)  # (sum K,)
+    n = (context_len - start).view(-1, 1, 1)  # (B, 1, 1)
+    seen_by = (n - (indices - start.view(-1, 1, 1)) - window).clamp_min(0) * (indices < context_len)
+    batch, n_kv, _ = indices.shape
+    kept_pairs = seen_by.new_zeros(batch, n_kv, len(group)).index_add_(2, layer_of, seen_by)  # (B, G, n)
+    w = torch.clamp(n, max=window)
+    window_pairs = w * n - w * (w - 1) // 2  # (B, 1, 1)
+    tca_pairs = (kept_pairs + window_pairs).double().sum(0).T  # (n, G)
+    return tca_pairs, (n * (n + 1) // 2).double().sum()

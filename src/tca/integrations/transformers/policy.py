@@ -13,9 +13,10 @@ import torch
 
 from ... import ops
 from ...core.config import TCAConfig
+from ...core.transfer import to_device
 from .cache import TCACacheLayer
 from .registration import row_starts
-from .store import LayerStore, to_device, valid_first
+from .store import LayerStore, valid_first
 
 
 class CachePolicy:

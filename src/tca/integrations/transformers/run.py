@@ -41,7 +41,6 @@ from .registration import (
     check_context,
     check_supported,
     key_start_from_mask,
-    row_starts,
 )
 from .selector import ProfileSelector
 
@@ -185,8 +184,7 @@ class TCARun:
             query, key, value, selection, window, scale, key_start, self.config.query_chunk
         )
         gamma = last_query_dropped_mass(query[:, :, -1], key, selection, window, scale, key_start)
-        start = row_starts(key_start, key.shape[0], key.device)
-        self._stats.record_prefill(layer, selection, start, window, gamma, theorem1_bound(gamma, value))
+        self._stats.record_prefill(layer, selection, key_start, window, gamma, theorem1_bound(gamma, value))
         return out, selection
 
     def gather_stats(self) -> None:

@@ -22,15 +22,7 @@ import numpy as np
 import torch
 
 from ... import ops
-
-
-def to_device(array, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host ``array`` as a ``dtype`` tensor on ``device``; on CUDA through pinned memory without
-    blocking, so the host does not wait for the work already queued (a plain copy would)."""
-    tensor = torch.as_tensor(np.asarray(array), dtype=dtype)
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+from ...core.transfer import to_device
 
 
 def valid_first(valid: torch.Tensor) -> torch.Tensor:
