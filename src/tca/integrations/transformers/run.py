@@ -199,9 +199,10 @@ class TCARun:
     def _new_turn(self, layer: TCACacheLayer, layer_idx: int, query, key, value, key_start, scale):
         """A prefill onto a non-empty cache: select again from the whole host history when it is
         kept, else attend to the stored entries plus the new tokens (causal). (B, H, n, d)."""
-        if layer._history is None:
+        joined = layer.history_then(key, value)
+        if joined is None:
             return self.policy.attend_new_turn(layer, query, key, value, scale)
-        full_key, full_value = layer._history.joined_on_device(key, value)  # no host wait, no host copy
+        full_key, full_value = joined
         out, selection = self.prefill(layer_idx, query, full_key, full_value, key_start, scale)
         self.policy.store(layer, full_key, full_value, selection, key_start)
         layer.remember(key, value)
