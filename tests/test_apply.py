@@ -307,3 +307,24 @@ def test_profile_for_another_model_raises():
     with pytest.raises(ProfileError, match="n_layers: profile 2, model 3"), apply(model, dense_profile()):
         pass
     assert model.config._attn_implementation == "eager"
+
+
+@pytest.mark.randomised
+def test_a_padded_prefill_reads_its_padding_once(monkeypatch):
+    """Every layer of a forward gets the same mask: the run reads each row's first valid key from it
+    once per forward (each read waits for the device on a GPU), and every layer sees the same rows."""
+    import tca.integrations.transformers.run as run_module
+
+    seed = fresh_seed()
+    model = tiny_llama(seed)  # 2 layers: read per layer, 4 reads in two forwards
+    calls = []
+    original = run_module.key_start_from_mask
+    monkeypatch.setattr(run_module, "key_start_from_mask", lambda *a: calls.append(1) or original(*a))
+    ids = torch.randint(1, model.config.vocab_size, (2, 50), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    with apply(model, sparse_profile(seed)) as run, torch.no_grad():
+        model(ids, attention_mask=mask, logits_to_keep=1)
+        model(ids, attention_mask=mask, logits_to_keep=1)
+    assert len(calls) == 2, f"seed {seed}: the mask was read {len(calls)} times in two forwards"
+    assert run._padding is None  # dropped with the forward

@@ -13,7 +13,7 @@ import torch
 
 from ... import ops
 from ...core.config import TCAConfig
-from ...core.transfer import to_device
+from ...core.transfer import host_ints, to_device
 from .cache import TCACacheLayer
 from .registration import row_starts
 from .store import LayerStore, valid_first
@@ -114,6 +114,7 @@ class CachePolicy:
         return self._keep_device[key]
 
 
-def _host_starts(key_start: torch.Tensor | None, batch: int) -> list[int]:
-    """Each row's first valid key as host ints (no padding: zeros, and no synchronisation)."""
-    return [0] * batch if key_start is None else key_start.tolist()
+def _host_starts(key_start: torch.Tensor | None, batch: int) -> tuple[int, ...]:
+    """Each row's first valid key as host ints (no padding: zeros, and no synchronisation; padding:
+    read once per prefill, ``host_ints``)."""
+    return (0,) * batch if key_start is None else host_ints(key_start)

@@ -96,6 +96,9 @@ class TCARun:
             raise ValueError(refusal)
         self.cuda_graphs = bool(cuda_graphs)  # whether generate's decode steps replay a CUDA graph
         self.static: StaticStep | None = None  # set while a graph's decode step runs (graphs.py)
+        self._padding: tuple[torch.Tensor, torch.Tensor | None] | None = (
+            None  # (mask, key_start) of a forward
+        )
         self.decode_graph = DecodeGraph(self) if cuda_graphs else None
 
     def new_cache(self) -> TCACache:
@@ -144,9 +147,7 @@ class TCARun:
         if decoding:
             out = self.policy.decode(layer, query, key, value, scale)  # no mask work per decode step
         else:
-            key_start = key_start_from_mask(
-                attention_mask, attention_mask.shape[-1] if attention_mask is not None else 0
-            )
+            key_start = self._key_start(attention_mask)
             if layer is None:
                 out, _ = self.prefill(layer_idx, query, key, value, key_start, scale)
             elif layer.seen == 0:
@@ -162,9 +163,20 @@ class TCARun:
             if layer_idx == self.layout.layers[-1]:
                 self._stats.record_cache(self.cache)
         if layer_idx == self.layout.layers[-1] and not decoding:
+            self._padding = None  # the forward's mask and padding go with it
             self._stats.flush()  # the prefill's one synchronisation for its statistics
             self.gather_stats()  # a prefill's last layer: every rank is here together
         return out.transpose(1, 2).contiguous(), None
+
+    def _key_start(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """(B,) first valid key per row of this forward's mask (None: no padding). Every layer of a
+        forward gets the same mask object: it is read once, and every layer gets the same tensor
+        (so its host copy is read once too, ``core.transfer.host_ints``)."""
+        if attention_mask is None:
+            return None
+        if self._padding is None or self._padding[0] is not attention_mask:
+            self._padding = (attention_mask, key_start_from_mask(attention_mask, attention_mask.shape[-1]))
+        return self._padding[1]
 
     def _cache_layer(self, layer_idx: int, key: torch.Tensor) -> TCACacheLayer | None:
         """The compressed-cache layer this call belongs to, or None when no TCA cache is in use."""

@@ -12,6 +12,7 @@ import importlib.util
 
 import torch
 
+from ...core.transfer import host_ints
 from .. import reference
 from ..registry import register
 
@@ -49,7 +50,7 @@ def dense_prefill(query, key, value, selection, local_window, scale, key_start=N
     if key_start is None:
         return sdpa(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
     out = torch.zeros_like(query)
-    for row, start in enumerate(key_start.tolist()):
+    for row, start in enumerate(host_ints(key_start)):
         q, k, v = (x[row : row + 1, :, start:] for x in (query, key, value))
         if q.shape[2]:
             out[row : row + 1, :, start:] = sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=True)

@@ -11,6 +11,7 @@ import triton
 from ...core.budgets import rank_fractions
 from ...core.config import TCAConfig
 from ...core.selection import Selection
+from ...core.transfer import host_ints
 from . import kernels
 from .launchers import _empty, _kind, _multiprocessors, _precision, _rows_contiguous, _start, _tile, supported
 
@@ -58,7 +59,7 @@ def select(
     group = n_heads // n_kv
     window, block_size = config.effective_window, config.block_size
     device = key.device
-    starts = [0] * batch if key_start is None else [int(s) for s in key_start.tolist()]
+    starts = [0] * batch if key_start is None else host_ints(key_start)
     n_cands = [context_len - s - window for s in starts]
     max_cand = max(n_cands)
     if max_cand <= 0:
