@@ -927,3 +927,35 @@ def test_every_backend_generates_as_the_reference(backend, monkeypatch):
             for (got_pos, got_k, _), (want_pos, want_k, _) in zip(got_head, want_head, strict=True):
                 assert torch.equal(got_pos, want_pos), f"seed {seed}: kept positions differ"
                 torch.testing.assert_close(got_k, want_k, atol=1e-5, rtol=0)
+
+
+@pytest.mark.randomised
+def test_host_history_goes_over_in_pieces_of_one_size(monkeypatch):
+    """A prompt's states go to the host in pieces of at most ``PIECE_BYTES`` (so pinned blocks are
+    reused across prompt lengths); read back, on the host or joined with new tokens, they are the
+    states given, in order, with the staged decode tokens after them."""
+    from tca.integrations.transformers import history as history_module
+
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    monkeypatch.setattr(history_module, "PIECE_BYTES", 4096)  # 64 tokens of (1, 2, d 8) float32
+    keys, values = (torch.randn(1, 2, 1000 + seed % 97, 8, generator=gen) for _ in range(2))
+    history = history_module.HostHistory(block=16)
+    history.add(keys, values)
+    steps = [
+        (torch.randn(1, 2, 1, 8, generator=gen), torch.randn(1, 2, 1, 8, generator=gen)) for _ in range(21)
+    ]
+    for key, value in steps:
+        history.add(key, value)
+    length = keys.shape[2]
+    pieces = [k.shape[2] for k, _ in history.chunks[: -(-length // 64)]]
+    assert pieces == [64] * (len(pieces) - 1) + [length - 64 * (len(pieces) - 1)], f"seed {seed}: {pieces}"
+    want_k = torch.cat([keys, *(k for k, _ in steps)], 2)
+    want_v = torch.cat([values, *(v for _, v in steps)], 2)
+    got_k, got_v = history.tensors()
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v), f"seed {seed}"
+    new_k, new_v = torch.randn(1, 2, 5, 8, generator=gen), torch.randn(1, 2, 5, 8, generator=gen)
+    joined_k, joined_v = history.joined_on_device(new_k, new_v)
+    assert torch.equal(joined_k, torch.cat([want_k, new_k], 2)), f"seed {seed}"
+    assert torch.equal(joined_v, torch.cat([want_v, new_v], 2)), f"seed {seed}"
+    assert history.nbytes == 2 * want_k.numel() * 4

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import torch
 
+# Host copies go in pieces of at most this size: PyTorch keeps freed pinned blocks for reuse by
+# requests of the same power-of-two size only, so pieces of one size let any later prompt reuse
+# what an earlier one pinned (whole-layer copies of another length would pin new memory, slowly).
+PIECE_BYTES = 16 * 2**20
+
 
 class HostHistory:
     """Every token's K/V of one layer on the host, copied off the critical path.
@@ -72,19 +77,25 @@ class HostHistory:
                 torch.cuda.current_stream(key.device).wait_event(self.done)
 
     def _copy(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Copy (B, G, n, d) states to the host in pieces of at most ``PIECE_BYTES`` each."""
+        per_token = key[:, :, :1].numel() * key.element_size()
+        step = max(1, PIECE_BYTES // per_token)
+        pieces = [(key[:, :, i : i + step], value[:, :, i : i + step]) for i in range(0, key.shape[2], step)]
         if key.device.type != "cuda":
-            self.chunks.append((key.to("cpu", copy=True), value.to("cpu", copy=True)))
+            self.chunks += [(k.to("cpu", copy=True), v.to("cpu", copy=True)) for k, v in pieces]
             return
         stream = _side_stream(key.device)
         stream.wait_stream(torch.cuda.current_stream(key.device))
         with torch.cuda.stream(stream):
-            host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (key, value))
-            for target, source in zip(host, (key, value), strict=True):
-                target.copy_(source, non_blocking=True)
-                source.record_stream(stream)  # its memory is not reused before the copy is done
+            for piece in pieces:
+                host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in piece)
+                for target, source in zip(host, piece, strict=True):
+                    target.copy_(source, non_blocking=True)
+                self.chunks.append(host)
+            for source in (key, value):
+                source.record_stream(stream)  # its memory is not reused before the copies are done
             self.done = torch.cuda.Event()
             self.done.record(stream)
-        self.chunks.append(host)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The history as host (B, G, length, d) keys and values (waits for the copies)."""
