@@ -24,12 +24,23 @@ def pair_counts(
         tca_pairs: (B, G) int64; dense_pairs: (B,) int64 (``n (n + 1) / 2``).
     """
     n = selection.context_len - key_start  # (B,) valid tokens per row
-    positions = selection.indices - key_start.view(-1, 1, 1)
-    valid = selection.indices < selection.context_len
-    global_pairs = ((n.view(-1, 1, 1) - positions - local_window).clamp_min(0) * valid).sum(-1)
-    w = torch.clamp(n, max=local_window)
-    window_pairs = w * n - w * (w - 1) // 2  # sum_j min(w, j + 1)
-    return global_pairs + window_pairs.view(-1, 1), n * (n + 1) // 2
+    kept_pairs = _kept_key_pairs(selection.indices, key_start, selection.context_len, local_window).sum(-1)
+    window_pairs, dense_pairs = _window_and_dense_pairs(n, local_window)
+    return kept_pairs + window_pairs.view(-1, 1), dense_pairs
+
+
+def _kept_key_pairs(
+    indices: torch.Tensor, key_start: torch.Tensor, context_len: int, window: int
+) -> torch.Tensor:
+    """(B, G, K) int64: the queries that compute each kept key (padding entries, ``context_len``: 0)."""
+    n = (context_len - key_start).view(-1, 1, 1)
+    return (n - (indices - key_start.view(-1, 1, 1)) - window).clamp_min(0) * (indices < context_len)
+
+
+def _window_and_dense_pairs(n: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``n`` valid tokens: the window's pairs (``sum_j min(w, j + 1)``) and dense causal pairs."""
+    w = torch.clamp(n, max=window)
+    return w * n - w * (w - 1) // 2, n * (n + 1) // 2
 
 
 BYTE_COUNTS = ("kv_bytes", "dense_kv_bytes", "host_kv_bytes", "managed_kv_bytes", "managed_dense_kv_bytes")
@@ -235,11 +246,9 @@ def _pairs(group: list[_Queued], start: torch.Tensor, device) -> tuple[torch.Ten
     indices = torch.cat([q.selection.indices.to(device) for q in group], -1)  # (B, G, sum K)
     widths = [q.selection.indices.shape[-1] for q in group]
     layer_of = to_device(np.repeat(np.arange(len(group)), widths), torch.int64, device)  # (sum K,)
-    n = (context_len - start).view(-1, 1, 1)  # (B, 1, 1)
-    seen_by = (n - (indices - start.view(-1, 1, 1)) - window).clamp_min(0) * (indices < context_len)
+    per_key = _kept_key_pairs(indices, start, context_len, window)
     batch, n_kv, _ = indices.shape
-    kept_pairs = seen_by.new_zeros(batch, n_kv, len(group)).index_add_(2, layer_of, seen_by)  # (B, G, n)
-    w = torch.clamp(n, max=window)
-    window_pairs = w * n - w * (w - 1) // 2  # (B, 1, 1)
-    tca_pairs = (kept_pairs + window_pairs).double().sum(0).T  # (n, G)
-    return tca_pairs, (n * (n + 1) // 2).double().sum()
+    kept_pairs = per_key.new_zeros(batch, n_kv, len(group)).index_add_(2, layer_of, per_key)  # (B, G, n)
+    window_pairs, dense_pairs = _window_and_dense_pairs(context_len - start, window)  # (B,) each
+    tca_pairs = (kept_pairs + window_pairs.view(-1, 1, 1)).double().sum(0).T  # (n, G)
+    return tca_pairs, dense_pairs.double().sum()

@@ -35,6 +35,7 @@ class HostHistory:
         self.done: torch.cuda.Event | None = None  # the last copy's completion
         self.staging: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, G, block, d) each
         self.staged = 0
+        self.token_bytes = 0  # set with the staging block
         self.nbytes = 0
 
     def add(self, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -53,6 +54,7 @@ class HostHistory:
         if self.staging is None:
             shape = (*key.shape[:2], self.block, key.shape[-1])
             self.staging = (key.new_empty(shape), value.new_empty(shape))
+            self.token_bytes = 2 * key.numel() * key.element_size()  # one staged token's keys and values
         if isinstance(index, int):
             self.staging[0][:, :, index : index + 1] = key
             self.staging[1][:, :, index : index + 1] = value
@@ -62,8 +64,7 @@ class HostHistory:
 
     def advance(self) -> None:
         """Count the token just staged; a full block goes over."""
-        token = self.staging[0][:, :, :1]
-        self.nbytes += 2 * token.numel() * token.element_size()
+        self.nbytes += self.token_bytes
         self.staged += 1
         if self.staged == self.block:
             self._flush()

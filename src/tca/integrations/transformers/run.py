@@ -96,9 +96,8 @@ class TCARun:
             raise ValueError(refusal)
         self.cuda_graphs = bool(cuda_graphs)  # whether generate's decode steps replay a CUDA graph
         self.static: StaticStep | None = None  # set while a graph's decode step runs (graphs.py)
-        self._padding: tuple[torch.Tensor, torch.Tensor | None] | None = (
-            None  # (mask, key_start) of a forward
-        )
+        # (mask, key_start) of the forward running now: every layer gets the same mask (_key_start)
+        self._padding: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.decode_graph = DecodeGraph(self) if cuda_graphs else None
 
     def new_cache(self) -> TCACache:
