@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -398,6 +399,60 @@ def test_kernels_over_a_sequence_of_shapes():
             rel_error(decoded, reference.decode_reference(q1, cache_k, cache_v, lengths).double()) < 2e-2
         ), where
         del q, k, v
+
+
+# Selection where its kernels do not fit the GPU's shared memory (fp32 at head dim 256 with 64
+# observation queries on 4 heads asked an H200 for 384 KB): the backend selects with PyTorch.
+# On the CPU the kernel's refusal is simulated; with TCA_TEST_FULL=1 on a GPU it is the real one.
+TOO_BIG_CASES = [(301, 4, 64, 8, "fp32", True)]
+if FULL:
+    TOO_BIG_CASES += [(32769, 4, 256, 64, "fp32", False), (8191, 4, 256, 64, "bf16", False)]
+
+
+@pytest.mark.randomised
+@pytest.mark.parametrize("length,group,dim,n_obs,dtype,simulated", TOO_BIG_CASES)
+def test_selection_too_big_for_shared_memory_falls_back(
+    monkeypatch, length, group, dim, n_obs, dtype, simulated
+):
+    """The backend's selection equals the reference's, warning once per shape where the kernel
+    does not fit and selecting with the kernel where it does."""
+    from triton.runtime.errors import OutOfResources
+
+    from tca.ops import triton as backend
+
+    monkeypatch.setattr(backend, "_SELECT_TOO_BIG", set())
+    launches = []
+
+    def refused(*args, **kwargs):
+        launches.append(1)
+        raise OutOfResources(393216, 232448, "shared memory")
+
+    if simulated:
+        monkeypatch.setattr(launchers, "select", refused)
+    gen, seed = fresh_generator()
+    n_kv, dt = 2, DTYPES[dtype]
+    window = 2048 if length > 4096 else 16
+    q = randn(gen, 1, n_kv * group, n_obs, dim, dtype=dt)
+    k = randn(gen, 1, n_kv, length, dim, dtype=dt)
+    config = TCAConfig(
+        local_window=window, block_size=128 if length > 4096 else 16, observation_queries=n_obs
+    )
+    mu = torch.tensor([0.2, 0.05], dtype=torch.float64)
+    sigma = torch.ones(n_kv, dtype=torch.float64)
+    want = select(q, k, mu, sigma, config, dim**-0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert_same_selection(
+                backend.TritonBackend().select(q, k, mu, sigma, config, dim**-0.5), want, seed
+            )
+    told = [w for w in caught if "does not fit this GPU" in str(w.message)]
+    fits = (dt, dim, group * n_obs, config.block_size) not in backend._SELECT_TOO_BIG
+    assert len(told) == (0 if fits else 1), f"seed {seed}: {[str(w.message) for w in caught]}"
+    if simulated:
+        assert launches == [1] and not fits, "the refused shape must not be launched again"
+    elif dtype == "bf16":
+        assert fits, "bf16 at head dim 256 fits an H100/H200"
 
 
 # Gemma 3 270M: head dim 256, 4 query heads on 1 KV head (and 2 KV heads, to cover a group > 1 per

@@ -9,6 +9,7 @@ reference. Triton itself is imported on first use, so this module imports withou
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import torch
 
@@ -63,6 +64,34 @@ def _launchers():
     return launchers
 
 
+# Selection shapes whose kernels asked for more shared memory than the GPU has: (dtype, head dim,
+# query rows per KV head, block size). Seen: fp32 at head dim 256 with 64 observation queries on
+# 4 heads (Gemma 3 in float32) needs 384 KB of an H200's 227 KB; bf16 there fits.
+_SELECT_TOO_BIG: set[tuple] = set()
+
+
+def _fused_select(query, key, mu, sigma, config, scale, key_start):
+    """``launchers.select``, or the reference where this shape's kernels do not fit the GPU's
+    shared memory (warned once per shape; the same indices, computed in PyTorch)."""
+    from triton.runtime.errors import OutOfResources
+
+    shape = (query.dtype, query.shape[-1], query.shape[1] // key.shape[1] * query.shape[2], config.block_size)
+    if shape not in _SELECT_TOO_BIG:
+        try:
+            return _launchers().select(query, key, mu, sigma, config, scale, key_start)
+        except OutOfResources as error:
+            _SELECT_TOO_BIG.add(shape)
+            dtype = str(query.dtype).removeprefix("torch.")
+            warnings.warn(
+                f"TCA's selection kernel does not fit this GPU at {dtype}, head dim {shape[1]}, "
+                f"{shape[2]} query rows per KV head ({error}); selecting with PyTorch instead (slower). "
+                "bfloat16 or fewer observation_queries keep the kernel.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return reference.BACKEND.select(query, key, mu, sigma, config, scale, key_start)
+
+
 class TritonBackend:
     """Triton kernels on CUDA devices (and on the CPU under ``TRITON_INTERPRET=1``, for tests)."""
 
@@ -75,9 +104,8 @@ class TritonBackend:
     def select(self, query, key, mu, sigma, config, scale, key_start=None):
         """Fused selection: the reference's indices and counts (the index tensor may be wider,
         the extra columns being padding)."""
-        launchers = _launchers()
-        if launchers.supported(query, key) and config.pool_kernel == 1:
-            return launchers.select(query, key, mu, sigma, config, scale, key_start)
+        if _launchers().supported(query, key) and config.pool_kernel == 1:
+            return _fused_select(query, key, mu, sigma, config, scale, key_start)
         return reference.BACKEND.select(query, key, mu, sigma, config, scale, key_start)
 
     def sparse_prefill(
