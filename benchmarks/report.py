@@ -47,7 +47,8 @@ def markdown(header: list[str], rows: list[list[str]], align: list[str] | None =
 
 
 def short_length(tokens: int) -> str:
-    return f"{tokens // 1024}K"
+    """8K, 128K, 1M."""
+    return f"{tokens >> 20}M" if tokens >= 1 << 20 and tokens % (1 << 20) == 0 else f"{tokens // 1024}K"
 
 
 # ---------------------------------------------------------------------------------------- speed
@@ -64,16 +65,29 @@ ATTENTION_ROWS = [  # (phase, L, target kept fraction): the rows the README show
 
 
 def milliseconds(value: float) -> str:
-    """Three significant digits, at most three decimals: 239, 19.0, 7.28, 0.096."""
+    """Three significant digits, at most three decimals, whole from 1000: 18731, 239, 19.0, 7.28, 0.096."""
+    if value >= 1000:
+        return f"{value:.0f}"
     text = f"{value:#.3g}".rstrip(".")
     return f"{value:.3f}" if len(text.partition(".")[2]) > 3 else text
 
 
-def attention_table(name: str = "attention-h100-80gb-hbm3.json", shape: str = "llama-3.1-8b") -> str:
+# past 128K, one process running every length one after another (H200)
+LONG_ATTENTION_ROWS = [
+    (phase, length, f)
+    for length in (524288, 1048576)
+    for phase in ("prefill", "decode")
+    for f in (0.02, 0.05, 0.1)
+]
+
+
+def attention_table(
+    name: str = "attention-h100-80gb-hbm3.json", shape: str = "llama-3.1-8b", keys: list = ATTENTION_ROWS
+) -> str:
     rows = {(r["phase"], r["L"], r["target_fraction"]): r for r in load(name)["rows"] if r["shape"] == shape}
     header = ["phase", "L", "kept", "pairs", "dense ms", "TCA ms", "selection ms", "efficiency", "speed-up"]
     cells = []
-    for key in ATTENTION_ROWS:
+    for key in keys:
         r = rows[key]
         selection = milliseconds(r["selection_ms"]) if r["phase"] == "prefill" else "-"
         cells.append(
@@ -84,29 +98,34 @@ def attention_table(name: str = "attention-h100-80gb-hbm3.json", shape: str = "l
     return markdown(header, cells)
 
 
-E2E_FILES = ("e2e-nvidia-h200.json", "e2e-nvidia-h200-8k-256k.json", "e2e-nvidia-h200-graphs.json")
+E2E_FILES = (
+    "e2e-nvidia-h200.json",
+    "e2e-nvidia-h200-8k-256k.json",
+    "e2e-nvidia-h200-graphs.json",
+    "e2e-nvidia-h200-turns.json",
+)
 
 
 def e2e_table(names: tuple[str, ...] = E2E_FILES) -> str:
     """What a user runs: generate() inside tca.apply with the defaults against dense, per length and
-    kept target; a length measured in several files is taken from the last (the newest code)."""
+    kept target; a row measured in several files is taken from the last (the newest code), and its
+    ratios are to the dense row of its own file (the same process)."""
     rows: dict[tuple, dict] = {}
     for name in names:
         data = load(name)
+        dense = {(r["L"], r["batch"]): r for r in data["rows"] if r["mode"] == "dense"}
         for r in data["rows"]:
             if r["mode"] in ("dense", "tca"):  # the defaults (graph and no-history rows: other tables)
-                rows[r["L"], r["batch"], r["kept_target"]] = r | {"commit": data["commit"][:7]}
+                base = dense[r["L"], r["batch"]]
+                rows[r["L"], r["batch"], r["kept_target"]] = r | {"commit": data["commit"][:7], "base": base}
     header = ["L", "batch", "kept", "ttft ms", "x dense", "vs Amdahl", "decode ms/token", "x dense"]
     header += ["peak GiB", "KV GiB", "commit"]
     cells = []
     for (length, batch, kept), r in sorted(
         rows.items(), key=lambda item: (item[0][1], item[0][0], item[0][2] or 0)
     ):
-        dense = rows[length, batch, None]
-        ttft, decode = (
-            dense["ttft_ms"] / r["ttft_ms"],
-            dense["decode_ms_per_token"] / r["decode_ms_per_token"],
-        )
+        ttft = r["base"]["ttft_ms"] / r["ttft_ms"]
+        decode = r["base"]["decode_ms_per_token"] / r["decode_ms_per_token"]
         cells.append(
             [
                 short_length(length),
@@ -153,10 +172,13 @@ def e2e_modes_table(
     for r in history:
         if r["mode"] != "tca":
             continue
-        off = next(o for o in history if o["mode"] == "tca-no-history" and o["L"] == r["L"])
-        dense = next(o for o in history if o["mode"] == "dense" and o["L"] == r["L"])
+        off, dense = (
+            next(o for o in history if o["mode"] == mode and (o["L"], o["batch"]) == (r["L"], r["batch"]))
+            for mode in ("tca-no-history", "dense")
+        )
+        label = short_length(r["L"]) + ("" if r["batch"] == 1 else f" x{r['batch']}")
         cells.append(
-            [short_length(r["L"]), f"{r['kept_target']:.0%}", f"{r['ttft_ms']:.0f}", f"{off['ttft_ms']:.0f}"]
+            [label, f"{r['kept_target']:.0%}", f"{r['ttft_ms']:.0f}", f"{off['ttft_ms']:.0f}"]
             + [f"{r['ttft_ms'] / off['ttft_ms'] - 1:+.1%}"]
             + [f"{x['next_turn_ttft_ms']:.0f}" for x in (dense, r, off)]
         )
@@ -331,6 +353,7 @@ def _setting_order(key: str) -> tuple:
 
 TABLES: dict[str, Callable[[], str]] = {
     "attention": attention_table,
+    "attention-long": lambda: attention_table("attention-nvidia-h200.json", keys=LONG_ATTENTION_ROWS),
     "e2e": e2e_table,
     "e2e-modes": e2e_modes_table,
     "fidelity": fidelity_table,
