@@ -23,7 +23,10 @@ its times are wall-clock with the device synchronised after each step, and a ran
 slowest rank's (``*_runs``: every repeat). ``peak_gib_per_rank`` (peak allocated GPU memory of each
 rank during the generate; ``peak_gib`` the largest; 0 on the CPU), ``kv_bytes`` (the whole model's
 device KV cache after the generate: transformers' own for dense, ``run.stats.kv_bytes`` for TCA)
-and ``kv_bytes_per_rank``, ``kept_fraction`` / ``pairs_fraction`` (``run.stats``).
+and ``kv_bytes_per_rank``, ``kept_fraction`` / ``pairs_fraction`` (``run.stats``); TCA rows also
+``graph_replays`` (decode steps replayed from a CUDA graph, over the timed generates) and
+``graph_tokens_agree`` (16 greedy tokens of the default decode equal those of eager decode steps,
+on every rank).
 
 Rank 0 writes the JSON after every length. An existing ``--out`` file of the same shape and device
 keeps the rows of the other world sizes (this run's world size replaces its own), so the TP=1,
@@ -233,10 +236,26 @@ def measure(model, shape: str, length: int, kept_targets, new_tokens: int, repea
                 kv_bytes_per_rank=gathered(run.cache.kv_bytes),  # this rank's heads' cache
                 host_kv_bytes=run.stats.host_kv_bytes,
             )
+        stats |= dict(graph_replays=run.decode_graph.replays if run.decode_graph else 0)
+        stats |= dict(graph_tokens_agree=graph_tokens_agree(model, ids, profile))
         rows.append(
             base | dict(mode="tca", kept_target=kept) | stats | times | dict(config=profile.config.to_dict())
         )
     return rows
+
+
+def graph_tokens_agree(model, ids: torch.Tensor, profile, new_tokens: int = 16) -> bool:
+    """Whether greedy tokens with ``tca.apply``'s default decode (CUDA graphs where they serve: each
+    rank replays its own step, all-reduces included) equal those of eager decode steps, on every rank."""
+    tokens = []
+    for cuda_graphs in (None, False):
+        with torch.no_grad(), tca.apply(model, profile, cuda_graphs=cuda_graphs):
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+            )  # fmt: skip
+        tokens.append(out[0, -new_tokens:].tolist())
+    return all(gathered(tokens[0] == tokens[1]))
 
 
 # ---- the result file --------------------------------------------------------------------------------------

@@ -115,11 +115,12 @@ def greedy(model, ids: torch.Tensor, cache) -> torch.Tensor:
     )
 
 
-def tca_scenarios(model, profile: Profile, seed: int) -> dict:
-    """A left-padded batch's prefill logits, then two turns of greedy generation on one cache."""
+def tca_scenarios(model, profile: Profile, seed: int, cuda_graphs: bool | None = None) -> dict:
+    """A left-padded batch's prefill logits, then two turns of greedy generation on one cache
+    (``cuda_graphs=True``: generate's decode steps through the graph path, run uncaptured off CUDA)."""
     result = {}
     ids, mask, positions = left_padded([random_ids(seed, 150), random_ids(seed + 1, 131)])
-    with torch.no_grad(), apply(model, profile) as run:
+    with torch.no_grad(), apply(model, profile, cuda_graphs=cuda_graphs) as run:
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
         result["prefill_logits"] = logits[:, -1]
         result["prefill_stats"] = stats_summary(run.stats)

@@ -25,8 +25,11 @@ Off CUDA the step runs eagerly, uncaptured: the same arithmetic, no speed-up (th
 that it equals the eager ``generate``).
 
 Served: models whose every attention layer TCA manages (Llama, Qwen2/3, Mistral without a window),
-one process (no tensor parallelism), batch of any size (left padding included), greedy search and
-sampling. A forward ``generate`` makes that is not a decode step of the run's cache (prefill, a
+batch of any size (left padding included), greedy search and sampling; one process or tensor
+parallel. Under tensor parallelism each rank captures its own step, the model's NCCL all-reduces
+included (NCCL runs captured collectives as kernels of the graph); ranks whose stores grow at
+different steps run that step eagerly while the others replay, which issues the same collectives
+in the same order. A forward ``generate`` makes that is not a decode step of the run's cache (prefill, a
 new turn) runs as without graphs.
 """
 
@@ -205,8 +208,10 @@ class DecodeGraph:
         then decodes eagerly (the capture ran nothing, so the step is still to do)."""
         graph = torch.cuda.CUDAGraph()
         self.run.static = self.step
+        # tensor parallel: the process group's watchdog thread polls its events during the capture
+        errors = "thread_local" if self.run.layout.sharded else "global"
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode=errors):
                 output = forward(**call)
         except RuntimeError as error:
             self.capturable = False

@@ -223,11 +223,6 @@ class TCARun:
 def _graphs_refusal(model: torch.nn.Module, layout) -> str | None:
     """Why ``cuda_graphs=True`` cannot serve this model (``graphs.py``), or None when it can."""
     architecture = type(model).__name__
-    if layout.sharded:
-        return (
-            f"cuda_graphs=True does not run under tensor parallelism ({architecture} is sharded over "
-            "ranks): pass cuda_graphs=False."
-        )
     others = sorted(set(range(layout.n_layers)) - set(layout.layers))
     if others:
         return (
@@ -295,7 +290,8 @@ def apply(
     from the whole conversation. ``cuda_graphs`` replays ``generate``'s decode steps from a captured
     CUDA graph (``graphs.py``; the same tokens, less host time): None (default) does so wherever it
     serves (the model on one CUDA device, every layer managed, one process), True insists (a
-    ValueError where it cannot serve), False decodes eagerly.
+    ValueError where it cannot serve), False decodes eagerly. Under tensor parallelism each rank
+    captures its own step, the model's all-reduces included.
     Yields the ``TCARun``, whose ``stats`` fill as the model runs.
     Everything is restored on exit, also after an exception; the cache then accepts no more
     tokens. Runs do not nest: entering ``apply`` (or ``patch``) on a model already under one
