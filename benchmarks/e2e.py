@@ -26,8 +26,9 @@ graph capture does not move it).
 
 On a CUDA device the defaults replay TCA's decode steps from a CUDA graph (``cuda_graphs``, on
 wherever it serves; captured at the second decode step, inside the timed run); rows say so in
-``cuda_graphs``. ``first_call_ttft_ms``: the first generate at a length, before the timed one (its
-host history pins new memory; later calls reuse it). With ``--graphs`` two more modes per case:
+``cuda_graphs``. ``first_call_ttft_ms``: the first generate at a length and kept target, before the
+timed one (its host history pins new memory and its selection's widths compile new kernel
+variants; later calls reuse both). With ``--graphs`` two more modes per case:
 ``dense-graph``, dense with transformers' static cache, whose decode step ``generate`` compiles
 (torch.compile with CUDA graphs; one untimed warm-up generate compiles it), and ``tca-eager``, TCA
 with ``cuda_graphs=False`` (every decode step run eagerly, in Python).
@@ -343,11 +344,11 @@ def measure(
         rows += dense_graph_row(model, ids, new_tokens, dense_row)
     if turns:
         dense_row["next_turn_ttft_ms"] = next_turn_ttft(model, ids, new_tokens, DynamicCache())
-    for i, kept in enumerate(kept_targets):
+    for kept in kept_targets:
         profile = uniform_profile(model, kept, length)
-        first_call = None
-        if i == 0:  # the first generate at this length (new pinned memory for its history): not timed
-            first_call = tca_generate(model, ids, profile, 1, repeat=False)[0][0]
+        # the first generate at this length and kept target, not timed: new pinned memory for its
+        # history, and the kernels compiled for this selection's widths
+        first_call = tca_generate(model, ids, profile, 1, repeat=False)[0][0]
         (ttft_tca, decode_tca, median_tca, peak_tca), stats = tca_generate(model, ids, profile, new_tokens)
         attention = tca_attention_ms(model, profile, ids)
         tca_row = (

@@ -31,10 +31,13 @@ def last_query_dropped_mass(
     batch, n_heads, _ = query.shape
     n_kv, context_len = key.shape[1], key.shape[2]
     probs = causal_probs(query.unsqueeze(2), key, scale, key_start=key_start).squeeze(3)  # (B, G, group, L)
-    cols = torch.arange(context_len, device=key.device)
-    attended = (cols >= context_len - local_window).view(1, 1, -1).expand(batch, n_kv, -1).long()
-    in_range = (selection.indices < context_len).long()
-    attended = attended.scatter_add(-1, selection.indices.clamp_max(context_len - 1), in_range) > 0
+    attended = torch.zeros(batch, n_kv, context_len, dtype=torch.bool, device=key.device)  # (B, G, L)
+    attended[..., max(context_len - local_window, 0) :] = True
+    if local_window >= 1:  # padding indices (context_len) land on the last key, inside the window
+        attended.scatter_(-1, selection.indices.clamp_max(context_len - 1), True)
+    else:
+        in_range = (selection.indices < context_len).long()
+        attended = attended.long().scatter_add(-1, selection.indices.clamp_max(context_len - 1), in_range) > 0
     kept_mass = (probs * attended.unsqueeze(2)).sum(-1)
     return (1.0 - kept_mass).clamp_min(0.0).view(batch, n_heads)
 
@@ -49,5 +52,5 @@ def theorem1_bound(gamma: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """
     batch, n_heads = gamma.shape
     n_kv = value.shape[1]
-    v_max = value.abs().amax(dim=(-1, -2)).float()  # (B, G); exact in the input dtype, no float32 copy
+    v_max = torch.linalg.vector_norm(value, float("inf"), dim=(-1, -2)).float()  # (B, G): max |V|, one pass
     return 2.0 * gamma * v_max.repeat_interleave(n_heads // n_kv, dim=1)

@@ -51,7 +51,7 @@ class CachePolicy:
         lengths = counts + recent_valid.sum(-1)  # (B, G) on the device
         bound = self._host_bound(selection, lengths, key_start, context_len)
         layer.store = LayerStore.gather(
-            key, value, list(indices.unbind(1)), bound, reserve=self.config.block_size + 16, lengths=lengths
+            key, value, indices, bound, reserve=self.config.block_size + 16, lengths=lengths
         )
         # per row: a left-padded row's blocks start at its own first valid token, as when it runs alone
         layer.boundary = [max(start, context_len - window, 0) for start in _host_starts(key_start, batch)]

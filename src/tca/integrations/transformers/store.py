@@ -70,10 +70,11 @@ class LayerStore:
 
     @classmethod
     def gather(cls, key, value, indices, bound_host, reserve: int, lengths=None) -> LayerStore:
-        """Store ``key[b, g, indices[g][b, :lengths[b, g]]]`` for every head.
+        """Store ``key[b, g, indices[b, g, :lengths[b, g]]]`` for every head, in one gather for all
+        heads (a fixed handful of launches per layer, whatever the number of heads).
 
         Args:
-            key, value: (B, G, L, d); indices: G tensors (B, N_g) ascending (padding past the length
+            key, value: (B, G, L, d); indices: (B, G, N) ascending per head (padding past the length
                 may hold any index < L); bound_host: (B, G) numpy upper bound of the lengths (the
                 lengths themselves when ``lengths``, a (B, G) device tensor, is None); reserve:
                 extra slots per head.
@@ -81,18 +82,21 @@ class LayerStore:
         batch, n_kv, _, dim = key.shape
         capacity = [int(bound_host[:, g].max(initial=0)) + reserve for g in range(n_kv)]
         offsets = np.concatenate([[0], np.cumsum(capacity)[:-1]]).tolist()
-        total = sum(capacity)
-        keys = key.new_zeros(batch, total, dim)
-        values = value.new_zeros(batch, total, dim)
-        positions = torch.full((batch, total), -1, dtype=torch.int64, device=key.device)
-        for g, index in enumerate(indices):
-            width = min(index.shape[1], capacity[g])
-            index = index[:, :width]
-            expand = index.unsqueeze(-1).expand(-1, -1, dim)
-            lo = offsets[g]
-            keys[:, lo : lo + width] = torch.gather(key[:, g], 1, expand)
-            values[:, lo : lo + width] = torch.gather(value[:, g], 1, expand)
-            positions[:, lo : lo + width] = index
+        # each slot's head and column of ``indices``; columns past a head's capacity or the index
+        # width are the reserve (filled with zeros, position -1)
+        heads = np.repeat(np.arange(n_kv), capacity)  # (S,)
+        columns = np.arange(len(heads)) - np.repeat(offsets, capacity)  # (S,)
+        slots = to_device(np.stack([heads, columns]), torch.int64, key.device)  # (2, S)
+        used = slots[1] < indices.shape[-1]  # (S,): a slot filled from ``indices``
+        if indices.shape[-1]:
+            index = indices[:, slots[0], slots[1].clamp_max(indices.shape[-1] - 1)]  # (B, S)
+        else:
+            index = torch.zeros(batch, len(heads), dtype=torch.int64, device=key.device)
+        rows = torch.arange(batch, device=key.device).view(-1, 1)
+        reserve_slots = ~used.view(1, -1, 1)
+        keys = key[rows, slots[0], index].masked_fill_(reserve_slots, 0)  # (B, S, d)
+        values = value[rows, slots[0], index].masked_fill_(reserve_slots, 0)
+        positions = torch.where(used, index, -1)  # (B, S)
         return cls(keys, values, positions, offsets, capacity, bound_host, lengths)
 
     @property
