@@ -103,6 +103,7 @@ E2E_FILES = (
     "e2e-nvidia-h200-8k-256k.json",
     "e2e-nvidia-h200-graphs.json",
     "e2e-nvidia-h200-turns.json",
+    "e2e-nvidia-h200-8k-64k.json",
 )
 
 
@@ -183,6 +184,30 @@ def e2e_modes_table(
             + [f"{x['next_turn_ttft_ms']:.0f}" for x in (dense, r, off)]
         )
     return table + "\n\n" + markdown(header, cells)
+
+
+def tp_table(name: str = "tp-nvidia-h200.json") -> str:
+    """Tensor parallel (``benchmarks/tp.py``): each world size's rows, then the checks at TP > 1."""
+    data = load(name)
+    header = ["GPUs", "L", "mode", "ttft ms", "decode ms/token", "peak GiB per GPU", "KV GiB (all GPUs)"]
+    cells = [
+        [str(r["world_size"]), short_length(r["L"])]
+        + ["dense" if r["mode"] == "dense" else f"TCA {r['kept_target']:.0%}", f"{r['ttft_ms']:.0f}"]
+        + [f"{r['decode_ms_per_token']:.1f}", f"{max(r['peak_gib_per_rank']):.1f}"]
+        + [f"{r['kv_bytes'] / 2**30:.2f}"]
+        for r in sorted(data["rows"], key=lambda r: (r["L"], r["world_size"], r["mode"]))
+    ]
+    names = {
+        "tca_ttft_tp_speedup": "TCA's first token, TP=1 / TP=N",
+        "tca_over_dense_ttft": "first token, dense / TCA",
+        "tca_over_dense_decode": "decode per token, dense / TCA",
+    }
+    checks = [
+        [str(c["world_size"]), short_length(c["L"]), names[c["name"]], f"{c['value']:.2f}x"]
+        + ["" if c["target"] is None else f">= {c['target']:g}x: {'met' if c['met'] else 'not met'}"]
+        for c in data["checks"]
+    ]
+    return markdown(header, cells) + "\n\n" + markdown(["GPUs", "L", "ratio", "value", "target"], checks)
 
 
 # ------------------------------------------------------------------------------ fidelity, needles
@@ -356,6 +381,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "attention-long": lambda: attention_table("attention-nvidia-h200.json", keys=LONG_ATTENTION_ROWS),
     "e2e": e2e_table,
     "e2e-modes": e2e_modes_table,
+    "tp": tp_table,
     "fidelity": fidelity_table,
     "needles": needle_table,
     "eval-runs": eval_runs_table,
