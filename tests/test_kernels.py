@@ -511,3 +511,65 @@ def test_head_dim_256_selection_prefill_and_decode(length, dtype, window, batch)
     ref = reference.decode_ragged_append(q1, new_k, new_v, *refs, offsets, capacity, length, scale)
     assert torch.equal(kernel[3].long(), refs[3]), f"seed {seed}"
     assert rel_error(got, ref.double()) < (1e-5 if dtype == "fp32" else 2e-2), f"seed {seed}"
+
+
+ENTRY_CASES = [  # context, KV heads, head dim, dtype, batch, padded, kept fraction (0: none kept)
+    (97, 3, 16, "bf16", 2, True, 0.3),
+    (64, 1, 32, "fp32", 1, False, 0.5),
+    (130, 2, 64, "fp16", 3, True, 0.0),
+    (75, 4, 256, "bf16", 1, False, 0.2),
+]
+if FULL:
+    ENTRY_CASES += [(32769, 8, 128, "bf16", 2, True, 0.1), (8191, 1, 256, "bf16", 1, False, 0.3)]
+
+
+def entries_fp64(key, kept, counts, window_start, slot_heads, slot_columns):
+    """Brute force, one (row, slot) at a time: the expected positions and keys (float64)."""
+    batch, context_len, n_slots = key.shape[0], key.shape[2], slot_heads.shape[0]
+    positions = torch.full((batch, n_slots), -1, dtype=torch.int64)
+    keys = torch.zeros(batch, n_slots, key.shape[-1], dtype=torch.float64)
+    for b in range(batch):
+        first = window_start if isinstance(window_start, int) else int(window_start[b])
+        for s in range(n_slots):
+            g, c = int(slot_heads[s]), int(slot_columns[s])
+            entries = [int(p) for p in kept[b, g, : int(counts[b, g])]] + list(range(first, context_len))
+            if c < len(entries):
+                positions[b, s] = entries[c]
+                keys[b, s] = key[b, g, entries[c]].double().cpu()
+    return positions, keys
+
+
+@pytest.mark.randomised
+@pytest.mark.parametrize("length,n_kv,dim,dtype,batch,padded,fraction", ENTRY_CASES)
+def test_gather_entries_matches_reference_and_brute_force(length, n_kv, dim, dtype, batch, padded, fraction):
+    """One launch fills every head's slots: positions and rows exactly as the reference and a
+    slot-by-slot brute force; the slots past a head's entries are zeros and -1."""
+    gen, seed = fresh_generator()
+    window = int(torch.randint(1, length // 2, (1,), generator=gen))
+    starts = [int(torch.randint(0, length // 3, (1,), generator=gen)) if padded else 0 for _ in range(batch)]
+    key_start = torch.tensor(starts, device=DEVICE)
+    selection = random_selection(gen, batch, n_kv, length, window, fraction, key_start)
+    counts = selection.counts.to(DEVICE)
+    first = max(length - window, 0)
+    window_start = key_start.clamp_min(first) if padded else first
+    # (B, L, G, d) transposed, as transformers hands keys over; capacities with room past the entries
+    key, value = (randn(gen, batch, length, n_kv, dim, dtype=DTYPES[dtype]).transpose(1, 2) for _ in "kv")
+    longest = counts.max(0).values + (length - min(first, min(starts) if padded else first))
+    capacity = [int(x) + int(torch.randint(1, 9, (1,), generator=gen)) for x in longest.cpu()]
+    heads = torch.repeat_interleave(torch.arange(n_kv), torch.tensor(capacity))
+    offsets = torch.tensor([0, *capacity[:-1]]).cumsum(0)
+    columns = torch.arange(len(heads)) - offsets[heads]
+    slot_heads, slot_columns = heads.to(DEVICE), columns.to(DEVICE)
+    args = (selection.indices.to(DEVICE), counts, window_start, slot_heads, slot_columns)
+    keys, values, positions = launchers.gather_entries(key, value, *args)
+    ref_keys, ref_values, ref_positions = reference.gather_entries(key, value, *args)
+    host_start = window_start if isinstance(window_start, int) else window_start.cpu()
+    expected, expected_keys = entries_fp64(
+        key.cpu(), selection.indices.cpu(), counts.cpu(), host_start, heads, columns
+    )
+    where = f"seed {seed}, L {length}, G {n_kv}, d {dim}, {dtype}, batch {batch}, window {window}"
+    assert torch.equal(positions.cpu(), expected), where
+    assert torch.equal(ref_positions.cpu(), expected), f"reference: {where}"
+    assert torch.equal(keys.double().cpu(), expected_keys), where
+    assert torch.equal(keys, ref_keys) and torch.equal(values, ref_values), where
+    assert (expected >= 0).any() and (expected < 0).any(), "the case must hold entries and empty slots"

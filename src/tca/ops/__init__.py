@@ -94,3 +94,10 @@ def attend_after_cache(query, cached_key, cached_value, lengths, key, value, sca
     return backend(query.device).attend_after_cache(
         query, cached_key, cached_value, lengths, key, value, scale
     )
+
+
+def gather_entries(key, value, kept, counts, window_start, slot_heads, slot_columns):
+    """A prefill's cache entries of every head in one buffer; see ``tca.ops.reference.gather_entries``."""
+    return backend(key.device).gather_entries(
+        key, value, kept, counts, window_start, slot_heads, slot_columns
+    )

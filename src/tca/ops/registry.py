@@ -1,11 +1,12 @@
 """The registry of attention backends: each registers one object with the same entry points.
 
 A backend answers ``select`` (online selection, DESIGN 2.1), ``sparse_prefill`` (DESIGN 2.3),
-``decode`` / ``decode_ragged`` (one query over a compressed per-head cache, DESIGN 2.4; the
-ragged form has every head of a layer in one buffer) and ``attend_after_cache``
-(a new turn's tokens over the cache and, causally, each other), with the contracts documented in
-``tca.ops.reference``. ``available(device)`` says whether it can serve tensors on a device; a
-backend that cannot take a particular shape answers it with the reference itself.
+``decode`` / ``decode_ragged`` (one query over a compressed per-head cache, DESIGN 2.4; the ragged
+form has every head of a layer in one buffer), ``attend_after_cache`` (a new turn's tokens over
+the cache and, causally, each other) and ``gather_entries`` (a prefill's cache entries of every
+head, DESIGN 2.3), with the contracts documented in ``tca.ops.reference``. ``available(device)``
+says whether it can serve tensors on a device; a backend that cannot take a particular shape
+answers it with the reference itself.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class Backend(Protocol):
     def attend_after_cache(
         self, query, cached_key, cached_value, lengths, key, value, scale
     ) -> torch.Tensor: ...
+
+    def gather_entries(self, key, value, kept, counts, window_start, slot_heads, slot_columns) -> tuple: ...
 
 
 BACKENDS: dict[str, Backend] = {}

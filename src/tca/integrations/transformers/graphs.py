@@ -28,9 +28,9 @@ Served: models whose every attention layer TCA manages (Llama, Qwen2/3, Mistral 
 batch of any size (left padding included), greedy search and sampling; one process or tensor
 parallel. Under tensor parallelism each rank captures its own step, the model's NCCL all-reduces
 included (NCCL runs captured collectives as kernels of the graph); ranks whose stores grow at
-different steps run that step eagerly while the others replay, which issues the same collectives
-in the same order. A forward ``generate`` makes that is not a decode step of the run's cache (prefill, a
-new turn) runs as without graphs.
+different steps run that step eagerly while the others replay, which issues the same collectives in
+the same order. A forward ``generate`` makes that is not a decode step of the run's cache (prefill,
+a new turn) runs as without graphs.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from ...core.config import TCAConfig
 from ...core.transfer import host_ints, to_device
 from .cache import TCACacheLayer
 from .registration import row_starts
-from .store import LayerStore, valid_first
+from .store import LayerStore
 
 
 class CachePolicy:
@@ -37,22 +37,17 @@ class CachePolicy:
         key, value: (B, G, L, d); no synchronisation when the selection bounds its heads and no row
         is padded (otherwise the host reads the kept counts or the padding once).
         """
-        batch, n_kv, context_len, _ = key.shape
+        batch, context_len = key.shape[0], key.shape[2]
         window = self.config.effective_window
-        first = row_starts(key_start, batch, key.device)
-        recent = torch.arange(max(context_len - window, 0), context_len, device=key.device)  # (W,)
-        recent_valid = recent.view(1, 1, -1) >= first.view(-1, 1, 1)  # (B, 1, W): not left padding
         counts = selection.counts.to(key.device)  # (B, G)
-        columns = torch.arange(selection.indices.shape[-1], device=key.device).view(1, 1, -1)
-        kept_valid = columns < counts.unsqueeze(-1)  # (B, G, K)
-        indices = torch.cat([selection.indices.to(key.device), recent.expand(batch, n_kv, -1)], -1)
-        valid = torch.cat([kept_valid, recent_valid.expand(-1, n_kv, -1)], -1)  # (B, G, K + W)
-        indices = torch.gather(indices, -1, valid_first(valid)).clamp_max(context_len - 1)
-        lengths = counts + recent_valid.sum(-1)  # (B, G) on the device
+        first = max(context_len - window, 0)  # each row's first window position (left padding: later)
+        if key_start is not None:
+            first = row_starts(key_start, batch, key.device).clamp_min(first)  # (B,)
+        lengths = counts + (context_len - (first if isinstance(first, int) else first.view(-1, 1)))
         bound = self._host_bound(selection, lengths, key_start, context_len)
-        layer.store = LayerStore.gather(
-            key, value, indices, bound, reserve=self.config.block_size + 16, lengths=lengths
-        )
+        kept = selection.indices.to(key.device)
+        reserve = self.config.block_size + 16
+        layer.store = LayerStore.from_entries(key, value, kept, counts, first, bound, reserve, lengths)
         # per row: a left-padded row's blocks start at its own first valid token, as when it runs alone
         layer.boundary = [max(start, context_len - window, 0) for start in _host_starts(key_start, batch)]
 

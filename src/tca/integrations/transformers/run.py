@@ -289,7 +289,7 @@ def apply(
     generated. ``keep_history`` keeps every token's K/V on the host so that a new turn re-selects
     from the whole conversation. ``cuda_graphs`` replays ``generate``'s decode steps from a captured
     CUDA graph (``graphs.py``; the same tokens, less host time): None (default) does so wherever it
-    serves (the model on one CUDA device, every layer managed, one process), True insists (a
+    serves (the model on one CUDA device per process, every layer managed), True insists (a
     ValueError where it cannot serve), False decodes eagerly. Under tensor parallelism each rank
     captures its own step, the model's all-reduces included.
     Yields the ``TCARun``, whose ``stats`` fill as the model runs.

@@ -69,34 +69,28 @@ class LayerStore:
         self.widest = max(self.capacity)
 
     @classmethod
-    def gather(cls, key, value, indices, bound_host, reserve: int, lengths=None) -> LayerStore:
-        """Store ``key[b, g, indices[b, g, :lengths[b, g]]]`` for every head, in one gather for all
-        heads (a fixed handful of launches per layer, whatever the number of heads).
+    def from_entries(
+        cls, key, value, kept, counts, window_start, bound_host, reserve: int, lengths=None
+    ) -> LayerStore:
+        """Each (row, head)'s kept tokens, then the window from ``window_start`` to the end, every head
+        in one gather (``ops.gather_entries``: one launch with the Triton kernels).
 
         Args:
-            key, value: (B, G, L, d); indices: (B, G, N) ascending per head (padding past the length
-                may hold any index < L); bound_host: (B, G) numpy upper bound of the lengths (the
-                lengths themselves when ``lengths``, a (B, G) device tensor, is None); reserve:
-                extra slots per head.
+            key, value: (B, G, L, d); kept: (B, G, K) ascending kept positions (past a head's count:
+                any); counts: (B, G); window_start: an int or a (B,) tensor; bound_host: (B, G) numpy
+                upper bound of the lengths (the lengths themselves when ``lengths``, a (B, G) device
+                tensor, is None); reserve: extra slots per head.
         """
-        batch, n_kv, _, dim = key.shape
+        n_kv = key.shape[1]
         capacity = [int(bound_host[:, g].max(initial=0)) + reserve for g in range(n_kv)]
         offsets = np.concatenate([[0], np.cumsum(capacity)[:-1]]).tolist()
-        # each slot's head and column of ``indices``; columns past a head's capacity or the index
-        # width are the reserve (filled with zeros, position -1)
-        heads = np.repeat(np.arange(n_kv), capacity)  # (S,)
-        columns = np.arange(len(heads)) - np.repeat(offsets, capacity)  # (S,)
-        slots = to_device(np.stack([heads, columns]), torch.int64, key.device)  # (2, S)
-        used = slots[1] < indices.shape[-1]  # (S,): a slot filled from ``indices``
-        if indices.shape[-1]:
-            index = indices[:, slots[0], slots[1].clamp_max(indices.shape[-1] - 1)]  # (B, S)
-        else:
-            index = torch.zeros(batch, len(heads), dtype=torch.int64, device=key.device)
-        rows = torch.arange(batch, device=key.device).view(-1, 1)
-        reserve_slots = ~used.view(1, -1, 1)
-        keys = key[rows, slots[0], index].masked_fill_(reserve_slots, 0)  # (B, S, d)
-        values = value[rows, slots[0], index].masked_fill_(reserve_slots, 0)
-        positions = torch.where(used, index, -1)  # (B, S)
+        heads = np.repeat(np.arange(n_kv), capacity)  # (S,): each slot's head, and its column there
+        slots = to_device(
+            np.stack([heads, np.arange(len(heads)) - np.repeat(offsets, capacity)]), torch.int64, key.device
+        )
+        keys, values, positions = ops.gather_entries(
+            key, value, kept, counts, window_start, slots[0], slots[1]
+        )
         return cls(keys, values, positions, offsets, capacity, bound_host, lengths)
 
     @property

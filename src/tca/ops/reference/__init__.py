@@ -14,6 +14,7 @@ from .attention import (
     dense_causal,
     sparse_prefill,
 )
+from .entries import gather_entries
 
 
 class ReferenceBackend:
@@ -31,6 +32,7 @@ class ReferenceBackend:
     decode_ragged = staticmethod(decode_ragged)
     decode_ragged_append = staticmethod(decode_ragged_append)
     attend_after_cache = staticmethod(attend_after_cache)
+    gather_entries = staticmethod(gather_entries)
 
 
 BACKEND = register(ReferenceBackend())
@@ -42,5 +44,6 @@ __all__ = [
     "decode_ragged_append",
     "decode_reference",
     "dense_causal",
+    "gather_entries",
     "sparse_prefill",
 ]

@@ -161,5 +161,12 @@ class TritonBackend:
 
     attend_after_cache = staticmethod(reference.attend_after_cache)
 
+    def gather_entries(self, key, value, kept, counts, window_start, slot_heads, slot_columns):
+        """A layer's cache entries in one launch (``reference.gather_entries``'s contract)."""
+        launchers = _launchers()
+        if launchers.supported(key, key):
+            return launchers.gather_entries(key, value, kept, counts, window_start, slot_heads, slot_columns)
+        return reference.gather_entries(key, value, kept, counts, window_start, slot_heads, slot_columns)
+
 
 BACKEND = register(TritonBackend())

@@ -1,6 +1,6 @@
 """Triton kernels of TCA (only ``@triton.jit`` code; launchers.py checks, allocates and launches).
 
-Three families:
+Four families:
 - sparse prefill: flash-style online softmax over the kept columns (read through the index
   list, causal ``k <= j - w``) plus each query's window ``(j - w, j]``; the rows of one program
   are (query position, query head) pairs of one GQA group, so each K/V tile load serves the
@@ -8,7 +8,9 @@ Three families:
 - decode over a compressed cache with a length per (batch, KV head): split along the keys
   (flash-decoding), then one combine;
 - selection: importance (two passes: softmax normalisers, then probabilities summed over the
-  group), block mass / HHI / score, ranking with budgets, per-block top-t.
+  group), block mass / HHI / score, ranking with budgets, per-block top-t;
+- cache entries: a prefill's kept and window rows of every head gathered into the layer's ragged
+  buffer in one launch.
 
 Exact ties: sorting keys are ``(order-preserving bits of the float) * 2^32 + (2^32 - 1 - index)``
 in int64, sorted descending, so equal values put the lower index first, as the reference's
@@ -743,3 +745,73 @@ def topk_blocks_kernel(
         slot = offset + tl.cumsum(kept.to(tl.int64), 0) - 1
         out = Indices + pid_bg.to(tl.int64) * width + slot
         tl.store(out, (start + cand).to(tl.int64), mask=kept)
+
+
+# ----------------------------------------------------------------------------- cache entries
+
+
+@triton.jit(do_not_specialize=["context_len", "n_slots", "width", "window_start"])
+def gather_entries_kernel(
+    key_ptr,
+    value_ptr,
+    kept_ptr,
+    counts_ptr,
+    start_ptr,
+    heads_ptr,
+    columns_ptr,
+    out_key_ptr,
+    out_value_ptr,
+    positions_ptr,
+    context_len,
+    n_slots,
+    width,
+    window_start,
+    stride_kb,
+    stride_kg,
+    stride_kl,
+    stride_vb,
+    stride_vg,
+    stride_vl,
+    stride_ib,
+    stride_ig,
+    stride_cb,
+    stride_cg,
+    HAS_START: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """One row's block of slots: each slot's entry position (a kept token, a window token, or -1),
+    then its key and value rows (zeros for -1). Grid (B, cdiv(S, BLOCK_S))."""
+    b = tl.program_id(0).to(tl.int64)
+    slots = (tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
+    live = slots < n_slots
+    head = tl.load(heads_ptr + slots, mask=live, other=0)
+    column = tl.load(columns_ptr + slots, mask=live, other=0)
+    count = tl.load(counts_ptr + b * stride_cb + head * stride_cg, mask=live, other=0)
+    if HAS_START:
+        start = tl.load(start_ptr + b)
+    else:
+        start = window_start
+    kept = column < count
+    from_kept = tl.load(
+        kept_ptr + b * stride_ib + head * stride_ig + tl.minimum(column, width - 1), mask=live & kept, other=0
+    )
+    window = start + column - count
+    position = tl.where(kept, from_kept, tl.where(window < context_len, window, -1))
+    tl.store(positions_ptr + b * n_slots + slots, position, mask=live)
+    dims = tl.arange(0, HEAD_DIM)
+    filled = (live & (position >= 0))[:, None]
+    source = tl.maximum(position, 0)[:, None]
+    out = b * n_slots * HEAD_DIM + slots[:, None] * HEAD_DIM + dims[None, :]
+    k = tl.load(
+        key_ptr + b * stride_kb + head[:, None] * stride_kg + source * stride_kl + dims[None, :],
+        mask=filled,
+        other=0.0,
+    )
+    tl.store(out_key_ptr + out, k, mask=live[:, None])
+    v = tl.load(
+        value_ptr + b * stride_vb + head[:, None] * stride_vg + source * stride_vl + dims[None, :],
+        mask=filled,
+        other=0.0,
+    )
+    tl.store(out_value_ptr + out, v, mask=live[:, None])

@@ -321,4 +321,47 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+ENTRY_SLOTS = {"cuda": 64, "cpu": 16}  # slots per program of gather_entries_kernel (at head dim <= 128)
+
+
+def gather_entries(key, value, kept, counts, window_start, slot_heads, slot_columns):
+    """A layer's cache entries in one launch; same contract as ``reference.gather_entries``."""
+    batch, _, context_len, head_dim = key.shape
+    n_slots = slot_heads.shape[0]
+    key, value = _rows_contiguous(key), _rows_contiguous(value)
+    kept, counts = kept.contiguous(), counts.to(torch.int64).contiguous()
+    if kept.shape[-1] == 0:  # no kept column to read (the loads are masked off): one dummy column
+        kept = torch.zeros(*kept.shape[:2], 1, dtype=torch.int64, device=key.device)
+    has_start = not isinstance(window_start, int)
+    start = window_start.to(torch.int64).contiguous() if has_start else counts  # (unused without it)
+    keys = _empty(batch, n_slots, head_dim, dtype=key.dtype, device=key.device)
+    values = _empty(batch, n_slots, head_dim, dtype=value.dtype, device=key.device)
+    positions = _empty(batch, n_slots, dtype=torch.int64, device=key.device)
+    block = _tile(ENTRY_SLOTS[_kind(key.device)], head_dim)
+    kernels.gather_entries_kernel[(batch, triton.cdiv(n_slots, block))](
+        key,
+        value,
+        kept,
+        counts,
+        start,
+        slot_heads,
+        slot_columns,
+        keys,
+        values,
+        positions,
+        context_len,
+        n_slots,
+        kept.shape[-1],
+        0 if has_start else int(window_start),
+        *key.stride()[:3],
+        *value.stride()[:3],
+        *kept.stride()[:2],
+        *counts.stride(),
+        HAS_START=has_start,
+        HEAD_DIM=head_dim,
+        BLOCK_S=block,
+    )
+    return keys, values, positions
+
+
 from .select_launcher import select  # noqa: E402,F401  (the selection launcher, re-exported)
