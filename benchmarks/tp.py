@@ -26,7 +26,10 @@ device KV cache after the generate: transformers' own for dense, ``run.stats.kv_
 and ``kv_bytes_per_rank``, ``kept_fraction`` / ``pairs_fraction`` (``run.stats``); TCA rows also
 ``graph_replays`` (decode steps replayed from a CUDA graph, over the timed generates) and
 ``graph_tokens_agree`` (16 greedy tokens of the default decode equal those of eager decode steps,
-on every rank).
+on every rank); every row also ``attention_ms`` (the prefill's attention alone, summed over
+layers, the slowest rank's: SDPA for dense, selection + sparse attention for TCA, as e2e.py times
+it) and ``amdahl_ttft_ms`` (dense's time to first token minus dense attention plus TCA's: what
+TCA's first token would cost at this world size if nothing but its attention differed from dense).
 
 Rank 0 writes the JSON after every length. An existing ``--out`` file of the same shape and device
 keeps the rows of the other world sizes (this run's world size replaces its own), so the TP=1,
@@ -219,11 +222,14 @@ def measure(model, shape: str, length: int, kept_targets, new_tokens: int, repea
         shape=shape, world_size=world, L=length, batch=1, new_tokens=new_tokens, weights="random bf16"
     )
     dense_kv = dense_cache_bytes(model, length + new_tokens, 1)  # the whole model's, split evenly
+    dense = timed(model, ids, new_tokens, repeats)
+    dense_attention = max(gathered(e2e.dense_attention_ms(model, ids)))  # the slowest rank's
     rows = [
         base
         | dict(mode="dense", kept_target=None, kept_fraction=1.0, pairs_fraction=1.0)
-        | timed(model, ids, new_tokens, repeats)
+        | dense
         | dict(kv_bytes=dense_kv, kv_bytes_per_rank=[dense_kv // world] * world)
+        | dict(attention_ms=dense_attention, amdahl_ttft_ms=dense["ttft_ms"])
     ]
     for kept in kept_targets:
         profile = e2e.uniform_profile(model, kept, length)
@@ -238,6 +244,8 @@ def measure(model, shape: str, length: int, kept_targets, new_tokens: int, repea
             )
         stats |= dict(graph_replays=run.decode_graph.replays if run.decode_graph else 0)
         stats |= dict(graph_tokens_agree=graph_tokens_agree(model, ids, profile))
+        attention = max(gathered(e2e.tca_attention_ms(model, profile, ids)))
+        stats |= dict(attention_ms=attention, amdahl_ttft_ms=dense["ttft_ms"] - dense_attention + attention)
         rows.append(
             base | dict(mode="tca", kept_target=kept) | stats | times | dict(config=profile.config.to_dict())
         )
@@ -337,11 +345,12 @@ def checks(rows: list[dict]) -> list[dict]:
 
 def summary(record: dict) -> list[str]:
     """One line per row, then one per check."""
-    lines = ["TP L mode kept | ttft_ms decode_ms/token peak_GiB/rank kv_GiB kept_fraction"]
+    lines = ["TP L mode kept | ttft_ms (amdahl) decode_ms/token peak_GiB/rank kv_GiB kept_fraction"]
     for r in record["rows"]:
         peak = max(r["peak_gib_per_rank"])
         lines.append(
             f"TP{r['world_size']} {r['L']} {r['mode']} {r['kept_target']} | {r['ttft_ms']:.0f} "
+            f"({r.get('amdahl_ttft_ms', float('nan')):.0f}) "
             f"{r['decode_ms_per_token']:.1f} {peak:.1f} {r['kv_bytes'] / 2**30:.3f} {r['kept_fraction']:.3f}"
         )
     for c in record["checks"]:

@@ -77,6 +77,7 @@ def test_one_then_two_ranks_write_their_rows_into_one_file(tmp_path, monkeypatch
         assert len(row["peak_gib_per_rank"]) == world and row["peak_gib"] == 0.0, where  # no GPU
         assert len(row["kv_bytes_per_rank"]) == world, where
         assert sum(row["kv_bytes_per_rank"]) == row["kv_bytes"] > 0, where
+        assert 0 < row["attention_ms"] and 0 < row["amdahl_ttft_ms"], where  # the slowest rank's
         if mode == "dense":
             assert row["kept_fraction"] == row["pairs_fraction"] == 1.0 and row["kept_target"] is None, where
         else:
