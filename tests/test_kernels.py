@@ -573,3 +573,62 @@ def test_gather_entries_matches_reference_and_brute_force(length, n_kv, dim, dty
     assert torch.equal(keys.double().cpu(), expected_keys), where
     assert torch.equal(keys, ref_keys) and torch.equal(values, ref_values), where
     assert (expected >= 0).any() and (expected < 0).any(), "the case must hold entries and empty slots"
+
+
+MASS_CASES = [  # context, group, KV heads, head dim, dtype, window, kept fraction, batch, padded
+    (97, 3, 2, 16, "fp32", 16, 0.3, 2, True),
+    (300, 4, 1, 32, "bf16", 48, 0.2, 1, False),
+    (130, 1, 3, 64, "fp16", 1, 0.0, 2, True),
+    (75, 4, 1, 256, "bf16", 8, 0.5, 1, False),
+    (64, 2, 2, 16, "fp32", 64, 0.5, 1, False),  # the window is the whole context: nothing dropped
+]
+if FULL:
+    MASS_CASES += [
+        (131072, 4, 8, 128, "bf16", 4096, 0.1, 1, False),
+        (32768, 4, 1, 256, "bf16", 2048, 0.2, 2, True),
+    ]
+
+
+def dropped_mass_fp64(query, key, selection, window, scale, key_start) -> torch.Tensor:
+    """Brute force in float64, one (row, query head) at a time: 1 - the softmax mass of the last
+    query over its window and kept keys, among the keys from its row's start."""
+    batch, n_heads, _ = query.shape
+    n_kv, context_len = key.shape[1], key.shape[2]
+    out = torch.zeros(batch, n_heads, dtype=torch.float64)
+    for b in range(batch):
+        start = int(key_start[b])
+        for h in range(n_heads):
+            g = h // (n_heads // n_kv)
+            logits = key[b, g, start:].double() @ query[b, h].double() * scale
+            probs = torch.softmax(logits, 0)
+            attended = torch.arange(start, context_len) >= context_len - window
+            kept = selection.indices[b, g, : int(selection.counts[b, g])].cpu()
+            attended[kept - start] = True
+            out[b, h] = 1 - probs[attended].sum()
+    return out.clamp_min(0)
+
+
+@pytest.mark.randomised
+@pytest.mark.parametrize("length,group,n_kv,dim,dtype,window,fraction,batch,padded", MASS_CASES)
+def test_dropped_mass_matches_reference_and_float64(
+    length, group, n_kv, dim, dtype, window, fraction, batch, padded
+):
+    """The split dropped-mass kernels against a float64 brute force and the reference (float32 math
+    on the same inputs): equal to 1e-5, whatever the splits, the padding or an empty kept list."""
+    gen, seed = fresh_generator()
+    starts = [int(torch.randint(0, length // 3, (1,), generator=gen)) if padded else 0 for _ in range(batch)]
+    key_start = torch.tensor(starts, device=DEVICE)
+    selection = random_selection(gen, batch, n_kv, length, window, fraction, key_start)
+    query = randn(gen, batch, n_kv * group, dim, dtype=DTYPES[dtype], scale=2.0)
+    key = randn(gen, batch, length, n_kv, dim, dtype=DTYPES[dtype]).transpose(1, 2)  # as transformers'
+    scale = dim**-0.5
+    given = key_start if padded else None
+    gamma = launchers.dropped_mass(query, key, selection, window, scale, given)
+    expected = dropped_mass_fp64(query.cpu(), key.cpu(), selection, window, scale, key_start.cpu())
+    ref = reference.dropped_mass(query, key, selection, window, scale, given)
+    where = (
+        f"seed {seed}, L {length}, group {group}, G {n_kv}, d {dim}, {dtype}, window {window}, batch {batch}"
+    )
+    assert torch.isfinite(gamma).all(), where
+    torch.testing.assert_close(gamma.double().cpu(), expected, atol=1e-5, rtol=0, msg=where)
+    torch.testing.assert_close(gamma, ref, atol=1e-5, rtol=0, msg=where)

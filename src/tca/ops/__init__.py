@@ -101,3 +101,8 @@ def gather_entries(key, value, kept, counts, window_start, slot_heads, slot_colu
     return backend(key.device).gather_entries(
         key, value, kept, counts, window_start, slot_heads, slot_columns
     )
+
+
+def dropped_mass(query, key, selection, local_window, scale, key_start=None):
+    """The last query's dropped mass (B, H); see ``tca.core.error_bound.last_query_dropped_mass``."""
+    return backend(key.device).dropped_mass(query, key, selection, local_window, scale, key_start)

@@ -27,7 +27,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ... import ops
-from ...core.error_bound import last_query_dropped_mass, theorem1_bound
+from ...core.error_bound import theorem1_bound
 from ...core.profile import Profile, ProfileError, model_fingerprint
 from ...core.stats import RunStats
 from .cache import TCACache, TCACacheLayer
@@ -194,7 +194,7 @@ class TCARun:
         out = ops.sparse_prefill(
             query, key, value, selection, window, scale, key_start, self.config.query_chunk
         )
-        gamma = last_query_dropped_mass(query[:, :, -1], key, selection, window, scale, key_start)
+        gamma = ops.dropped_mass(query[:, :, -1], key, selection, window, scale, key_start)
         self._stats.record_prefill(layer, selection, key_start, window, gamma, theorem1_bound(gamma, value))
         return out, selection
 

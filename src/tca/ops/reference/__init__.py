@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ...core.error_bound import last_query_dropped_mass as dropped_mass
 from ...core.selection import select as _select
 from ..registry import register
 from .attention import (
@@ -33,6 +34,7 @@ class ReferenceBackend:
     decode_ragged_append = staticmethod(decode_ragged_append)
     attend_after_cache = staticmethod(attend_after_cache)
     gather_entries = staticmethod(gather_entries)
+    dropped_mass = staticmethod(dropped_mass)
 
 
 BACKEND = register(ReferenceBackend())
@@ -44,6 +46,7 @@ __all__ = [
     "decode_ragged_append",
     "decode_reference",
     "dense_causal",
+    "dropped_mass",
     "gather_entries",
     "sparse_prefill",
 ]

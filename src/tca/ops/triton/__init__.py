@@ -161,6 +161,13 @@ class TritonBackend:
 
     attend_after_cache = staticmethod(reference.attend_after_cache)
 
+    def dropped_mass(self, query, key, selection, local_window, scale, key_start=None):
+        """The last query's dropped mass in two launches (``reference.dropped_mass``'s contract)."""
+        launchers = _launchers()
+        if launchers.supported(query.unsqueeze(2), key):
+            return launchers.dropped_mass(query, key, selection, local_window, scale, key_start)
+        return reference.dropped_mass(query, key, selection, local_window, scale, key_start)
+
     def gather_entries(self, key, value, kept, counts, window_start, slot_heads, slot_columns):
         """A layer's cache entries in one launch (``reference.gather_entries``'s contract)."""
         launchers = _launchers()

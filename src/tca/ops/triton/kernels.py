@@ -1,6 +1,6 @@
 """Triton kernels of TCA (only ``@triton.jit`` code; launchers.py checks, allocates and launches).
 
-Four families:
+Five families:
 - sparse prefill: flash-style online softmax over the kept columns (read through the index
   list, causal ``k <= j - w``) plus each query's window ``(j - w, j]``; the rows of one program
   are (query position, query head) pairs of one GQA group, so each K/V tile load serves the
@@ -10,7 +10,9 @@ Four families:
 - selection: importance (two passes: softmax normalisers, then probabilities summed over the
   group), block mass / HHI / score, ranking with budgets, per-block top-t;
 - cache entries: a prefill's kept and window rows of every head gathered into the layer's ragged
-  buffer in one launch.
+  buffer in one launch;
+- dropped mass: the last query's softmax mass outside its kept keys and window (the statistic of
+  the error bound), split along the keys, then one combine.
 
 Exact ties: sorting keys are ``(order-preserving bits of the float) * 2^32 + (2^32 - 1 - index)``
 in int64, sorted descending, so equal values put the lower index first, as the reference's
@@ -815,3 +817,129 @@ def gather_entries_kernel(
         other=0.0,
     )
     tl.store(out_value_ptr + out, v, mask=live[:, None])
+
+
+# ----------------------------------------------------------------------------- dropped mass
+
+
+@triton.jit
+def _online(peak, logits):
+    """One tile of an online softmax sum: (the new running maximum, the factor that rescales sums
+    kept at the old one, the tile's exp(logits - new maximum)). A row masked so far adds nothing."""
+    new_peak = tl.maximum(peak, tl.max(logits, 1))
+    safe = tl.where(new_peak == float("-inf"), 0.0, new_peak)
+    return new_peak, tl.exp(peak - safe), tl.exp(logits - safe[:, None])
+
+
+@triton.jit(do_not_specialize=["context_len", "window_lo", "keys_per_split", "columns_per_split"])
+def dropped_mass_partial_kernel(
+    Q,
+    K,
+    Kept,
+    Counts,
+    Start,
+    Partial,
+    n_kv,
+    context_len,
+    window_lo,
+    keys_per_split,
+    columns_per_split,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kg,
+    stride_kl,
+    stride_ib,
+    stride_ig,
+    stride_cb,
+    stride_cg,
+    scale,
+    HAS_START: tl.constexpr,
+    GROUP: tl.constexpr,
+    ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The last query of GROUP query heads (one row, one KV head) over one split of the keys (the
+    softmax sum, and the window's part of it) and one split of the kept list (the kept keys' sum
+    outside the window), each sum with its own running maximum. Grid (B * G, splits); writes
+    Partial (B * G, splits, 5, ROWS): maximum, sum, window sum, kept maximum, kept sum."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid // n_kv).to(tl.int64)
+    g = (pid % n_kv).to(tl.int64)
+    rows = tl.arange(0, ROWS)
+    dims = tl.arange(0, HEAD_DIM)
+    row_ok = rows < GROUP
+    q = tl.load(
+        Q + b * stride_qb + (g * GROUP + rows)[:, None] * stride_qh + dims[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    if HAS_START:
+        start = tl.load(Start + b)
+    else:
+        start = 0
+    key_base = K + b * stride_kb + g * stride_kg
+    peak = tl.full([ROWS], float("-inf"), tl.float32)
+    total = tl.zeros([ROWS], tl.float32)
+    window = tl.zeros([ROWS], tl.float32)
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, context_len)
+    for tile in range(lo, hi, BLOCK_N):
+        keys = tile + tl.arange(0, BLOCK_N)
+        seen = (keys >= start) & (keys < hi)
+        k = tl.load(key_base + keys[:, None] * stride_kl + dims[None, :], mask=seen[:, None], other=0.0)
+        logits = _dot(q, tl.trans(k), PRECISION) * scale
+        logits = tl.where(row_ok[:, None] & seen[None, :], logits, float("-inf"))
+        peak, shrink, p = _online(peak, logits)
+        total = total * shrink + tl.sum(p, 1)
+        window = window * shrink + tl.sum(tl.where(keys[None, :] >= window_lo, p, 0.0), 1)
+    count = tl.load(Counts + b * stride_cb + g * stride_cg)
+    first = split * columns_per_split
+    last = tl.minimum(first + columns_per_split, count)
+    kept_peak = tl.full([ROWS], float("-inf"), tl.float32)
+    kept = tl.zeros([ROWS], tl.float32)
+    for tile in range(first, first + columns_per_split, BLOCK_N):
+        columns = tile + tl.arange(0, BLOCK_N)
+        index = tl.load(Kept + b * stride_ib + g * stride_ig + columns, mask=columns < last, other=0)
+        live = (columns < last) & (index < window_lo)  # a kept key inside the window counts once
+        k = tl.load(key_base + index[:, None] * stride_kl + dims[None, :], mask=live[:, None], other=0.0)
+        logits = _dot(q, tl.trans(k), PRECISION) * scale
+        logits = tl.where(row_ok[:, None] & live[None, :], logits, float("-inf"))
+        kept_peak, shrink, p = _online(kept_peak, logits)
+        kept = kept * shrink + tl.sum(p, 1)
+    out = Partial + (pid * tl.num_programs(1) + split).to(tl.int64) * 5 * ROWS + rows
+    tl.store(out, peak)
+    tl.store(out + ROWS, total)
+    tl.store(out + 2 * ROWS, window)
+    tl.store(out + 3 * ROWS, kept_peak)
+    tl.store(out + 4 * ROWS, kept)
+
+
+@triton.jit
+def dropped_mass_combine_kernel(
+    Partial, Out, n_splits, GROUP: tl.constexpr, ROWS: tl.constexpr, SPLITS_PAD: tl.constexpr
+):
+    """gamma = 1 - (window sum + kept sum) / sum, the splits' sums brought to one maximum. Grid
+    (B * G,); writes Out (B, H) at the program's GROUP heads."""
+    pid = tl.program_id(0)
+    splits = tl.arange(0, SPLITS_PAD)
+    rows = tl.arange(0, ROWS)
+    at = Partial + pid.to(tl.int64) * n_splits * 5 * ROWS + splits[:, None] * 5 * ROWS + rows[None, :]
+    ok = (splits < n_splits)[:, None]
+    peak = tl.load(at, mask=ok, other=float("-inf"))
+    total = tl.load(at + ROWS, mask=ok, other=0.0)
+    window = tl.load(at + 2 * ROWS, mask=ok, other=0.0)
+    kept_peak = tl.load(at + 3 * ROWS, mask=ok, other=float("-inf"))
+    kept = tl.load(at + 4 * ROWS, mask=ok, other=0.0)
+    top = tl.max(peak, 0)  # every kept key is also a seen key: kept maxima are at most this
+    top = tl.where(top == float("-inf"), 0.0, top)
+    weight = tl.exp(peak - top[None, :])
+    kept_weight = tl.exp(kept_peak - top[None, :])
+    whole = tl.sum(total * weight, 0)
+    attended = tl.sum(window * weight, 0) + tl.sum(kept * kept_weight, 0)
+    whole = tl.where(whole > 0, whole, 1.0)  # padding rows of ROWS (not stored) see nothing
+    gamma = tl.maximum(1.0 - attended / whole, 0.0)
+    tl.store(Out + pid.to(tl.int64) * GROUP + rows, gamma, mask=rows < GROUP)

@@ -364,4 +364,62 @@ def gather_entries(key, value, kept, counts, window_start, slot_heads, slot_colu
     return keys, values, positions
 
 
+MASS_BLOCK_N = {"cuda": 64, "cpu": 16}  # keys per tile of the dropped-mass kernels (head dim <= 128)
+MASS_SPLITS = 64  # at most this many splits per (row, KV head)
+
+
+def dropped_mass(query, key, selection, local_window: int, scale: float, key_start=None) -> torch.Tensor:
+    """The last query's dropped mass (B, H) float32: ``core.error_bound.last_query_dropped_mass``'s
+    contract, in two launches (the keys split over enough programs to fill the GPU, then a combine)."""
+    batch, n_heads, head_dim = query.shape
+    n_kv, context_len = key.shape[1], key.shape[2]
+    group = n_heads // n_kv
+    query, key = _rows_contiguous(query), _rows_contiguous(key)
+    kept = selection.indices.to(key.device).contiguous()
+    if kept.shape[-1] == 0:  # no kept column to read (the loads are masked off): one padding column
+        kept = torch.full((batch, n_kv, 1), context_len, dtype=torch.int64, device=key.device)
+    counts = selection.counts.to(device=key.device, dtype=torch.int64)
+    kind = _kind(key.device)
+    block = _tile(MASS_BLOCK_N[kind], head_dim)
+    most = max(1, min(MASS_SPLITS, triton.cdiv(4 * _multiprocessors(key.device), batch * n_kv)))
+    n_splits = max(1, min(most, triton.cdiv(context_len, block)))
+    keys_per_split = triton.cdiv(triton.cdiv(context_len, n_splits), block) * block
+    columns_per_split = triton.cdiv(triton.cdiv(kept.shape[-1], n_splits), block) * block
+    rows = max(16, triton.next_power_of_2(group))
+    partial = _empty(batch * n_kv, n_splits, 5, rows, dtype=torch.float32, device=key.device)
+    out = _empty(batch, n_heads, dtype=torch.float32, device=key.device)
+    has_start = key_start is not None
+    start = key_start.to(device=key.device, dtype=torch.int64) if has_start else counts
+    kernels.dropped_mass_partial_kernel[(batch * n_kv, n_splits)](
+        query,
+        key,
+        kept,
+        counts,
+        start,
+        partial,
+        n_kv,
+        context_len,
+        max(context_len - local_window, 0),
+        keys_per_split,
+        columns_per_split,
+        *query.stride()[:2],
+        *key.stride()[:3],
+        *kept.stride()[:2],
+        *counts.stride(),
+        scale,
+        HAS_START=has_start,
+        GROUP=group,
+        ROWS=rows,
+        HEAD_DIM=head_dim,
+        BLOCK_N=block,
+        PRECISION=_precision(query.dtype, query.device),
+    )
+    # the combine's split tile from the bound, not the length (a length-dependent one would compile
+    # again at every new power of two)
+    kernels.dropped_mass_combine_kernel[(batch * n_kv,)](
+        partial, out, n_splits, GROUP=group, ROWS=rows, SPLITS_PAD=triton.next_power_of_2(most)
+    )
+    return out
+
+
 from .select_launcher import select  # noqa: E402,F401  (the selection launcher, re-exported)
