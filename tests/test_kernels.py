@@ -632,3 +632,51 @@ def test_dropped_mass_matches_reference_and_float64(
     assert torch.isfinite(gamma).all(), where
     torch.testing.assert_close(gamma.double().cpu(), expected, atol=1e-5, rtol=0, msg=where)
     torch.testing.assert_close(gamma, ref, atol=1e-5, rtol=0, msg=where)
+
+
+@pytest.mark.randomised
+@pytest.mark.parametrize("op", ["dropped_mass", "gather_entries"])
+def test_prefill_bookkeeping_kernels_too_big_for_shared_memory_fall_back(monkeypatch, op):
+    """Where a bookkeeping kernel does not fit the GPU (simulated: its launch refused), the backend
+    answers with the reference (the same result), warns once, and does not launch it again."""
+    from triton.runtime.errors import OutOfResources
+
+    from tca.ops import triton as backend
+
+    monkeypatch.setattr(backend, "_TOO_BIG", set())
+    launches = []
+
+    def refused(*args, **kwargs):
+        launches.append(1)
+        raise OutOfResources(393216, 232448, "shared memory")
+
+    monkeypatch.setattr(launchers, op, refused)
+    gen, seed = fresh_generator()
+    length, n_kv, window = 90, 2, 16
+    key_start = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    selection = random_selection(gen, 1, n_kv, length, window, 0.3, key_start)
+    key, value = (randn(gen, 1, n_kv, length, 32, dtype=torch.bfloat16) for _ in "kv")
+    if op == "dropped_mass":
+        args = (randn(gen, 1, 2 * n_kv, 32, dtype=torch.bfloat16), key, selection, window, 32**-0.5, None)
+    else:
+        heads = torch.tensor([0] * 40 + [1] * 40, device=DEVICE)
+        columns = torch.cat([torch.arange(40), torch.arange(40)]).to(DEVICE)
+        args = (
+            key,
+            value,
+            selection.indices.to(DEVICE),
+            selection.counts.to(DEVICE),
+            length - window,
+            heads,
+            columns,
+        )
+    want = getattr(reference, op)(*args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            got = getattr(backend.TritonBackend(), op)(*args)
+            pairs = zip(got, want, strict=True) if op == "gather_entries" else [(got, want)]
+            for a, b in pairs:
+                assert torch.equal(a, b), f"seed {seed}: {op}"
+    told = [w for w in caught if "does not fit this GPU" in str(w.message)]
+    assert len(told) == 1 and launches == [1], f"seed {seed}: {[str(w.message) for w in caught]}, {launches}"

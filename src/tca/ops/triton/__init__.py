@@ -92,6 +92,29 @@ def _fused_select(query, key, mu, sigma, config, scale, key_start):
     return reference.BACKEND.select(query, key, mu, sigma, config, scale, key_start)
 
 
+_TOO_BIG: set[tuple] = set()  # (op, dtype, head dim) whose kernels did not fit the GPU's shared memory
+
+
+def _fitting(kernel, fallback, args: tuple, key: torch.Tensor):
+    """``kernel(*args)``, or ``fallback(*args)`` (the reference: the same result, slower) where the
+    kernel does not fit the GPU's shared memory at this dtype and head dim (warned once)."""
+    from triton.runtime.errors import OutOfResources
+
+    shape = (kernel.__name__, key.dtype, key.shape[-1])
+    if shape not in _TOO_BIG:
+        try:
+            return kernel(*args)
+        except OutOfResources as error:
+            _TOO_BIG.add(shape)
+            warnings.warn(
+                f"TCA's {kernel.__name__} kernel does not fit this GPU at {key.dtype}, head dim "
+                f"{key.shape[-1]} ({error}); using PyTorch instead (slower, the same result).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return fallback(*args)
+
+
 class TritonBackend:
     """Triton kernels on CUDA devices (and on the CPU under ``TRITON_INTERPRET=1``, for tests)."""
 
@@ -163,17 +186,17 @@ class TritonBackend:
 
     def dropped_mass(self, query, key, selection, local_window, scale, key_start=None):
         """The last query's dropped mass in two launches (``reference.dropped_mass``'s contract)."""
-        launchers = _launchers()
-        if launchers.supported(query.unsqueeze(2), key):
-            return launchers.dropped_mass(query, key, selection, local_window, scale, key_start)
-        return reference.dropped_mass(query, key, selection, local_window, scale, key_start)
+        args = (query, key, selection, local_window, scale, key_start)
+        if _launchers().supported(query.unsqueeze(2), key):
+            return _fitting(_launchers().dropped_mass, reference.dropped_mass, args, key)
+        return reference.dropped_mass(*args)
 
     def gather_entries(self, key, value, kept, counts, window_start, slot_heads, slot_columns):
         """A layer's cache entries in one launch (``reference.gather_entries``'s contract)."""
-        launchers = _launchers()
-        if launchers.supported(key, key):
-            return launchers.gather_entries(key, value, kept, counts, window_start, slot_heads, slot_columns)
-        return reference.gather_entries(key, value, kept, counts, window_start, slot_heads, slot_columns)
+        args = (key, value, kept, counts, window_start, slot_heads, slot_columns)
+        if _launchers().supported(key, key):
+            return _fitting(_launchers().gather_entries, reference.gather_entries, args, key)
+        return reference.gather_entries(*args)
 
 
 BACKEND = register(TritonBackend())

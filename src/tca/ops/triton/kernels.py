@@ -888,7 +888,7 @@ def dropped_mass_partial_kernel(
     lo = split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, context_len)
     for tile in range(lo, hi, BLOCK_N):
-        keys = tile + tl.arange(0, BLOCK_N)
+        keys = (tile + tl.arange(0, BLOCK_N)).to(tl.int64)  # times the key stride: past 2^31 at 2M keys
         seen = (keys >= start) & (keys < hi)
         k = tl.load(key_base + keys[:, None] * stride_kl + dims[None, :], mask=seen[:, None], other=0.0)
         logits = _dot(q, tl.trans(k), PRECISION) * scale
