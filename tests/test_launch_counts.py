@@ -3,12 +3,13 @@
 On a GPU every device operation costs a launch gap of 3-4 us between kernels, whatever its size: an
 8K prefill of Llama-3.1-8B under TCA paid for about 120 of them a layer before its cache was built
 in one gather for all heads (``benchmarks/NOTES-kernels.md``, "The 8K first token"). These tests
-count, with a dispatch mode, the aten operations that TCA's own code issues (the cache, the
-statistics, the dropped mass: every ``tca`` frame but the attention ops of ``tca.ops``, which are
-fused kernels on a GPU and loops on the CPU reference) and check that a prefill's count per layer,
-and a decode step's, are the same for 1 and 4 KV heads, 1 and 3 rows, and two context lengths (one
-at a time: with several rows and heads at once, a batched matmul may copy a strided operand, a
-layout effect, not a loop): a loop over heads, rows or blocks would make them differ.
+count, with a dispatch mode, the aten operations that TCA's own code issues outside ``tca.ops`` (the
+cache's bookkeeping and the statistics; the ops of ``tca.ops``, attention, selection, cache entries
+and dropped mass, are Triton kernels on a GPU and PyTorch references here) and check that a
+prefill's count per layer, and a decode step's, are the same for 1 and 4 KV heads, 1 and 3 rows, and
+two context lengths (one at a time: with several rows and heads at once, a batched matmul may copy a
+strided operand, a layout effect, not a loop): a loop over heads, rows or blocks would make them
+differ.
 """
 
 from __future__ import annotations
