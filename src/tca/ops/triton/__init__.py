@@ -92,23 +92,27 @@ def _fused_select(query, key, mu, sigma, config, scale, key_start):
     return reference.BACKEND.select(query, key, mu, sigma, config, scale, key_start)
 
 
-_TOO_BIG: set[tuple] = set()  # (op, dtype, head dim) whose kernels did not fit the GPU's shared memory
+_TOO_BIG: set[tuple] = set()  # (op, dtype, head dim) whose kernels did not fit or compile on this GPU
 
 
 def _fitting(kernel, fallback, args: tuple, key: torch.Tensor):
     """``kernel(*args)``, or ``fallback(*args)`` (the reference: the same result, slower) where the
-    kernel does not fit the GPU's shared memory at this dtype and head dim (warned once)."""
-    from triton.runtime.errors import OutOfResources
+    kernel does not fit the GPU's shared memory at this dtype and head dim, or does not compile for
+    it (warned once). For the prefill's bookkeeping ops, which a GPU run has not yet checked on
+    every card: a user's prefill never fails for them."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources, PTXASError
 
     shape = (kernel.__name__, key.dtype, key.shape[-1])
     if shape not in _TOO_BIG:
         try:
             return kernel(*args)
-        except OutOfResources as error:
+        except (OutOfResources, CompilationError, PTXASError) as error:
             _TOO_BIG.add(shape)
             warnings.warn(
-                f"TCA's {kernel.__name__} kernel does not fit this GPU at {key.dtype}, head dim "
-                f"{key.shape[-1]} ({error}); using PyTorch instead (slower, the same result).",
+                f"TCA's {kernel.__name__} kernel does not fit this GPU (or does not compile for it) at "
+                f"{key.dtype}, head dim {key.shape[-1]} ({str(error)[:200]}); using PyTorch instead "
+                "(slower, the same result).",
                 RuntimeWarning,
                 stacklevel=3,
             )
