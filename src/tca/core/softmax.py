@@ -89,8 +89,6 @@ def causal_probs(
     """
     q_len, k_len = query.shape[-2], key.shape[-2]
     first_row = k_len - q_len if first_row is None else first_row
-    if q_len == 1 and first_row >= k_len - 1 and key_start is None:  # one query that sees every key
-        return torch.softmax(grouped_logits(query, key, scale), dim=-1)
     visible = causal_visible(first_row, q_len, k_len, query.device, key_start)
     return masked_softmax(grouped_logits(query, key, scale), visible)
 

@@ -64,59 +64,44 @@ def _launchers():
     return launchers
 
 
-# Selection shapes whose kernels asked for more shared memory than the GPU has: (dtype, head dim,
-# query rows per KV head, block size). Seen: fp32 at head dim 256 with 64 observation queries on
-# 4 heads (Gemma 3 in float32) needs 384 KB of an H200's 227 KB; bf16 there fits.
+# Kernel shapes that did not fit the GPU's shared memory (or did not compile for it), answered by
+# the reference from then on. Selection: (dtype, head dim, query rows per KV head, block size); seen:
+# fp32 at head dim 256 with 64 observation queries on 4 heads (Gemma 3 in float32) needs 384 KB of an
+# H200's 227 KB, bf16 there fits. The prefill's bookkeeping ops: (op, dtype, head dim).
 _SELECT_TOO_BIG: set[tuple] = set()
+_TOO_BIG: set[tuple] = set()
 
 
-def _fused_select(query, key, mu, sigma, config, scale, key_start):
-    """``launchers.select``, or the reference where this shape's kernels do not fit the GPU's
-    shared memory (warned once per shape; the same indices, computed in PyTorch)."""
-    from triton.runtime.errors import OutOfResources
-
-    shape = (query.dtype, query.shape[-1], query.shape[1] // key.shape[1] * query.shape[2], config.block_size)
-    if shape not in _SELECT_TOO_BIG:
-        try:
-            return _launchers().select(query, key, mu, sigma, config, scale, key_start)
-        except OutOfResources as error:
-            _SELECT_TOO_BIG.add(shape)
-            dtype = str(query.dtype).removeprefix("torch.")
-            warnings.warn(
-                f"TCA's selection kernel does not fit this GPU at {dtype}, head dim {shape[1]}, "
-                f"{shape[2]} query rows per KV head ({error}); selecting with PyTorch instead (slower). "
-                "bfloat16 or fewer observation_queries keep the kernel.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    return reference.BACKEND.select(query, key, mu, sigma, config, scale, key_start)
-
-
-_TOO_BIG: set[tuple] = set()  # (op, dtype, head dim) whose kernels did not fit or compile on this GPU
-
-
-def _fitting(kernel, fallback, args: tuple, key: torch.Tensor):
+def _fitting(kernel, fallback, args: tuple, shape: tuple, refused: set, what: str):
     """``kernel(*args)``, or ``fallback(*args)`` (the reference: the same result, slower) where the
-    kernel does not fit the GPU's shared memory at this dtype and head dim, or does not compile for
-    it (warned once). For the prefill's bookkeeping ops, which a GPU run has not yet checked on
-    every card: a user's prefill never fails for them."""
+    kernel does not fit the GPU's shared memory at this ``shape``, or does not compile for it: warned
+    once per shape (``what`` says which kernel and shape), never a failed prefill."""
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources, PTXASError
 
-    shape = (kernel.__name__, key.dtype, key.shape[-1])
-    if shape not in _TOO_BIG:
+    if shape not in refused:
         try:
             return kernel(*args)
         except (OutOfResources, CompilationError, PTXASError) as error:
-            _TOO_BIG.add(shape)
+            refused.add(shape)
             warnings.warn(
-                f"TCA's {kernel.__name__} kernel does not fit this GPU (or does not compile for it) at "
-                f"{key.dtype}, head dim {key.shape[-1]} ({str(error)[:200]}); using PyTorch instead "
-                "(slower, the same result).",
+                f"TCA's {what} does not fit this GPU (or does not compile for it) ({str(error)[:200]}); "
+                "using PyTorch instead (slower, the same result).",
                 RuntimeWarning,
                 stacklevel=3,
             )
     return fallback(*args)
+
+
+def _dtype(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def _bookkeeping(kernel, fallback, args: tuple, key: torch.Tensor):
+    """A prefill bookkeeping op's kernel through ``_fitting``, shapes told apart by dtype and head dim."""
+    shape = (kernel.__name__, key.dtype, key.shape[-1])
+    what = f"{kernel.__name__} kernel at {_dtype(key)}, head dim {key.shape[-1]}"
+    return _fitting(kernel, fallback, args, shape, _TOO_BIG, what)
 
 
 class TritonBackend:
@@ -131,9 +116,16 @@ class TritonBackend:
     def select(self, query, key, mu, sigma, config, scale, key_start=None):
         """Fused selection: the reference's indices and counts (the index tensor may be wider,
         the extra columns being padding)."""
-        if _launchers().supported(query, key) and config.pool_kernel == 1:
-            return _fused_select(query, key, mu, sigma, config, scale, key_start)
-        return reference.BACKEND.select(query, key, mu, sigma, config, scale, key_start)
+        args = (query, key, mu, sigma, config, scale, key_start)
+        if not (_launchers().supported(query, key) and config.pool_kernel == 1):
+            return reference.BACKEND.select(*args)
+        rows = query.shape[1] // key.shape[1] * query.shape[2]
+        shape = (query.dtype, query.shape[-1], rows, config.block_size)
+        what = (
+            f"selection kernel at {_dtype(query)}, head dim {shape[1]}, {rows} query rows per KV head "
+            "(bfloat16 or fewer observation_queries keep the kernel)"
+        )
+        return _fitting(_launchers().select, reference.BACKEND.select, args, shape, _SELECT_TOO_BIG, what)
 
     def sparse_prefill(
         self, query, key, value, selection, local_window, scale, key_start=None, query_chunk=256
@@ -191,16 +183,16 @@ class TritonBackend:
     def dropped_mass(self, query, key, selection, local_window, scale, key_start=None):
         """The last query's dropped mass in two launches (``reference.dropped_mass``'s contract)."""
         args = (query, key, selection, local_window, scale, key_start)
-        if _launchers().supported(query.unsqueeze(2), key):
-            return _fitting(_launchers().dropped_mass, reference.dropped_mass, args, key)
-        return reference.dropped_mass(*args)
+        if not _launchers().supported(query.unsqueeze(2), key):
+            return reference.dropped_mass(*args)
+        return _bookkeeping(_launchers().dropped_mass, reference.dropped_mass, args, key)
 
     def gather_entries(self, key, value, kept, counts, window_start, slot_heads, slot_columns):
         """A layer's cache entries in one launch (``reference.gather_entries``'s contract)."""
         args = (key, value, kept, counts, window_start, slot_heads, slot_columns)
-        if _launchers().supported(key, key):
-            return _fitting(_launchers().gather_entries, reference.gather_entries, args, key)
-        return reference.gather_entries(*args)
+        if not _launchers().supported(key, key):
+            return reference.gather_entries(*args)
+        return _bookkeeping(_launchers().gather_entries, reference.gather_entries, args, key)
 
 
 BACKEND = register(TritonBackend())
