@@ -28,13 +28,13 @@ On a CUDA device the defaults replay TCA's decode steps from a CUDA graph (``cud
 wherever it serves; captured at the second decode step, inside the timed run); rows say so in
 ``cuda_graphs``. ``first_call_ttft_ms``: the first generate at a length and kept target, before the
 timed one (its host history pins new memory and its selection's widths compile new kernel variants;
-later calls reuse both); dense too gets one untimed generate at each length first (files before
-2026-12-01 timed dense's first generate: their dense eager decode reads 57-63 ms a token at 32K-128K
-where ``benchmarks/tp.py``'s warmed runs at one GPU read 25 ms; the cause is not established). With
-``--graphs`` two more modes per case: ``dense-graph``, dense with transformers' static cache, whose
-decode step ``generate`` compiles (torch.compile with CUDA graphs; one untimed warm-up generate
-compiles it), and ``tca-eager``, TCA with ``cuda_graphs=False`` (every decode step run eagerly, in
-Python).
+later calls reuse both); dense too gets one untimed generate at each length first (the files up to
+``e2e-nvidia-h200-8k-64k.json`` timed dense's first generate there: their dense eager decode reads
+57-63 ms a token at 32K-128K where ``benchmarks/tp.py``'s warmed runs at one GPU read 25 ms; the
+cause is not established). With ``--graphs`` two more modes per case: ``dense-graph``, dense with
+transformers' static cache, whose decode step ``generate`` compiles (torch.compile with CUDA graphs;
+one untimed warm-up generate compiles it), and ``tca-eager``, TCA with ``cuda_graphs=False`` (every
+decode step run eagerly, in Python).
 
 With ``--turns``: ``next_turn_ttft_ms``, the time to the first token of a second turn (64 new
 tokens after the first answer, on the same cache; TCA with its host history selects again from
@@ -321,7 +321,7 @@ def measure(
     generator = torch.Generator().manual_seed(length + batch)
     ids = torch.randint(3, model.config.vocab_size, (batch, length), generator=generator).to(model.device)
     dense_kv = dense_cache_bytes(model, length + new_tokens, batch)  # sliding layers: their window
-    timed_generate(model, ids, new_tokens)  # untimed, as TCA's first call: the allocator grows its pool
+    timed_generate(model, ids, new_tokens)  # untimed, as TCA's first call at a length
     ttft, decode, median, peak = timed_generate(model, ids, new_tokens)
     ttft, ttft_runs = first_token_ms(model, ids, ttft)
     dense_attention = dense_attention_ms(model, ids)
