@@ -347,7 +347,7 @@ def measure(
     if graphs:
         rows += dense_graph_row(model, ids, new_tokens, dense_row)
     if turns:
-        dense_row["next_turn_ttft_ms"] = next_turn_ttft(model, ids, new_tokens, DynamicCache())
+        dense_row["next_turn_ttft_ms"] = next_turn_ttft(model, ids, new_tokens, DynamicCache)
     for kept in kept_targets:
         profile = uniform_profile(model, kept, length)
         # the first generate at this length and kept target, not timed: new pinned memory for its
@@ -383,7 +383,7 @@ def measure(
             rows.append(tca_row | eager | dict(mode="tca-eager"))
         if turns:
             with tca.apply(model, profile) as run:
-                tca_row["next_turn_ttft_ms"] = next_turn_ttft(model, ids, new_tokens, run.new_cache())
+                tca_row["next_turn_ttft_ms"] = next_turn_ttft(model, ids, new_tokens, run.new_cache)
             del run  # its cache and host history go before the next row
             rows.append(no_history_row(model, ids, profile, new_tokens, tca_row))
     return rows
@@ -408,18 +408,23 @@ def tca_generate(model, ids, profile, new_tokens: int, repeat: bool = True, **op
     return timings, stats
 
 
-def next_turn_ttft(model, ids, new_tokens: int, cache) -> float:
-    """ms to the first token of a second turn on ``cache``: a first generate of ``new_tokens`` tokens
-    after ``ids``, then ``FOLLOW_UP`` new tokens (TCA with its history selects again from all of it)."""
+def next_turn_ttft(model, ids, new_tokens: int, new_cache) -> float:
+    """ms to the first token of a second turn on a cache from ``new_cache()``: a first generate of
+    ``new_tokens`` tokens after ``ids``, then ``FOLLOW_UP`` new tokens (TCA with its history selects
+    again from all of it). Timed on the second of two conversations (the first compiles the new
+    turn's kernels)."""
     kwarg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-    with torch.no_grad():
-        first = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            do_sample=False, pad_token_id=0, **{kwarg: cache},
-        )  # fmt: skip
     generator = torch.Generator().manual_seed(1)
     follow_up = torch.randint(3, model.config.vocab_size, (ids.shape[0], FOLLOW_UP), generator=generator)
-    ttft, *_ = timed_generate(model, torch.cat([first, follow_up.to(ids.device)], 1), 0, **{kwarg: cache})
+    for _ in range(2):
+        cache = new_cache()
+        with torch.no_grad():
+            first = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                do_sample=False, pad_token_id=0, **{kwarg: cache},
+            )  # fmt: skip
+        ttft, *_ = timed_generate(model, torch.cat([first, follow_up.to(ids.device)], 1), 0, **{kwarg: cache})
+        del cache, first
     return ttft
 
 
@@ -429,7 +434,7 @@ def no_history_row(model, ids, profile, new_tokens: int, tca_row: dict) -> dict:
     with tca.apply(model, profile, keep_history=False) as run:
         ttft, decode, median, peak = timed_generate(model, ids, new_tokens)
         host = run.stats.host_kv_bytes
-        next_turn = next_turn_ttft(model, ids, new_tokens, run.new_cache())
+        next_turn = next_turn_ttft(model, ids, new_tokens, run.new_cache)
     timings = dict(ttft_ms=ttft, decode_ms_per_token=decode, decode_ms_median=median, peak_gib=peak)
     return tca_row | timings | dict(mode="tca-no-history", host_kv_bytes=host, next_turn_ttft_ms=next_turn)
 

@@ -98,88 +98,60 @@ def attention_table(
     return markdown(header, cells)
 
 
-E2E_FILES = (
-    "e2e-nvidia-h200.json",
-    "e2e-nvidia-h200-8k-256k.json",
-    "e2e-nvidia-h200-graphs.json",
-    "e2e-nvidia-h200-turns.json",
-    "e2e-nvidia-h200-8k-64k.json",
-)
-
-
-def e2e_table(names: tuple[str, ...] = E2E_FILES) -> str:
+def e2e_table(name: str = "e2e-nvidia-h200.json") -> str:
     """What a user runs: generate() inside tca.apply with the defaults against dense, per length and
-    kept target; a row measured in several files is taken from the last (the newest code), and its
-    ratios are to the dense row of its own file (the same process)."""
-    rows: dict[tuple, dict] = {}
-    for name in names:
-        data = load(name)
-        dense = {(r["L"], r["batch"]): r for r in data["rows"] if r["mode"] == "dense"}
-        for r in data["rows"]:
-            if r["mode"] in ("dense", "tca"):  # the defaults (graph and no-history rows: other tables)
-                base = dense[r["L"], r["batch"]]
-                rows[r["L"], r["batch"], r["kept_target"]] = r | {"commit": data["commit"][:7], "base": base}
+    kept target, from one run (every ratio is to the dense row of the same process)."""
+    rows = [r for r in load(name)["rows"] if r["mode"] in ("dense", "tca")]  # the defaults
+    dense = {(r["L"], r["batch"]): r for r in rows if r["mode"] == "dense"}
     header = ["L", "batch", "kept", "ttft ms", "x dense", "vs Amdahl", "decode ms/token", "x dense"]
-    header += ["peak GiB", "KV GiB", "commit"]
+    header += ["peak GiB", "KV GiB"]
     cells = []
-    for (length, batch, kept), r in sorted(
-        rows.items(), key=lambda item: (item[0][1], item[0][0], item[0][2] or 0)
-    ):
-        ttft = r["base"]["ttft_ms"] / r["ttft_ms"]
-        decode = r["base"]["decode_ms_per_token"] / r["decode_ms_per_token"]
+    for r in sorted(rows, key=lambda r: (r["batch"], r["L"], r["kept_target"] or 0)):
+        base, kept = dense[r["L"], r["batch"]], r["kept_target"]
+        ttft = base["ttft_ms"] / r["ttft_ms"]
+        decode = base["decode_ms_per_token"] / r["decode_ms_per_token"]
         cells.append(
-            [
-                short_length(length),
-                str(batch),
-                "dense" if kept is None else f"{kept:.0%}",
-                f"{r['ttft_ms']:.0f}",
-            ]
-            + [
-                "" if kept is None else f"{ttft:.2f}x",
-                "" if kept is None else f"{r['ttft_ms'] / r['amdahl_ttft_ms']:.2f}",
-            ]
+            [short_length(r["L"]), str(r["batch"]), "dense" if kept is None else f"{kept:.0%}"]
+            + [f"{r['ttft_ms']:.0f}", "" if kept is None else f"{ttft:.2f}x"]
+            + ["" if kept is None else f"{r['ttft_ms'] / r['amdahl_ttft_ms']:.2f}"]
             + [f"{r['decode_ms_per_token']:.1f}", "" if kept is None else f"{decode:.2f}x"]
-            + [f"{r['peak_gib']:.1f}", f"{r['kv_bytes'] / 2**30:.2f}", r["commit"]]
+            + [f"{r['peak_gib']:.1f}", f"{r['kv_bytes'] / 2**30:.2f}"]
         )
     return markdown(header, cells)
 
 
-def e2e_modes_table(
-    name: str = "e2e-nvidia-h200-graphs.json", turns: str = "e2e-nvidia-h200-turns.json"
-) -> str:
-    """Decode per token in every mode (dense eager and compiled, TCA with its defaults, which replay a
-    CUDA graph, and TCA eager), then what the host history costs the first turn (TCA without it)."""
+def e2e_modes_table(name: str = "e2e-nvidia-h200.json", history_kept: float = 0.1) -> str:
+    """Decode per token in every mode at batch 1 (dense eager and compiled, TCA with its defaults,
+    which replay a CUDA graph, and TCA eager), then what the host history costs (TCA without it) at
+    the kept target ``history_kept``, every batch."""
     rows = load(name)["rows"]
-    by = {(r["L"], r["mode"], r["kept_target"]): r for r in rows}
+    by = {(r["L"], r["batch"], r["mode"], r["kept_target"]): r for r in rows}
     header = ["L", "kept", "dense", "dense compiled", "TCA (defaults: graph)", "TCA eager"]
     header += ["x dense", "x dense compiled", "x dense (eager vs eager)"]
     cells = []
-    for length in sorted({r["L"] for r in rows}):
-        dense, compiled = by[length, "dense", None], by[length, "dense-graph", None]
-        for kept in sorted({r["kept_target"] for r in rows if r["L"] == length and r["mode"] == "tca"}):
-            tca, eager = by[length, "tca", kept], by[length, "tca-eager", kept]
-            cells.append(
-                [short_length(length), f"{kept:.0%}"]
-                + [f"{r['decode_ms_per_token']:.1f}" for r in (dense, compiled, tca, eager)]
-                + [f"{dense['decode_ms_per_token'] / tca['decode_ms_per_token']:.1f}x"]
-                + [f"{compiled['decode_ms_per_token'] / tca['decode_ms_per_token']:.1f}x"]
-                + [f"{dense['decode_ms_per_token'] / eager['decode_ms_per_token']:.2f}x"]
-            )
+    for r in sorted(rows, key=lambda r: (r["L"], r["kept_target"] or 0)):
+        if r["mode"] != "tca" or r["batch"] != 1:
+            continue
+        dense, compiled = by[r["L"], 1, "dense", None], by[r["L"], 1, "dense-graph", None]
+        eager = by[r["L"], 1, "tca-eager", r["kept_target"]]
+        ms = [x["decode_ms_per_token"] for x in (dense, compiled, r, eager)]
+        cells.append(
+            [short_length(r["L"]), f"{r['kept_target']:.0%}"]
+            + [f"{m:.1f}" for m in ms]
+            + [f"{ms[0] / ms[2]:.1f}x", f"{ms[1] / ms[2]:.1f}x", f"{ms[0] / ms[3]:.2f}x"]
+        )
     table = markdown(header, cells)
-    history = load(turns)["rows"]
     header = ["L", "kept", "ttft, history kept (default)", "ttft, keep_history=False", "history's cost"]
     header += ["next turn ttft: dense", "TCA", "TCA without history"]
     cells = []
-    for r in history:
-        if r["mode"] != "tca":
+    for r in rows:
+        if r["mode"] != "tca" or r["kept_target"] != history_kept:
             continue
-        off, dense = (
-            next(o for o in history if o["mode"] == mode and (o["L"], o["batch"]) == (r["L"], r["batch"]))
-            for mode in ("tca-no-history", "dense")
-        )
+        off = by[r["L"], r["batch"], "tca-no-history", history_kept]
+        dense = by[r["L"], r["batch"], "dense", None]
         label = short_length(r["L"]) + ("" if r["batch"] == 1 else f" x{r['batch']}")
         cells.append(
-            [label, f"{r['kept_target']:.0%}", f"{r['ttft_ms']:.0f}", f"{off['ttft_ms']:.0f}"]
+            [label, f"{history_kept:.0%}", f"{r['ttft_ms']:.0f}", f"{off['ttft_ms']:.0f}"]
             + [f"{r['ttft_ms'] / off['ttft_ms'] - 1:+.1%}"]
             + [f"{x['next_turn_ttft_ms']:.0f}" for x in (dense, r, off)]
         )

@@ -524,18 +524,20 @@ if FULL:
 
 
 def entries_fp64(key, kept, counts, window_start, slot_heads, slot_columns):
-    """Brute force, one (row, slot) at a time: the expected positions and keys (float64)."""
+    """Brute force, one (row, head) at a time: each head's entry list written out (its kept
+    positions, then the window's), read at every slot's column; the expected positions and keys
+    (float64)."""
     batch, context_len, n_slots = key.shape[0], key.shape[2], slot_heads.shape[0]
     positions = torch.full((batch, n_slots), -1, dtype=torch.int64)
     keys = torch.zeros(batch, n_slots, key.shape[-1], dtype=torch.float64)
     for b in range(batch):
         first = window_start if isinstance(window_start, int) else int(window_start[b])
-        for s in range(n_slots):
-            g, c = int(slot_heads[s]), int(slot_columns[s])
-            entries = [int(p) for p in kept[b, g, : int(counts[b, g])]] + list(range(first, context_len))
-            if c < len(entries):
-                positions[b, s] = entries[c]
-                keys[b, s] = key[b, g, entries[c]].double().cpu()
+        for g in range(key.shape[1]):
+            entries = torch.cat([kept[b, g, : int(counts[b, g])].long(), torch.arange(first, context_len)])
+            slots = (slot_heads == g).nonzero().squeeze(-1)
+            held = slots[slot_columns[slots] < len(entries)]
+            positions[b, held] = entries[slot_columns[held]]
+            keys[b, held] = key[b, g, positions[b, held]].double()
     return positions, keys
 
 
