@@ -38,7 +38,9 @@ decode step run eagerly, in Python).
 
 With ``--turns``: ``next_turn_ttft_ms``, the time to the first token of a second turn (64 new
 tokens after the first answer, on the same cache; TCA with its host history selects again from
-the whole conversation), on the dense and TCA rows, and a ``tca-no-history`` row
+the whole conversation; timed on the second of two conversations, since the first compiles the
+new turn's kernels: files up to ``e2e-nvidia-h200.json`` at 9be4535 timed the first), on the dense
+and TCA rows, and a ``tca-no-history`` row
 (``keep_history=False``): the first turn's cost of the history, and a second turn read from the
 compressed cache alone.
 """
@@ -420,8 +422,8 @@ def next_turn_ttft(model, ids, new_tokens: int, new_cache) -> float:
         cache = new_cache()
         with torch.no_grad():
             first = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                do_sample=False, pad_token_id=0, **{kwarg: cache},
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **{kwarg: cache},
             )  # fmt: skip
         ttft, *_ = timed_generate(model, torch.cat([first, follow_up.to(ids.device)], 1), 0, **{kwarg: cache})
         del cache, first

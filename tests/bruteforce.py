@@ -61,19 +61,35 @@ class HeadSelection:
 
 
 def importance(
-    queries: np.ndarray, keys: np.ndarray, kv_head: int, n_candidates: int, scale: float
+    queries: np.ndarray,
+    keys: np.ndarray,
+    kv_head: int,
+    n_candidates: int,
+    scale: float,
+    observation_max: float = 0.0,
+    continuation: float = 0.0,
 ) -> np.ndarray:
-    """Softmax over the candidates, averaged over the KV head's query heads and observation queries.
+    """Softmax over the candidates, averaged over the KV head's query heads and observation queries;
+    with ``observation_max`` w, ``(1 - w) * mean + w * max`` (the max renormalised); with
+    ``continuation`` c, each key raised to c**j times the key j before it, then renormalised.
 
     queries: (H, n_obs, d); keys: (G, L, d). Query head h belongs to KV head h // (H / G).
     """
     n_heads, n_obs, _ = queries.shape
     group = n_heads // keys.shape[0]
-    total = np.zeros(n_candidates)
+    total, peak = np.zeros(n_candidates), np.zeros(n_candidates)
     for head in range(kv_head * group, (kv_head + 1) * group):
         for obs in range(n_obs):
-            total += softmax64(keys[kv_head, :n_candidates] @ queries[head, obs] * scale)
-    return total / (group * n_obs)
+            probs = softmax64(keys[kv_head, :n_candidates] @ queries[head, obs] * scale)
+            total += probs
+            peak = np.maximum(peak, probs)
+    out = total / (group * n_obs)
+    if observation_max > 0:
+        out = (1 - observation_max) * out + observation_max * peak / peak.sum()
+    if continuation > 0:
+        held = [max(out[p - j] * continuation**j for j in range(p + 1)) for p in range(n_candidates)]
+        out = np.array(held) / sum(held)
+    return out
 
 
 def select_head(
@@ -86,13 +102,16 @@ def select_head(
     local_window: int,
     alpha: float,
     scale: float,
+    observation_max: float = 0.0,
+    continuation: float = 0.0,
 ) -> HeadSelection:
-    """DESIGN 2.1 for one KV head of one unpadded sequence, in float64 with plain loops."""
+    """DESIGN 2.1 for one KV head of one unpadded sequence, in float64 with plain loops (the
+    importance options as ``TCAConfig``'s)."""
     context_len = keys.shape[1]
     n_candidates = context_len - max(local_window, 1)
     if n_candidates <= 0:
         return HeadSelection([], [], [], [], math.inf)
-    probs = importance(queries, keys, kv_head, n_candidates, scale)
+    probs = importance(queries, keys, kv_head, n_candidates, scale, observation_max, continuation)
     n_blocks = math.ceil(n_candidates / block_size)
     blocks = [list(range(j * block_size, min((j + 1) * block_size, n_candidates))) for j in range(n_blocks)]
     scores = []

@@ -455,6 +455,25 @@ def test_selection_too_big_for_shared_memory_falls_back(
         assert fits, "bf16 at head dim 256 fits an H100/H200"
 
 
+@pytest.mark.randomised
+@pytest.mark.parametrize("options", [{"observation_max": 1.0}, {"continuation": 0.9}, {"pool_kernel": 3}])
+def test_selection_with_importance_options_is_the_reference(monkeypatch, options):
+    """The kernel scores importance as the mean over observation queries only: any other option
+    selects through the reference (brute-force checked in test_select.py), never the kernel."""
+    from tca.ops import triton as backend
+
+    monkeypatch.setattr(launchers, "select", lambda *args, **kwargs: pytest.fail("kernel launched"))
+    gen, seed = fresh_generator()
+    q, k = randn(gen, 1, 4, 8, 32, dtype=torch.float32), randn(gen, 1, 2, 301, 32, dtype=torch.float32)
+    config = TCAConfig(local_window=16, block_size=16, observation_queries=8, **options)
+    mu, sigma = torch.tensor([0.2, 0.05], dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    got = backend.TritonBackend().select(q, k, mu, sigma, config, 32**-0.5)
+    assert_same_selection(got, select(q, k, mu, sigma, config, 32**-0.5), seed)
+    defaults = {name: getattr(TCAConfig(), name) for name in options}
+    plain = select(q, k, mu, sigma, config.replace(**defaults), 32**-0.5)
+    assert not torch.equal(got.indices, plain.indices), f"seed {seed}: the option changed nothing"
+
+
 # Gemma 3 270M: head dim 256, 4 query heads on 1 KV head (and 2 KV heads, to cover a group > 1 per
 # program); with TCA_TEST_FULL=1 on the GPU, its 32K context and TCA's default window there (2048).
 GEMMA_CASES = [(97, "bf16", 16, 1), (200, "fp32", 32, 2), (130, "fp16", 8, 1)]

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tca.core.budgets import DENSE, block_budgets, candidate_grid, nominal_kept, rank_fractions
 from tca.core.config import TCAConfig
-from tca.core.selection import rank_blocks, select
+from tca.core.selection import forward_hold, rank_blocks, select
 
 MARGIN = 2e-5  # a float32 implementation may order two things differently closer than this
 
@@ -30,6 +30,48 @@ def make_inputs(
     )
     sigma = torch.empty(n_kv, dtype=torch.float64).uniform_(0.2, 1.5, generator=gen)
     return query, key, mu, sigma
+
+
+@pytest.mark.randomised
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    group=st.sampled_from([1, 3, 4]),
+    n_kv=st.integers(1, 3),
+    context_len=st.integers(1, 300),
+    block_size=st.integers(1, 40),
+    window=st.integers(0, 40),
+    n_obs=st.integers(1, 4),
+    observation_max=st.sampled_from([0.0, 0.25, 1.0]),
+    continuation=st.sampled_from([0.0, 0.3, 0.9]),
+)
+def test_select_with_importance_options_equals_brute_force(
+    seed, group, n_kv, context_len, block_size, window, n_obs, observation_max, continuation
+):
+    """The strongest observation query's weight and the forward hold: the kept indices of a plain
+    float64 brute force (every max and every hold spelled out)."""
+    query, key, mu, sigma = make_inputs(seed, 1, n_kv * group, n_kv, context_len, n_obs=n_obs)
+    config = TCAConfig(
+        block_size=block_size, local_window=window, observation_max=observation_max, continuation=continuation
+    )
+    scale = 16**-0.5
+    rows, margin = brute_rows(query, key, mu, sigma, config, scale, [0])
+    assume(margin >= MARGIN)
+    assert_matches(select(query, key, mu, sigma, config, scale), rows, context_len, f"seed {seed}")
+
+
+@pytest.mark.randomised
+@pytest.mark.parametrize("length", [1, 2, 3, 17, 64, 1000])
+@pytest.mark.parametrize("decay", [0.0, 0.1, 0.5, 0.97])
+def test_forward_hold_equals_its_definition(length, decay):
+    """``forward_hold``'s doubling steps against out[p] = max_j values[p - j] * decay**j."""
+    seed = fresh_seed()
+    values = torch.rand(2, length, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    values[:, torch.rand(length, generator=torch.Generator().manual_seed(seed + 1)) < 0.5] = 0.0
+    got = forward_hold(values, decay)
+    for p in range(length):
+        expected = torch.stack([values[:, p - j] * decay**j for j in range(p + 1)]).amax(0)
+        assert torch.allclose(got[:, p], expected, rtol=1e-12, atol=0), f"seed {seed}, p {p}"
 
 
 def brute_rows(query, key, mu, sigma, config: TCAConfig, scale, starts):
@@ -50,6 +92,8 @@ def brute_rows(query, key, mu, sigma, config: TCAConfig, scale, starts):
                 config.local_window,
                 config.alpha,
                 scale,
+                config.observation_max,
+                config.continuation,
             )
             row.append([i + start for i in head.kept])
             margin = min(margin, head.margin)

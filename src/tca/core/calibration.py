@@ -27,7 +27,7 @@ from .. import __version__
 from .budgets import DENSE, block_budgets, candidate_grid, rank_fractions
 from .config import TCAConfig
 from .profile import Profile, model_fingerprint
-from .selection import candidate_importance, keep_mask, rank_blocks
+from .selection import candidate_importance, importance_options, keep_mask, rank_blocks
 from .softmax import causal_prob_chunks
 
 TOLERANCE = 1e-6
@@ -118,7 +118,7 @@ def layer_retention(
     base, values = base / rows, outside / rows
     n_candidates = key.shape[1] - window
     observed = query[:, -config.observation_queries :]
-    importance = candidate_importance(observed, key[:, :n_candidates], scale, config.pool_kernel)
+    importance = candidate_importance(observed, key[:, :n_candidates], scale, *importance_options(config))
     order, lengths = rank_blocks(importance, config.block_size, config.alpha)
     mu = torch.tensor([c[0] for c in candidates], dtype=torch.float64).view(-1, 1)
     sigma = torch.tensor([c[1] for c in candidates], dtype=torch.float64).view(-1, 1)

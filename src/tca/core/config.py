@@ -52,6 +52,13 @@ class TCAConfig:
         pool_kernel: importance is max-pooled over this many neighbouring keys before blocks are
             scored (odd; 1 = off, the paper's rule), so a kept token brings its neighbours
             (SnapKV's pooling); it did not help SmolLM2's needles (docs/choices.md).
+        observation_max: weight in [0, 1] of the strongest observation query in a key's importance:
+            ``(1 - w) * mean + w * max`` over the observation queries (each a distribution over
+            the candidates). 0 (default) is the mean; with 64 observation queries the mean lets the
+            text before the question, and the attention sink, outweigh what the question reads.
+        continuation: in [0, 1); a key's importance is at least ``continuation ** j`` times that of
+            the key j positions before it, so the text after what the question points at (a value
+            after its key: what an answer copies) ranks with it. 0 (default) is off.
         query_chunk: queries processed at once by the reference prefill and by calibration;
             bounds peak memory to O(query_chunk * L) per head.
         retrieval_threshold: a KV head whose retrieval score (``tca.retrieval``: attention a
@@ -66,13 +73,15 @@ class TCAConfig:
     candidates: int = 14
     observation_queries: int = 64
     pool_kernel: int = 1
+    observation_max: float = 0.0
+    continuation: float = 0.0
     query_chunk: int = 256
     retrieval_threshold: float | None = 0.03
 
     def __post_init__(self) -> None:
         self._validate()
         # numpy scalars are stored as Python numbers, so that to_dict() / Profile.save are plain JSON
-        for name in ("tau", "alpha", "retrieval_threshold"):
+        for name in ("tau", "alpha", "observation_max", "continuation", "retrieval_threshold"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, float(getattr(self, name)))
         for name in _INTEGER_MINIMUMS:
@@ -83,6 +92,10 @@ class TCAConfig:
             raise ValueError(f"tau must be in (0, 1], got {self.tau!r}; 0.9 is the paper's default.")
         if not (_is_real(self.alpha) and 0.0 <= self.alpha <= 1.0):
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}; 0.5 is the paper's default.")
+        if not (_is_real(self.observation_max) and 0.0 <= self.observation_max <= 1.0):
+            raise ValueError(f"observation_max must be in [0, 1], got {self.observation_max!r}; default 0.")
+        if not (_is_real(self.continuation) and 0.0 <= self.continuation < 1.0):
+            raise ValueError(f"continuation must be in [0, 1), got {self.continuation!r}; default 0 (off).")
         if self.retrieval_threshold is not None and not (
             _is_real(self.retrieval_threshold) and 0.0 < self.retrieval_threshold <= 1.0
         ):

@@ -38,29 +38,61 @@ class Selection:
 
 
 def candidate_importance(
-    queries: torch.Tensor, keys: torch.Tensor, scale: float, pool_kernel: int = 1
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    scale: float,
+    pool_kernel: int = 1,
+    observation_max: float = 0.0,
+    continuation: float = 0.0,
 ) -> torch.Tensor:
     """Importance of each candidate key for each KV head.
 
     Args:
         queries: (H, n_obs, d) the observation queries (the last query by default).
         keys: (G, n, d) the candidate keys; H must be a multiple of G (GQA).
+        pool_kernel, observation_max, continuation: as ``TCAConfig``'s fields (their defaults: off).
     Returns:
         (G, n) float32, each row a probability distribution: the softmax over the candidates,
-        averaged over the group's query heads and the observation queries; with
-        ``pool_kernel > 1``, max-pooled over that many neighbours and renormalised.
+        averaged over the group's query heads and the observation queries (with
+        ``observation_max`` w: ``(1 - w) * mean + w * max`` over them, the max renormalised); with
+        ``pool_kernel > 1``, max-pooled over that many neighbours, and with ``continuation`` c,
+        each key raised to ``c ** j`` times the key j before it; renormalised after each.
     """
     n_heads, n_obs, head_dim = queries.shape
     n_kv = keys.shape[0]
     group = n_heads // n_kv
     q = queries.float().reshape(n_kv, group * n_obs, head_dim)  # (G, group*n_obs, d)
     logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scale  # (G, group*n_obs, n)
-    importance = torch.softmax(logits, dim=-1).mean(dim=1)
+    probs = torch.softmax(logits, dim=-1)
+    importance = probs.mean(dim=1)
+    if observation_max > 0:
+        importance = (1 - observation_max) * importance + observation_max * _normalised(probs.amax(dim=1))
     if pool_kernel > 1:
         pooled = torch.nn.functional.max_pool1d(importance.unsqueeze(0), pool_kernel, 1, pool_kernel // 2)[0]
-        importance = pooled[:, : importance.shape[-1]]
-        importance = importance / importance.sum(-1, keepdim=True)
+        importance = _normalised(pooled[:, : importance.shape[-1]])
+    if continuation > 0:
+        importance = _normalised(forward_hold(importance, continuation))
     return importance
+
+
+def forward_hold(values: torch.Tensor, decay: float) -> torch.Tensor:
+    """``out[..., p] = max over j <= p of values[..., p - j] * decay ** j`` (values >= 0), in
+    log2(n) doubling steps: after the step of shift s each entry holds the max over j < 2s."""
+    out, shift, factor = values, 1, decay
+    while shift < values.shape[-1] and factor > 0:
+        out = torch.maximum(out, torch.nn.functional.pad(out[..., :-shift], (shift, 0)) * factor)
+        shift, factor = shift * 2, factor * factor
+    return out
+
+
+def _normalised(values: torch.Tensor) -> torch.Tensor:
+    """Each row divided by its sum (rows of non-negative values)."""
+    return values / values.sum(-1, keepdim=True)
+
+
+def importance_options(config: TCAConfig) -> tuple[int, float, float]:
+    """``candidate_importance``'s options from a config: pool_kernel, observation_max, continuation."""
+    return config.pool_kernel, config.observation_max, config.continuation
 
 
 def rank_blocks(importance: torch.Tensor, block_size: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +164,7 @@ def select_sequence(
     n_candidates = context_len - config.effective_window
     if n_candidates <= 0:
         return [torch.empty(0, dtype=torch.int64, device=keys.device) for _ in range(n_kv)]
-    importance = candidate_importance(queries, keys[:, :n_candidates], scale, config.pool_kernel)
+    importance = candidate_importance(queries, keys[:, :n_candidates], scale, *importance_options(config))
     order, lengths = rank_blocks(importance, config.block_size, config.alpha)
     fractions = rank_fractions(mu.cpu(), sigma.cpu(), order.shape[-1]).to(keys.device)  # (G, n_blocks)
     budgets = block_budgets(fractions, lengths[order])

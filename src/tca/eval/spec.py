@@ -27,6 +27,8 @@ TCA_OPTIONS = (  # TCAConfig fields a tca setting may change (tau is its own; qu
     "candidates",
     "local_window",
     "observation_queries",
+    "observation_max",
+    "continuation",
     "pool_kernel",
     "retrieval_threshold",
 )

@@ -13,6 +13,7 @@ import warnings
 
 import torch
 
+from ...core.selection import importance_options
 from ...core.transfer import host_ints
 from .. import reference
 from ..registry import register
@@ -117,7 +118,7 @@ class TritonBackend:
         """Fused selection: the reference's indices and counts (the index tensor may be wider,
         the extra columns being padding)."""
         args = (query, key, mu, sigma, config, scale, key_start)
-        if not (_launchers().supported(query, key) and config.pool_kernel == 1):
+        if not (_launchers().supported(query, key) and importance_options(config) == (1, 0.0, 0.0)):
             return reference.BACKEND.select(*args)
         rows = query.shape[1] // key.shape[1] * query.shape[2]
         shape = (query.dtype, query.shape[-1], rows, config.block_size)
