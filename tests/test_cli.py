@@ -273,6 +273,16 @@ def test_calibrate_bad_threshold_names_the_option(tmp_path):
     assert_user_error(result, "--retrieval-threshold abc", "'off'")
 
 
+@pytest.mark.parametrize(
+    "option,value,field",
+    [("--continuation", "1", "continuation"), ("--observation-max", "2", "observation_max")],
+)
+def test_calibrate_bad_importance_option_names_the_field_before_loading(tmp_path, option, value, field):
+    out = str(tmp_path / "p.json")
+    result = tca("calibrate", "--model", "/nonexistent-model", option, value, "--out", out)
+    assert_user_error(result, f"{field} must be in")  # not the missing model: checked first
+
+
 @pytest.mark.parametrize("where", ["folder", "unwritable"])
 def test_calibrate_unwritable_out_fails_before_calibrating_and_leaves_nothing(tmp_path, where):
     folder = tmp_path / "existing"

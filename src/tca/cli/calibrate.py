@@ -7,6 +7,7 @@ import os
 import time
 from typing import Any
 
+from ..core.config import TCAConfig
 from .common import UserError, add_model_options, check_model, check_writable, load, read_text
 
 
@@ -24,6 +25,16 @@ def add_parser(commands: Any) -> None:
     calibrate.add_argument("--block", type=int, help="block size in tokens (default: per model)")
     calibrate.add_argument("--alpha", type=float, help="redundancy weight in [0, 1] (default: 0.5)")
     calibrate.add_argument(
+        "--observation-max",
+        type=float,
+        help="weight in [0, 1] of the strongest observation query in importance (default: 0, the mean)",
+    )
+    calibrate.add_argument(
+        "--continuation",
+        type=float,
+        help="in [0, 1): importance held forward with this decay, so a value ranks with its key (default: 0)",
+    )
+    calibrate.add_argument(
         "--retrieval-threshold",
         help="retrieval score from which a head keeps every token, in (0, 1], or 'off' (default: 0.03)",
     )
@@ -39,6 +50,7 @@ def add_parser(commands: Any) -> None:
 def config_changes(args: argparse.Namespace) -> dict[str, Any]:
     """The TCAConfig fields the command line sets (the others keep the model's defaults)."""
     changes = {"tau": args.tau, "local_window": args.window, "block_size": args.block, "alpha": args.alpha}
+    changes |= {"observation_max": args.observation_max, "continuation": args.continuation}
     changes = {k: v for k, v in changes.items() if v is not None}
     if args.retrieval_threshold == "off":
         changes["retrieval_threshold"] = None
@@ -49,6 +61,10 @@ def config_changes(args: argparse.Namespace) -> dict[str, Any]:
             raise UserError(
                 f"--retrieval-threshold {args.retrieval_threshold}: expected a number in (0, 1] or 'off'."
             ) from None
+    try:  # each field is checked on its own: a bad value is refused before the model loads
+        TCAConfig(**changes)
+    except ValueError as error:
+        raise UserError(str(error)) from None
     return changes
 
 
@@ -65,7 +81,6 @@ def check_max_tokens(max_tokens: int, config: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Calibrate, write the profile, and print its shape and mean keep ratio; exit status 0."""
-    from ..core.config import TCAConfig
     from ..eval.profile_view import retrieval_note
     from ..integrations.transformers import calibrate
 
