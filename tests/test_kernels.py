@@ -420,7 +420,7 @@ def test_selection_too_big_for_shared_memory_falls_back(
 
     from tca.ops import triton as backend
 
-    monkeypatch.setattr(backend, "_SELECT_TOO_BIG", set())
+    monkeypatch.setattr(backend, "_REFUSED", set())
     launches = []
 
     def refused(*args, **kwargs):
@@ -447,7 +447,7 @@ def test_selection_too_big_for_shared_memory_falls_back(
                 backend.TritonBackend().select(q, k, mu, sigma, config, dim**-0.5), want, seed
             )
     told = [w for w in caught if "does not fit this GPU" in str(w.message)]
-    fits = (dt, dim, group * n_obs, config.block_size) not in backend._SELECT_TOO_BIG
+    fits = ("select", dt, dim, group * n_obs, config.block_size) not in backend._REFUSED
     assert len(told) == (0 if fits else 1), f"seed {seed}: {[str(w.message) for w in caught]}"
     if simulated:
         assert launches == [1] and not fits, "the refused shape must not be launched again"
@@ -664,7 +664,7 @@ def test_prefill_bookkeeping_kernels_too_big_for_shared_memory_fall_back(monkeyp
 
     from tca.ops import triton as backend
 
-    monkeypatch.setattr(backend, "_TOO_BIG", set())
+    monkeypatch.setattr(backend, "_REFUSED", set())
     launches = []
 
     def refused(*args, **kwargs):

@@ -95,6 +95,12 @@ def importance_options(config: TCAConfig) -> tuple[int, float, float]:
     return config.pool_kernel, config.observation_max, config.continuation
 
 
+def plain_importance(config: TCAConfig) -> bool:
+    """Whether importance is the plain mean over the observation queries (no option on): the one the
+    fused selection kernel computes."""
+    return importance_options(config) == (1, 0.0, 0.0)
+
+
 def rank_blocks(importance: torch.Tensor, block_size: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Block scores ``h_j = (1 - alpha) * mass_j + alpha * (1 - HHI_j)`` and the ranking they give.
 

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from ...core.selection import importance_options
+from ...core.selection import plain_importance
 from ...core.transfer import host_ints
 from .. import reference
 from ..registry import register
@@ -66,25 +66,24 @@ def _launchers():
 
 
 # Kernel shapes that did not fit the GPU's shared memory (or did not compile for it), answered by
-# the reference from then on. Selection: (dtype, head dim, query rows per KV head, block size); seen:
-# fp32 at head dim 256 with 64 observation queries on 4 heads (Gemma 3 in float32) needs 384 KB of an
-# H200's 227 KB, bf16 there fits. The prefill's bookkeeping ops: (op, dtype, head dim).
-_SELECT_TOO_BIG: set[tuple] = set()
-_TOO_BIG: set[tuple] = set()
+# the reference from then on: ("select", dtype, head dim, query rows per KV head, block size), and
+# (kernel name, dtype, head dim) for the prefill's bookkeeping ops. Seen: the selection at fp32, head
+# dim 256, 64 observation queries on 4 heads (Gemma 3 in float32) needs 384 KB of an H200's 227 KB.
+_REFUSED: set[tuple] = set()
 
 
-def _fitting(kernel, fallback, args: tuple, shape: tuple, refused: set, what: str):
+def _fitting(kernel, fallback, args: tuple, shape: tuple, what: str):
     """``kernel(*args)``, or ``fallback(*args)`` (the reference: the same result, slower) where the
     kernel does not fit the GPU's shared memory at this ``shape``, or does not compile for it: warned
     once per shape (``what`` says which kernel and shape), never a failed prefill."""
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources, PTXASError
 
-    if shape not in refused:
+    if shape not in _REFUSED:
         try:
             return kernel(*args)
         except (OutOfResources, CompilationError, PTXASError) as error:
-            refused.add(shape)
+            _REFUSED.add(shape)
             warnings.warn(
                 f"TCA's {what} does not fit this GPU (or does not compile for it) ({str(error)[:200]}); "
                 "using PyTorch instead (slower, the same result).",
@@ -102,7 +101,7 @@ def _bookkeeping(kernel, fallback, args: tuple, key: torch.Tensor):
     """A prefill bookkeeping op's kernel through ``_fitting``, shapes told apart by dtype and head dim."""
     shape = (kernel.__name__, key.dtype, key.shape[-1])
     what = f"{kernel.__name__} kernel at {_dtype(key)}, head dim {key.shape[-1]}"
-    return _fitting(kernel, fallback, args, shape, _TOO_BIG, what)
+    return _fitting(kernel, fallback, args, shape, what)
 
 
 class TritonBackend:
@@ -118,15 +117,15 @@ class TritonBackend:
         """Fused selection: the reference's indices and counts (the index tensor may be wider,
         the extra columns being padding)."""
         args = (query, key, mu, sigma, config, scale, key_start)
-        if not (_launchers().supported(query, key) and importance_options(config) == (1, 0.0, 0.0)):
+        if not (_launchers().supported(query, key) and plain_importance(config)):
             return reference.BACKEND.select(*args)
         rows = query.shape[1] // key.shape[1] * query.shape[2]
-        shape = (query.dtype, query.shape[-1], rows, config.block_size)
+        shape = ("select", query.dtype, query.shape[-1], rows, config.block_size)
         what = (
-            f"selection kernel at {_dtype(query)}, head dim {shape[1]}, {rows} query rows per KV head "
+            f"selection kernel at {_dtype(query)}, head dim {query.shape[-1]}, {rows} query rows per KV head "
             "(bfloat16 or fewer observation_queries keep the kernel)"
         )
-        return _fitting(_launchers().select, reference.BACKEND.select, args, shape, _SELECT_TOO_BIG, what)
+        return _fitting(_launchers().select, reference.BACKEND.select, args, shape, what)
 
     def sparse_prefill(
         self, query, key, value, selection, local_window, scale, key_start=None, query_chunk=256

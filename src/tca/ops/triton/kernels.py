@@ -75,6 +75,15 @@ def _online_softmax_tile(
     return acc, m_new, l_i
 
 
+@triton.jit
+def _online(peak, logits):
+    """One tile of an online softmax sum: (the new running maximum, the factor that rescales sums
+    kept at the old one, the tile's exp(logits - new maximum)). A row masked so far adds nothing."""
+    new_peak = tl.maximum(peak, tl.max(logits, 1))
+    safe = tl.where(new_peak == float("-inf"), 0.0, new_peak)
+    return new_peak, tl.exp(peak - safe), tl.exp(logits - safe[:, None])
+
+
 @triton.jit(do_not_specialize=["context_len", "stride_ib", "stride_ig"])
 def sparse_prefill_kernel(
     Q,
@@ -554,10 +563,8 @@ def importance_partial_kernel(
             BLOCK_N,
             PRECISION,
         )
-        m_new = tl.maximum(m_i, tl.max(logits, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s_i = s_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), 1)
-        m_i = m_new
+        m_i, shrink, p = _online(m_i, logits)
+        s_i = s_i * shrink + tl.sum(p, 1)
     rows = tl.arange(0, ROWS)
     part = (pid_bg * tl.num_programs(0) + pid_c) * ROWS + rows
     tl.store(PartMax + part, m_i)
@@ -820,15 +827,6 @@ def gather_entries_kernel(
 
 
 # ----------------------------------------------------------------------------- dropped mass
-
-
-@triton.jit
-def _online(peak, logits):
-    """One tile of an online softmax sum: (the new running maximum, the factor that rescales sums
-    kept at the old one, the tile's exp(logits - new maximum)). A row masked so far adds nothing."""
-    new_peak = tl.maximum(peak, tl.max(logits, 1))
-    safe = tl.where(new_peak == float("-inf"), 0.0, new_peak)
-    return new_peak, tl.exp(peak - safe), tl.exp(logits - safe[:, None])
 
 
 @triton.jit(do_not_specialize=["context_len", "window_lo", "keys_per_split", "columns_per_split"])
