@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--taus", type=float, nargs="+", default=[0.8, 0.9, 0.95, 0.99])
     parser.add_argument("--calibration-tokens", type=int, default=4096)
     parser.add_argument("--observation-queries", type=int, default=None)
+    parser.add_argument("--observation-max", type=float, default=None, help="TCAConfig.observation_max")
+    parser.add_argument("--continuation", type=float, default=None, help="TCAConfig.continuation")
     parser.add_argument(
         "--retrieval-thresholds",
         nargs="+",
@@ -104,7 +106,8 @@ def retrieval_thresholds(args: argparse.Namespace, default: TCAConfig) -> list[f
 def main() -> None:
     args = parse_args()
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    overrides = {} if args.observation_queries is None else {"observation_queries": args.observation_queries}
+    options = ("observation_queries", "observation_max", "continuation")
+    overrides = {name: getattr(args, name) for name in options if getattr(args, name) is not None}
     default = TCAConfig.for_model(model, **overrides)
     configs = (
         [default]
@@ -132,6 +135,8 @@ def main() -> None:
                     "block_size": config.block_size,
                     "tau": tau,
                     "retrieval_threshold": threshold,
+                    "observation_max": config.observation_max,
+                    "continuation": config.continuation,
                     "length": length,
                     **result,
                     "dense_heads": int(np.isinf(profile.mu).sum()),
