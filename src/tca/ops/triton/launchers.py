@@ -15,12 +15,13 @@ from . import kernels
 
 LOG2E = 1.4426950408889634
 # Rows (query position x query head) per prefill program and keys per tile: measured on the
-# H100 (benchmarks/NOTES-kernels.md); smaller tiles keep the CPU interpreter fast.
+# H100, then on the H200 at head dim 128 (benchmarks/NOTES-kernels.md, "Prefill tiles for tensor
+# parallelism"); smaller tiles keep the CPU interpreter fast.
 # "fp32" (full-precision dots, no tensor-core fast path) gets small tiles to stay out of spills.
-PREFILL_ROWS = {"cuda": 128, "cpu": 64, "fp32": 64}
-PREFILL_BLOCK_N = {"cuda": 128, "cpu": 32, "fp32": 32}
+PREFILL_ROWS = {"cuda": 256, "cpu": 64, "fp32": 64}
+PREFILL_BLOCK_N = {"cuda": 64, "cpu": 32, "fp32": 32}
 PREFILL_WARPS = 8
-PREFILL_STAGES = 2
+PREFILL_STAGES = 3
 DECODE_BLOCK_N = {"cuda": 64, "cpu": 16}
 DECODE_PROGRAMS_PER_SM = 2
 DECODE_WARPS = 4
