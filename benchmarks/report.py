@@ -34,7 +34,12 @@ METHODS = {  # baselines, in the order the tables list them
     "topk_last": "exact top-k by the last query",
     "random": "random drop",
 }
-OPTION_NAMES = {"retrieval_threshold": "retrieval threshold", "local_window": "window", "block_size": "block"}
+OPTION_NAMES = {
+    "retrieval_threshold": "retrieval threshold",
+    "local_window": "window",
+    "block_size": "block",
+    "observation_max": "observation max",
+}
 
 
 def load(name: str) -> dict:
@@ -237,7 +242,7 @@ def setting_label(key: str) -> str:
     for option in options:
         field, _, text = option.partition("=")
         label += f", {OPTION_NAMES.get(field, field)} {text}"
-        if getattr(TCAConfig(), field) == float(text):
+        if getattr(TCAConfig(), field) == (None if text == "off" else float(text)):
             label += " (default)"
     return label
 
@@ -309,22 +314,25 @@ def tca_gaps_table() -> str:
     return markdown(header, rows, ["---", "---", "---:", "---", "---:", "---", "---:"])
 
 
-def scores_table(name: str, settings: list[str]) -> str:
-    """Per setting and length: suite score, KV fraction and gap to full attention with its interval."""
+def scores_table(
+    name: str, settings: list[str], lengths: tuple[int, ...] = (2048, 4096, 8192), kv: str = "kv_fraction"
+) -> str:
+    """Per setting and length: suite score, KV fraction (``kv``: of every layer, or
+    ``managed_kv_fraction``: of the layers TCA manages) and gap to full attention with its interval."""
     data = load(name)
     score, gap = averages(data), gaps(data)
     rows = []
     for setting in settings:
         cells = [setting_label(setting)]
-        for length in (2048, 4096, 8192):
+        for length in lengths:
             row = score[setting, length]
-            cells += [f"{row['score']:.1f}", f"{row['kv_fraction']:.2f}"]
+            cells += [f"{row['score']:.1f}", f"{row[kv]:.2f}"]
             cells.append("" if setting == "full" else gap_text(gap[setting, length]))
         rows.append(cells)
     header = ["setting"]
-    for length in (2048, 4096, 8192):
-        header += [f"{short_length(length)} score", "KV", "gap"]
-    return markdown(header, rows, ["---"] + ["---:", "---:", "---"] * 3)
+    for length in lengths:
+        header += [f"{short_length(length)} score", "KV" if kv == "kv_fraction" else "managed KV", "gap"]
+    return markdown(header, rows, ["---"] + ["---:", "---:", "---"] * len(lengths))
 
 
 def confirmation_table() -> str:
@@ -336,6 +344,24 @@ def grid_table() -> str:
     """Every setting of the all-methods run but the calibration-text variants (``/docs``, ``/code``)."""
     settings = {r["setting"] for r in load(GRID)["rows"] if "/" not in r["setting"]}
     return scores_table(GRID, sorted(settings, key=_setting_order))
+
+
+GEMMA_OPTIONS = "continuation=0.9,local_window=1024,observation_max=1,retrieval_threshold=off"
+GEMMA_SETTINGS = [
+    "full",
+    f"tca@tau0.82,{GEMMA_OPTIONS}",
+    f"tca@tau0.8,{GEMMA_OPTIONS}",
+    "tca@tau0.85,local_window=1024,retrieval_threshold=off",
+    "snapkv@0.4",
+    "vertical_slash@0.4",
+    "streaming@0.4",
+]
+
+
+def gemma3_table(name: str = "eval-gemma3-270m-h200.json") -> str:
+    """Gemma 3 270M's task suite at 16K and 32K: full attention, TCA with and without the two
+    importance options, the baselines at TCA's managed KV."""
+    return scores_table(name, GEMMA_SETTINGS, (16384, 32768), "managed_kv_fraction")
 
 
 def _setting_order(key: str) -> tuple:
@@ -354,6 +380,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "e2e": e2e_table,
     "e2e-modes": e2e_modes_table,
     "tp": tp_table,
+    "gemma3-eval": gemma3_table,
     "fidelity": fidelity_table,
     "needles": needle_table,
     "eval-runs": eval_runs_table,
