@@ -304,6 +304,7 @@ def sweep() -> None:
     print(f"sweep: dense {dense_ms:.3f} ms, pairs {pairs:.3f}")
     best = (math.inf, None)
     for rows, block_n, warps, stages in [
+        (256, 64, 8, 3),
         (128, 64, 8, 3),
         (128, 64, 4, 3),
         (128, 128, 8, 2),
@@ -312,7 +313,7 @@ def sweep() -> None:
         (64, 128, 4, 2),
     ]:
         launchers.PREFILL_ROWS["cuda"], launchers.PREFILL_BLOCK_N["cuda"] = rows, block_n
-        launchers.PREFILL_WARPS, launchers.PREFILL_STAGES = warps, stages
+        launchers.PREFILL_WARPS, launchers.PREFILL_STAGES["cuda"] = warps, stages
         try:
             ms = time_ms(
                 lambda: launchers.sparse_prefill(
@@ -329,7 +330,7 @@ def sweep() -> None:
             print(f"sweep {rows},{block_n},{warps},{stages} failed: {error!r}"[:200], flush=True)
     rows, block_n, warps, stages = best[1]
     launchers.PREFILL_ROWS["cuda"], launchers.PREFILL_BLOCK_N["cuda"] = rows, block_n
-    launchers.PREFILL_WARPS, launchers.PREFILL_STAGES = warps, stages
+    launchers.PREFILL_WARPS, launchers.PREFILL_STAGES["cuda"] = warps, stages
     print(f"sweep: using rows={rows} block_n={block_n} warps={warps} stages={stages}", flush=True)
     sweep_decode()
 
@@ -369,7 +370,7 @@ def resolved_config(args: argparse.Namespace) -> dict:
             "rows": launchers.PREFILL_ROWS["cuda"],
             "block_n": launchers.PREFILL_BLOCK_N["cuda"],
             "warps": launchers.PREFILL_WARPS,
-            "stages": launchers.PREFILL_STAGES,
+            "stages": launchers.PREFILL_STAGES["cuda"],
         },
         "decode_kernel": {
             "programs_per_sm": launchers.DECODE_PROGRAMS_PER_SM,

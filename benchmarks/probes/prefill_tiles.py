@@ -45,7 +45,7 @@ def time_variant(tiles: tuple, q, k, v, selection) -> tuple[float, torch.Tensor]
     """(ms, output) of ``sparse_prefill`` with ``tiles`` = (rows, keys per tile, warps, stages)."""
     rows, block_n, warps, stages = tiles
     launchers.PREFILL_ROWS["cuda"], launchers.PREFILL_BLOCK_N["cuda"] = rows, block_n
-    launchers.PREFILL_WARPS, launchers.PREFILL_STAGES = warps, stages
+    launchers.PREFILL_WARPS, launchers.PREFILL_STAGES["cuda"] = warps, stages
     out = launchers.sparse_prefill(q, k, v, selection, WINDOW, SCALE)
     return time_ms(lambda: launchers.sparse_prefill(q, k, v, selection, WINDOW, SCALE)), out
 

@@ -21,7 +21,7 @@ LOG2E = 1.4426950408889634
 PREFILL_ROWS = {"cuda": 256, "cpu": 64, "fp32": 64}
 PREFILL_BLOCK_N = {"cuda": 64, "cpu": 32, "fp32": 32}
 PREFILL_WARPS = 8
-PREFILL_STAGES = 3
+PREFILL_STAGES = {"cuda": 3, "cpu": 2, "fp32": 2}
 DECODE_BLOCK_N = {"cuda": 64, "cpu": 16}
 DECODE_PROGRAMS_PER_SM = 2
 DECODE_WARPS = 4
@@ -31,6 +31,9 @@ DECODE_STAGES = 3
 # 128 (a 128 x 256 bf16 tile of queries and two of keys and values, double-buffered, would not fit
 # an H100's 227 KB). Decided here, not measured: see docs/gemma3.md.
 MEASURED_HEAD_DIM = 128
+# The 256-row tiles were measured at head dim 128 only: a larger head dim keeps the tiles it ran with
+# before them, (rows, keys per tile, stages) at 128 scaled by ``_tile`` (64 rows and 64 keys at 256).
+WIDE_HEAD_PREFILL = (128, 128, 2)
 # Tests set this: every buffer a kernel must fill starts as NaN (floats) or -7 (integers), so an
 # element no program wrote shows up instead of passing as a lucky zero.
 POISON = False
@@ -39,6 +42,14 @@ POISON = False
 def _tile(measured: int, head_dim: int) -> int:
     """A tile size measured at head dim <= 128, scaled to hold as many bytes at ``head_dim``."""
     return max(16, measured * MEASURED_HEAD_DIM // max(head_dim, MEASURED_HEAD_DIM))
+
+
+def _prefill_tiles(tiles: str, head_dim: int) -> tuple[int, int, int]:
+    """(rows, keys per tile, stages) of the prefill kernel for ``tiles`` ("cuda", "fp32", "cpu")."""
+    rows, block_n, stages = PREFILL_ROWS[tiles], PREFILL_BLOCK_N[tiles], PREFILL_STAGES[tiles]
+    if tiles == "cuda" and head_dim > MEASURED_HEAD_DIM:
+        rows, block_n, stages = WIDE_HEAD_PREFILL
+    return _tile(rows, head_dim), _tile(block_n, head_dim), stages
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -109,7 +120,8 @@ def sparse_prefill(
     window = max(int(local_window), 1)
     kind = _kind(query.device)
     tiles = "fp32" if kind == "cuda" and query.dtype == torch.float32 else kind
-    rows = max(_tile(PREFILL_ROWS[tiles], head_dim), triton.next_power_of_2(group))
+    rows, block_n, stages = _prefill_tiles(tiles, head_dim)
+    rows = max(rows, triton.next_power_of_2(group))
     positions = rows // group
     n_qblocks = triton.cdiv(context_len, positions)
     query, key, value = (_rows_contiguous(x) for x in (query, key, value))
@@ -125,9 +137,7 @@ def sparse_prefill(
     out = _empty(*query.shape, dtype=query.dtype, device=query.device)
     grid = (n_qblocks, batch * n_kv)
     extra = (
-        {"num_warps": PREFILL_WARPS if tiles == "cuda" else 4, "num_stages": PREFILL_STAGES}
-        if kind == "cuda"
-        else {}
+        {"num_warps": PREFILL_WARPS if tiles == "cuda" else 4, "num_stages": stages} if kind == "cuda" else {}
     )
     kernels.sparse_prefill_kernel[grid](
         query,
@@ -150,7 +160,7 @@ def sparse_prefill(
         POSITIONS=positions,
         ROWS=rows,
         HEAD_DIM=head_dim,
-        BLOCK_N=_tile(PREFILL_BLOCK_N[tiles], head_dim),
+        BLOCK_N=block_n,
         PRECISION=_precision(query.dtype, query.device),
         **extra,
     )
