@@ -288,6 +288,13 @@ def plot(path: Path) -> None:
     fig.savefig(path.with_suffix(".png"), dpi=110)
 
 
+def use_prefill_tiles(rows: int, block_n: int, warps: int, stages: int) -> None:
+    """Make the CUDA prefill kernel run with these tiles (rows per program, keys per tile, warps,
+    pipeline stages) from now on in this process."""
+    launchers.PREFILL_ROWS["cuda"], launchers.PREFILL_BLOCK_N["cuda"] = rows, block_n
+    launchers.PREFILL_WARPS, launchers.PREFILL_STAGES["cuda"] = warps, stages
+
+
 def sweep() -> None:
     """Prefill kernel block shapes at Llama shapes, 32K, 10% kept: (rows, keys per tile, warps, stages)."""
     shape = SHAPES["llama-3.1-8b"]
@@ -312,8 +319,7 @@ def sweep() -> None:
         (128, 32, 4, 4),
         (64, 128, 4, 2),
     ]:
-        launchers.PREFILL_ROWS["cuda"], launchers.PREFILL_BLOCK_N["cuda"] = rows, block_n
-        launchers.PREFILL_WARPS, launchers.PREFILL_STAGES["cuda"] = warps, stages
+        use_prefill_tiles(rows, block_n, warps, stages)
         try:
             ms = time_ms(
                 lambda: launchers.sparse_prefill(
@@ -329,8 +335,7 @@ def sweep() -> None:
         except Exception as error:
             print(f"sweep {rows},{block_n},{warps},{stages} failed: {error!r}"[:200], flush=True)
     rows, block_n, warps, stages = best[1]
-    launchers.PREFILL_ROWS["cuda"], launchers.PREFILL_BLOCK_N["cuda"] = rows, block_n
-    launchers.PREFILL_WARPS, launchers.PREFILL_STAGES["cuda"] = warps, stages
+    use_prefill_tiles(rows, block_n, warps, stages)
     print(f"sweep: using rows={rows} block_n={block_n} warps={warps} stages={stages}", flush=True)
     sweep_decode()
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from attention import exact_pairs_fraction, time_ms  # noqa: E402
+from attention import exact_pairs_fraction, time_ms, use_prefill_tiles  # noqa: E402
 
 from tca.core.budgets import mu_for_share  # noqa: E402
 from tca.core.config import TCAConfig  # noqa: E402
@@ -43,9 +43,7 @@ def strided(heads: int) -> torch.Tensor:
 
 def time_variant(tiles: tuple, q, k, v, selection) -> tuple[float, torch.Tensor]:
     """(ms, output) of ``sparse_prefill`` with ``tiles`` = (rows, keys per tile, warps, stages)."""
-    rows, block_n, warps, stages = tiles
-    launchers.PREFILL_ROWS["cuda"], launchers.PREFILL_BLOCK_N["cuda"] = rows, block_n
-    launchers.PREFILL_WARPS, launchers.PREFILL_STAGES["cuda"] = warps, stages
+    use_prefill_tiles(*tiles)
     out = launchers.sparse_prefill(q, k, v, selection, WINDOW, SCALE)
     return time_ms(lambda: launchers.sparse_prefill(q, k, v, selection, WINDOW, SCALE)), out
 
