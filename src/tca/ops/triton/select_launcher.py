@@ -16,6 +16,8 @@ from . import kernels
 from .launchers import _empty, _kind, _multiprocessors, _precision, _rows_contiguous, _start, _tile, supported
 
 SELECT_BLOCK_N = {"cuda": 128, "cpu": 64}
+SELECT_WARPS = 8  # CUDA only: the two importance kernels' num_warps and num_stages (select_tiles.py)
+SELECT_STAGES = 3
 _fraction_cache: dict[tuple, tuple[torch.Tensor, list[int]]] = {}
 
 
@@ -85,6 +87,7 @@ def select(
     rows = max(16, triton.next_power_of_2(group * n_obs))
     precision = _precision(key.dtype, device)
     block_n = _tile(SELECT_BLOCK_N[kind], head_dim)
+    extra = {"num_warps": SELECT_WARPS, "num_stages": SELECT_STAGES} if kind == "cuda" else {}
     # a few chunks per head for the normalisers: enough programs to fill the machine
     n_chunks = max(
         1, min(triton.cdiv(2 * _multiprocessors(device), batch * n_kv), triton.cdiv(max_cand, block_n))
@@ -112,6 +115,7 @@ def select(
         HEAD_DIM=head_dim,
         BLOCK_N=block_n,
         PRECISION=precision,
+        **extra,
     )
     imp_stride = n_blocks_max * block_size
     importance = _empty(batch * n_kv, imp_stride, dtype=torch.float32, device=device)
@@ -142,6 +146,7 @@ def select(
         BLOCK_B=block_b,
         CHUNKS_PAD=triton.next_power_of_2(n_chunks),
         PRECISION=precision,
+        **extra,
     )
     budgets = _empty(batch * n_kv, nb_pad, dtype=torch.int64, device=device)
     offsets = _empty(batch * n_kv, nb_pad, dtype=torch.int64, device=device)
