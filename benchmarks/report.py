@@ -349,6 +349,7 @@ def grid_table() -> str:
 GEMMA_OPTIONS = "continuation=0.9,local_window=1024,observation_max=1,retrieval_threshold=off"
 GEMMA_SETTINGS = [
     "full",
+    f"tca@tau0.805,{GEMMA_OPTIONS}",
     f"tca@tau0.82,{GEMMA_OPTIONS}",
     f"tca@tau0.8,{GEMMA_OPTIONS}",
     "tca@tau0.85,local_window=1024,retrieval_threshold=off",
