@@ -74,6 +74,7 @@ def test_one_then_two_ranks_write_their_rows_into_one_file(tmp_path, monkeypatch
         where = f"TP{world} {length} {mode}"
         assert row["ttft_ms"] > 0 and row["decode_ms_per_token"] > 0, where
         assert len(row["ttft_ms_runs"]) == len(row["decode_ms_runs"]) == world, where  # --repeats
+        assert row["ttft_stream_ms_runs"] == row["ttft_ms_runs"], where  # one stream: the same wait off a GPU
         assert len(row["peak_gib_per_rank"]) == world and row["peak_gib"] == 0.0, where  # no GPU
         assert len(row["kv_bytes_per_rank"]) == world, where
         assert sum(row["kv_bytes_per_rank"]) == row["kv_bytes"] > 0, where
@@ -98,7 +99,7 @@ def test_one_then_two_ranks_write_their_rows_into_one_file(tmp_path, monkeypatch
         assert record.get(field), field
 
     checks = {(c["L"], c["name"]): c for c in record["checks"]}
-    assert set(checks) == {(n, name) for n in LENGTHS for name in tp.TARGETS}
+    assert set(checks) == {(n, name) for n in LENGTHS for name in [*tp.TARGETS, "tca_over_dense_ttft_stream"]}
     assert all(c["world_size"] == 2 and c["value"] > 0 and c["target"] is None for c in checks.values())
     shown = result.stdout
     assert "check TP2 512 kept 0.1 tca_ttft_tp_speedup:" in shown and "TP1 256 dense None |" in shown
@@ -165,6 +166,19 @@ def test_the_issue_checks_at_128k_and_ten_percent_for_two_ranks():
     assert found[4, "tca_ttft_tp_speedup"]["target"] is None  # the issue sets targets for TP=2
     lines = tp.summary({"rows": [], "checks": tp.checks(rows)})
     assert "check TP2 131072 kept 0.1 tca_over_dense_decode: 0.97x (target >= 1x: NOT met)" in lines
+    assert (2, "tca_over_dense_ttft_stream") not in found  # rows measured before the stream time was
+
+
+def test_the_first_token_on_the_models_stream_is_reported_beside_the_target():
+    rows = [
+        row(1, 131072, "tca", 1000, 40) | dict(ttft_stream_ms=990),
+        row(2, 131072, "dense", 1500, 30) | dict(ttft_stream_ms=1500),
+        row(2, 131072, "tca", 760, 31) | dict(ttft_stream_ms=740),
+    ]
+    found = {c["name"]: c for c in tp.checks(rows)}
+    assert found["tca_over_dense_ttft"]["met"] is False  # 1500 / 760 = 1.97x: the target's figure
+    stream = found["tca_over_dense_ttft_stream"]
+    assert stream["value"] == pytest.approx(1500 / 740) and stream["target"] is None and stream["met"] is None
 
 
 def test_the_documented_gpu_commands_parse_and_write_one_file():
