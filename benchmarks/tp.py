@@ -201,9 +201,8 @@ def timed(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict:
     ttft, ttft_stream, decode, peaks = [], [], [], []
     for _ in range(repeats):
         barrier()
-        ranks = gathered(
-            e2e.timed_generate(model, ids, new_tokens)
-        )  # per rank: (ttft, decode, median, peak, stream)
+        # per rank: (ttft, decode, median, peak, ttft on the model's stream)
+        ranks = gathered(e2e.timed_generate(model, ids, new_tokens))
         ttft.append(max(r[0] for r in ranks))
         ttft_stream.append(max(r[4] for r in ranks))
         decode.append(max(r[1] for r in ranks))
