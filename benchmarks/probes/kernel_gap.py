@@ -9,6 +9,8 @@ twice right after it on the same inputs; and with ``keep_history=False``. Also t
 the SM clock and power sampled by ``nvidia-smi`` during each forward, and the last layer's call
 timed alone afterwards (a CUDA graph, as ``prefill_tiles.py`` times). A gap that the repeats share
 is the inputs' or the device's (clocks); one they do not is the model's context around the call.
+Its output on an H200 is ``benchmarks/results/kernel-gap-nvidia-h200.log``, written by its version
+at 8a95bf9 (the same measurements, its own CUDA-event wrappers instead of ``e2e.AttentionTimer``).
 """
 
 import statistics
@@ -27,10 +29,6 @@ from attention import time_ms  # noqa: E402
 import tca  # noqa: E402
 from tca import ops  # noqa: E402
 from tca.ops.triton import launchers  # noqa: E402
-
-
-def _event():
-    return torch.cuda.Event(enable_timing=True)
 
 
 class Clocks:
@@ -61,38 +59,22 @@ class Clocks:
 
 def forward(model, ids, profile, drain: bool, repeats: int, keep_history: bool = True) -> dict:
     """One TCA prefill with every kernel and selection call timed; returns per-layer lists."""
-    kernel, select, reruns, widths, last = [], [], [], [], {}
+    calls, repeated, selects = e2e.AttentionTimer(), e2e.AttentionTimer(), e2e.AttentionTimer()
     original_kernel, original_select = launchers.sparse_prefill, ops.select
+    kernel_call, kernel_repeat = calls.wrap(original_kernel), repeated.wrap(original_kernel)
+    widths, last = [], {}
 
     def timed_kernel(*args):
         if drain:
             torch.cuda.synchronize()
-        start, end = _event(), _event()
-        start.record()
-        out = original_kernel(*args)
-        end.record()
-        kernel.append((start, end))
-        widths.append(int(args[3].indices.shape[-1]))
-        pairs = []
+        out = kernel_call(*args)
         for _ in range(repeats):
-            a, b = _event(), _event()
-            a.record()
-            original_kernel(*args)
-            b.record()
-            pairs.append((a, b))
-        reruns.append(pairs)
+            kernel_repeat(*args)
+        widths.append(int(args[3].indices.shape[-1]))
         last["args"] = args
         return out
 
-    def timed_select(*args):
-        start, end = _event(), _event()
-        start.record()
-        out = original_select(*args)
-        end.record()
-        select.append((start, end))
-        return out
-
-    launchers.sparse_prefill, ops.select = timed_kernel, timed_select
+    launchers.sparse_prefill, ops.select = timed_kernel, selects.wrap(original_select)
     try:
         torch.cuda.synchronize()
         begin = time.perf_counter()
@@ -102,16 +84,21 @@ def forward(model, ids, profile, drain: bool, repeats: int, keep_history: bool =
         wall = (time.perf_counter() - begin) * 1e3
     finally:
         launchers.sparse_prefill, ops.select = original_kernel, original_select
-    ms = [s.elapsed_time(e) for s, e in kernel]
+    repeat_ms = _ms(repeated)
     return dict(
         wall=wall,
-        kernel=ms,
-        select=[s.elapsed_time(e) for s, e in select],
-        reruns=[[s.elapsed_time(e) for s, e in pairs] for pairs in reruns],
+        kernel=_ms(calls),
+        select=_ms(selects),
+        reruns=[repeat_ms[i : i + repeats] for i in range(0, len(repeat_ms), repeats)] if repeats else [],
         widths=widths,
         clocks=clocks.summary,
         last=last.get("args"),
     )
+
+
+def _ms(timer) -> list[float]:
+    """Each timed call's milliseconds, in call order (after the forward has synchronised)."""
+    return [start.elapsed_time(end) for start, end in timer.pairs]
 
 
 def report(name: str, run: dict) -> None:
@@ -122,13 +109,13 @@ def report(name: str, run: dict) -> None:
         f"{statistics.median(kernel):.2f}, min {min(kernel):.2f}, max {max(kernel):.2f}); "
         f"select sum {sum(select):.1f} ms; widths {sorted(set(run['widths']))}"
     )
-    if run["reruns"] and run["reruns"][0]:
+    if run["reruns"]:
         flat = [x for pairs in run["reruns"] for x in pairs]
         line += f"; repeats median {statistics.median(flat):.2f} min {min(flat):.2f} max {max(flat):.2f}"
     print(line, flush=True)
     print(f"   clocks: {run['clocks']}", flush=True)
     print(f"   per layer: {[round(x, 1) for x in kernel]}", flush=True)
-    if run["reruns"] and run["reruns"][0]:
+    if run["reruns"]:
         print(f"   repeats:   {[round(p[0], 1) for p in run['reruns']]}", flush=True)
 
 
