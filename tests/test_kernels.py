@@ -152,6 +152,35 @@ def test_sparse_prefill_noncontiguous_layout():
     assert rel_error(out, exact) <= 2 * rel_error(low, exact) + 1e-6, f"seed {seed}"
 
 
+
+@pytest.mark.randomised
+@pytest.mark.parametrize("profile", ["rising", "falling", "spikes"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_sparse_prefill_with_scores_that_jump_across_tiles(profile, dtype):
+    """Scores that climb (or fall, or spike) by hundreds of log2 units between key tiles, past
+    what exp2 holds unrescaled: the running max must move, and the kernel stay within the
+    reference's own error against float64."""
+    gen, seed = fresh_generator()
+    length, group, n_kv, dim, window = 301, 3, 2, 32, 40
+    dt = DTYPES[dtype]
+    ramp = torch.linspace(0.3, 30.0, length)  # scores up to ~200 log2 units: exp2 overflows unrescaled
+    factor = {
+        "rising": ramp,
+        "falling": ramp.flip(0),
+        "spikes": torch.where(torch.rand(length, generator=gen) < 0.05, 40.0, 1.0),
+    }[profile]  # (L,): how loud each key position is
+    q = randn(gen, 1, n_kv * group, length, dim, dtype=dt, scale=3.0)
+    k = (torch.randn(1, n_kv, length, dim, generator=gen) * factor[:, None]).to(DEVICE, dt)
+    v = randn(gen, 1, n_kv, length, dim, dtype=dt)
+    start = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    selection = random_selection(gen, 1, n_kv, length, window, 0.3, start)
+    scale = dim**-0.5
+    exact = prefill_fp64(q, k, v, selection, window, scale, start)
+    low = reference.sparse_prefill(q, k, v, selection, window, scale)
+    out = launchers.sparse_prefill(q, k, v, selection, window, scale)
+    kernel_err, ref_err = rel_error(out, exact), rel_error(low, exact)
+    assert kernel_err <= 2 * ref_err + 1e-6, f"seed {seed}: kernel {kernel_err:.3g} vs reference {ref_err:.3g}"
+
 def decode_fp64(q, k, v, lengths, scale) -> torch.Tensor:
     batch, n_heads, _, dim = q.shape
     n_kv = k.shape[1]

@@ -58,18 +58,17 @@ def _dot(a, b, PRECISION: tl.constexpr):
 def _online_softmax_tile(
     q, k, v, acc, m_i, l_i, visible, qk_scale, MASKED: tl.constexpr, PRECISION: tl.constexpr
 ):
-    """One K/V tile into the running (acc, max, sum); scores in log2 units."""
-    s = _dot(q, tl.trans(k), PRECISION) * qk_scale  # (ROWS, BLOCK_N)
+    """One K/V tile into the running (acc, max, sum); the max is in log2 units."""
+    s = _dot(q, tl.trans(k), PRECISION)  # (ROWS, BLOCK_N), unscaled
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    m_safe = m_new
     if MASKED:
         # a row that has seen nothing yet keeps -inf; subtract 0 there so exp2 gives 0, not NaN
-        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_new_safe = m_new
-    p = tl.math.exp2(s - m_new_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_new_safe)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s * qk_scale - m_safe[:, None])  # one fused multiply-add a score
+    alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, PRECISION), v, PRECISION)
     return acc, m_new, l_i
