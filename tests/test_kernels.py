@@ -152,7 +152,6 @@ def test_sparse_prefill_noncontiguous_layout():
     assert rel_error(out, exact) <= 2 * rel_error(low, exact) + 1e-6, f"seed {seed}"
 
 
-
 @pytest.mark.randomised
 @pytest.mark.parametrize("profile", ["rising", "falling", "spikes"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
@@ -179,7 +178,10 @@ def test_sparse_prefill_with_scores_that_jump_across_tiles(profile, dtype):
     low = reference.sparse_prefill(q, k, v, selection, window, scale)
     out = launchers.sparse_prefill(q, k, v, selection, window, scale)
     kernel_err, ref_err = rel_error(out, exact), rel_error(low, exact)
-    assert kernel_err <= 2 * ref_err + 1e-6, f"seed {seed}: kernel {kernel_err:.3g} vs reference {ref_err:.3g}"
+    assert kernel_err <= 2 * ref_err + 1e-6, (
+        f"seed {seed}: kernel {kernel_err:.3g} vs reference {ref_err:.3g}"
+    )
+
 
 def decode_fp64(q, k, v, lengths, scale) -> torch.Tensor:
     batch, n_heads, _, dim = q.shape
