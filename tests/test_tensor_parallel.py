@@ -1,6 +1,7 @@
 """TCA under transformers' tensor parallelism (``tp_plan="auto"`` under torchrun), on the CPU with gloo.
 
-The test writes a tiny Llama and a tiny Qwen2 (8 query / 4 KV heads) and their profiles, runs
+The test writes a tiny model of every family TCA serves (Llama, Qwen2, Mistral, Qwen3, Gemma 3 with
+its sliding-window layers; 8 query / 4 KV heads) and their profiles, runs
 ``tp_worker.py`` under ``torchrun`` with 2 ranks (and 4: marked slow, about 30 s of process start-up
 on 2 cores), and sets every rank's results beside the
 same scenarios run here in one process on the unsharded model (``tp_scenarios``): last-position

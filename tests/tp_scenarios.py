@@ -13,8 +13,16 @@ import math
 
 import numpy as np
 import torch
-from tiny_models import build_profile, left_padded
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config
+from tiny_models import GEMMA3, build_profile, left_padded
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from tca.core.config import TCAConfig
 from tca.core.profile import Profile, model_fingerprint
@@ -32,7 +40,15 @@ SHAPE = dict(
     num_key_value_heads=4,
     max_position_embeddings=2048,
 )
-FAMILIES = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+# every family TCA serves: (config class, fields beside SHAPE); Gemma 3 with 4 layers (sliding, full,
+# sliding, full), its attention scale from query_pre_attn_scalar
+FAMILIES = {
+    "llama": (LlamaConfig, {}),
+    "qwen2": (Qwen2Config, {}),
+    "mistral": (MistralConfig, {"sliding_window": None}),
+    "qwen3": (Qwen3Config, {"head_dim": 16}),
+    "gemma3_text": (Gemma3TextConfig, GEMMA3),
+}
 NEW_TOKENS = 16
 CACHE_KWARG = (  # newer transformers call generate's cache argument ``cache``
     "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
@@ -40,14 +56,22 @@ CACHE_KWARG = (  # newer transformers call generate's cache argument ``cache``
 
 
 def tiny_lm(family: str, seed: int, sharpen: float = 12.0, **changes) -> torch.nn.Module:
-    """A 2-layer random model of ``family`` in float32 with peaked attention (q, k scaled)."""
+    """A random model of ``family`` in float32 with peaked attention: q and k projections scaled,
+    or, where q and k are RMS-normalised (Qwen3, Gemma 3), those norms' weights (Gemma's multiply
+    by ``1 + weight``)."""
     torch.manual_seed(seed)
-    config = FAMILIES[family](**{**SHAPE, **changes})
-    model = AutoModelForCausalLM.from_config(config).eval()
+    config_class, extra = FAMILIES[family]
+    model = AutoModelForCausalLM.from_config(config_class(**{**SHAPE, **extra, **changes})).eval()
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(sharpen)
-            layer.self_attn.k_proj.weight.mul_(sharpen)
+            attention = layer.self_attn
+            if hasattr(attention, "q_norm"):
+                offset = 1.0 if family == "gemma3_text" else 0.0
+                for norm in (attention.q_norm, attention.k_norm):
+                    norm.weight.add_(offset).mul_(sharpen**0.5 / 2).sub_(offset)
+            else:
+                attention.q_proj.weight.mul_(sharpen)
+                attention.k_proj.weight.mul_(sharpen)
     return model
 
 
@@ -64,9 +88,11 @@ def char_tokenizer():
 
 
 def sparse_profile(model: torch.nn.Module, seed: int) -> Profile:
-    """Random sparse budgets per (layer, KV head); the last layer's last KV head keeps everything."""
+    """Random sparse budgets per (full-attention layer, KV head); the last one's last KV head keeps
+    everything. (Sliding-window layers, Gemma 3's, are not TCA's: the profile has no row for them.)"""
     rng = np.random.default_rng(seed)
-    shape = (model.config.num_hidden_layers, model.config.num_key_value_heads)
+    kinds = getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers
+    shape = (kinds.count("full_attention"), model.config.num_key_value_heads)
     mu = rng.uniform(0.05, 0.5, shape)
     mu[-1, -1] = math.inf
     return build_profile(model_fingerprint(model), mu, rng.choice([0.3, 1.0], shape), CONFIG)
@@ -77,10 +103,11 @@ def random_ids(seed: int, length: int) -> torch.Tensor:
 
 
 def kept_positions(run) -> dict[tuple[int, int], list[list[int]]]:
-    """Per (layer, global KV head): each row's cached positions (prefill kept + window + decode)."""
+    """Per (layer, global KV head): each row's cached positions (prefill kept + window + decode), for
+    the layers TCA manages (a sliding-window layer keeps transformers' own cache)."""
     kept = {}
     for layer, cache_layer in enumerate(run.cache.layers):
-        for local, head in enumerate(cache_layer.heads):
+        for local, head in enumerate(getattr(cache_layer, "heads", ())):
             rows = [head.positions[b, : int(n)].tolist() for b, n in enumerate(head.lengths)]
             kept[layer, run.layout.kv_heads[local]] = rows
     return kept
