@@ -4,12 +4,16 @@ the library's defaults, against dense SDPA in the same process, on the GPU.
     python benchmarks/e2e.py                                   # the grid of the README, Llama-3.1-8B
     python benchmarks/e2e.py --lengths 32768 --kept 0.1 --new-tokens 16     # a quick look
     python benchmarks/e2e.py --shape path/to/config.json       # any local model configuration
+    python benchmarks/e2e.py --shape gemma3-270m --lengths 32768 \
+        --profile src/tca/data/profiles/gemma3-270m.json     # a profile file's budgets and options
 
 The model is built from its configuration with RANDOM bf16 weights (no checkpoint is read): speed
 does not depend on the weight values once the kept sets are fixed. TCA runs a uniform profile
 (every KV head the same configuration, ``sigma`` 1) whose nominal kept share of the candidates
 (the keys outside the final window) is the target, as ``benchmarks/attention.py`` builds its
 kept sets; every other setting is ``TCAConfig.for_model``'s default, history kept (the default).
+With ``--profile`` the TCA rows run that profile file instead (its budgets and its configuration:
+what a user of that profile runs, a bundled one say), one row per case, ``kept_target`` null.
 
 Per (length, batch, kept target, mode) a row: ``ttft_ms`` (prompt in, first token out: the prefill
 and the first sampling step; on the dense and TCA rows the median of up to five generates, as many
@@ -131,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kept", default="0.05,0.1,0.2", help="kept share targets of the uniform profile")
     parser.add_argument(
         "--batch4-length", type=int, default=32768, help="also batch 4 at this length (0: no)"
+    )
+    parser.add_argument(
+        "--profile", default=None, help="a profile file for the TCA rows (instead of uniform ones at --kept)"
     )
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed after the first token")
     parser.add_argument("--graphs", action="store_true", help="also modes dense-graph and tca-eager")
@@ -323,9 +330,18 @@ def uniform_profile(model, kept: float, context_len: int) -> Profile:
 
 
 def measure(
-    model, shape: str, length: int, batch: int, kept_targets, new_tokens: int, graphs=False, turns=False
+    model,
+    shape: str,
+    length: int,
+    batch: int,
+    kept_targets,
+    new_tokens: int,
+    graphs=False,
+    turns=False,
+    profile_file: Profile | None = None,
 ) -> list[dict]:
-    """Dense, then TCA at each kept target, on one random prompt batch; with ``graphs`` also
+    """Dense, then TCA at each kept target (or with ``profile_file``, once), on one random prompt
+    batch; with ``graphs`` also
     dense with transformers' static cache (whose decode ``generate`` compiles: torch.compile, CUDA
     graphs) and TCA with ``cuda_graphs=False``; with ``turns`` a second turn's time to first token
     and TCA without the host history (``tca-no-history``)."""
@@ -359,8 +375,8 @@ def measure(
         rows += dense_graph_row(model, ids, new_tokens, dense_row)
     if turns:
         dense_row["next_turn_ttft_ms"] = next_turn_ttft(model, ids, new_tokens, DynamicCache)
-    for kept in kept_targets:
-        profile = uniform_profile(model, kept, length)
+    profiles = [(kept, uniform_profile(model, kept, length)) for kept in kept_targets]
+    for kept, profile in [(None, profile_file)] if profile_file else profiles:
         # the first generate at this length and kept target, not timed: new pinned memory for its
         # history, and the kernels compiled for this selection's widths
         first_call = tca_generate(model, ids, profile, 1, repeat=False)[0][0]
@@ -527,13 +543,17 @@ def main(argv: list[str] | None = None) -> None:
     name = Path(args.shape).stem if args.shape not in SHAPES else args.shape
     device = device_name(args.device)
     out = Path(args.out) if args.out else default_out("e2e", device)
-    resolved = vars(args) | {"tca": TCAConfig.for_model(model).to_dict(), "profile": "uniform, sigma 1"}
+    profile = Profile.load(args.profile) if args.profile else None
+    resolved = vars(args) | {
+        "tca": (profile.config if profile else TCAConfig.for_model(model)).to_dict(),
+        "profile": args.profile or "uniform, sigma 1",
+    }
     record = provenance(args.device, resolved) | dict(shape=name, model_config=config.to_dict(), rows=[])
     record["note"] = (
         "random bf16 weights: speed does not depend on the weight values once the kept sets are fixed"
     )
     # warm-up: Triton compilation and cuBLAS/cuDNN handles stay out of the timed runs
-    measure(model, name, 8192, 1, kept[:1], 2, args.graphs)
+    measure(model, name, 8192, 1, kept[:1], 2, args.graphs, profile_file=profile)
     # synchronisations per decode step, over more than one block-compression event (block + 8 steps)
     warm = torch.randint(3, config.vocab_size, (1, 8192), generator=torch.Generator().manual_seed(0)).to(
         model.device
@@ -550,7 +570,9 @@ def main(argv: list[str] | None = None) -> None:
     for length, batch in tqdm(cases, desc="e2e", unit="case"):
         try:
             targets = kept if batch == 1 else [0.1]
-            rows = measure(model, name, length, batch, targets, args.new_tokens, args.graphs, args.turns)
+            rows = measure(
+                model, name, length, batch, targets, args.new_tokens, args.graphs, args.turns, profile
+            )
         except torch.OutOfMemoryError as error:
             print(f"L={length} batch={batch}: out of memory ({str(error)[:120]})", flush=True)
             torch.cuda.empty_cache()
