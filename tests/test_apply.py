@@ -328,3 +328,19 @@ def test_a_padded_prefill_reads_its_padding_once(monkeypatch):
         model(ids, attention_mask=mask, logits_to_keep=1)
     assert len(calls) == 2, f"seed {seed}: the mask was read {len(calls)} times in two forwards"
     assert run._padding is None  # dropped with the forward
+
+
+@pytest.mark.randomised
+def test_forward_with_autograd_on_gives_the_no_grad_logits_and_stats():
+    """A plain ``model(ids)`` (autograd on, as in many evaluation loops) under TCA: the same logits
+    and statistics as under ``torch.no_grad()``, not an error from the statistics' host copy."""
+    seed = fresh_seed()
+    model, ids, profile = tiny_llama(seed), random_ids(seed, 97), sparse_profile(seed)
+    expected, quiet = tca_logits(model, profile, ids)
+    with apply(model, profile) as run:
+        logits = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(
+        logits.detach(), expected, atol=1e-6, rtol=1e-6, msg=lambda m: f"seed {seed}: {m}"
+    )
+    assert run.stats.kept_fraction == quiet.stats.kept_fraction, f"seed {seed}"
+    np.testing.assert_array_equal(run.stats.kept_counts, quiet.stats.kept_counts)

@@ -126,7 +126,8 @@ class RunStats:
             groups.setdefault(queued.shares(), []).append(queued)
         self._pending = []
         rows = [queued.row for group in groups.values() for queued in group]
-        values = torch.cat([_figures(group) for group in groups.values()]).cpu().numpy()
+        with torch.no_grad():  # a forward with autograd on (a plain ``model(ids)``) records figures too
+            values = torch.cat([_figures(group) for group in groups.values()]).cpu().numpy()
         g, h = self.n_kv_heads, self.n_heads
         for layer, row in zip(rows, values, strict=True):
             parts = np.split(row, np.cumsum([g, g, 1, g, 1, h]))
