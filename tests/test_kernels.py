@@ -102,6 +102,8 @@ PREFILL_CASES = [
     (200, 1, "fp16", 32, 0.2, 2, True),
     (300, 3, "fp32", 48, 0.25, 1, False),
     (1025, 4, "bf16", 64, 0.1, 1, False),
+    (300, 4, "bf16", 40, 0.0, 2, True),  # nothing kept: window-only (a sliding layer's prefill)
+    (129, 1, "fp32", 16, 0.0, 1, False),
 ]
 if FULL:
     PREFILL_CASES += [

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 from bruteforce import brute_retention, fresh_seed, softmax64
-from tiny_models import TINY, build_profile, capture_qk, tiny_gemma3
+from tiny_models import TINY, build_profile, capture_qk, left_padded, tiny_gemma3
 from transformers import DynamicCache, Gemma3ForCausalLM, MistralConfig, MistralForCausalLM
 
 from tca.cli import main
 from tca.core.config import TCAConfig
 from tca.core.profile import Profile, model_fingerprint
-from tca.integrations.transformers import UnsupportedModelError, apply, measure_retention
+from tca.integrations.transformers import UnsupportedModelError, apply, measure_retention, sliding
 from tca.integrations.transformers import registration as hf
 from tca.integrations.transformers.cache import dense_cache_bytes
 
@@ -148,6 +148,48 @@ def test_sliding_layers_after_a_managed_one_are_window_attention(monkeypatch):
                     out[0, i, h].double().numpy(), expected, atol=2e-5, err_msg=f"seed {seed}, layer {layer}"
                 )
         seen[layer] += n
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))],
+)
+def test_sliding_layers_prefill_through_the_window_path_equals_transformers_sdpa(monkeypatch, device):
+    """Where ``sliding.window_prefill`` takes a sliding layer's prefill (on a GPU the Triton kernel;
+    on the CPU, added here, the reference): a left-padded batch's logits at prefill and over 8
+    greedy steps equal those of the same TCA run with the sliding layers on transformers' masked
+    SDPA, and the window path answered each sliding layer's prefill, once."""
+    seed = fresh_seed()
+    model = tiny_gemma3(seed).to(device)
+    window = model.config.sliding_window
+    prompts = [random_ids(seed, 90)[0], random_ids(seed + 1, 61)[0]]  # both beyond two windows
+    ids, mask, _ = (x.to(device) for x in left_padded(prompts))
+    profile = sparse_profile(model, seed)
+
+    def run(devices: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(sliding, "DEVICES", devices)
+        with torch.no_grad(), apply(model, profile):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        return logits, out
+
+    want_logits, want_tokens = run(())
+    calls = []
+    original = sliding.ops.window_prefill
+
+    def counted(query, key, value, size, scale, key_start):
+        calls.append((query.shape[2], size, key_start.tolist()))
+        return original(query, key, value, size, scale, key_start)
+
+    monkeypatch.setattr(sliding.ops, "window_prefill", counted)
+    got_logits, got_tokens = run((device,))
+    real = mask.bool()  # padding positions' logits are nobody's
+    torch.testing.assert_close(
+        got_logits[real], want_logits[real], atol=1e-4, rtol=1e-4, msg=lambda m: f"seed {seed}: {m}"
+    )
+    assert torch.equal(got_tokens, want_tokens), f"seed {seed}"
+    starts = [ids.shape[1] - len(p) for p in prompts]
+    assert calls == [(ids.shape[1], window, starts)] * 4, f"seed {seed}: {calls}"  # 2 layers x 2 prefills
 
 
 # ---- statistics, calibration -----------------------------------------------------------------------------

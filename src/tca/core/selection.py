@@ -208,6 +208,16 @@ def select(
     return pack_selection(rows, context_len, key.device)
 
 
+def nothing_kept(batch: int, n_kv: int, context_len: int, device: torch.device) -> Selection:
+    """A selection that keeps no key outside the window: window-only (sliding-window) attention."""
+    return Selection(
+        indices=torch.empty(batch, n_kv, 0, dtype=torch.int64, device=device),
+        counts=torch.zeros(batch, n_kv, dtype=torch.int64, device=device),
+        context_len=context_len,
+        head_bounds=[0] * n_kv,
+    )
+
+
 def pack_selection(rows: list[list[torch.Tensor]], context_len: int, device: torch.device) -> Selection:
     """Pad per-(batch, KV head) index lists into a ``Selection``."""
     lengths = [[len(r) for r in row] for row in rows]

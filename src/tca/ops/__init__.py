@@ -58,6 +58,12 @@ def use_backend(name: str) -> Iterator[None]:
         _override = previous
 
 
+def window_prefill(query, key, value, window, scale, key_start=None):
+    """Causal attention within each query's last ``window`` keys, (B, H, L, d): a sliding-window
+    layer's prefill at O(L x window) (``tca.ops.reference.window_prefill``'s contract)."""
+    return backend(query.device).window_prefill(query, key, value, window, scale, key_start)
+
+
 def select(query, key, mu, sigma, config, scale, key_start=None):
     """Online selection (``tca.core.selection.select``'s contract) -> Selection."""
     return backend(key.device).select(query, key, mu, sigma, config, scale, key_start)

@@ -1,6 +1,7 @@
 """The registry of attention backends: each registers one object with the same entry points.
 
-A backend answers ``select`` (online selection, DESIGN 2.1), ``sparse_prefill`` (DESIGN 2.3),
+A backend answers ``select`` (online selection, DESIGN 2.1), ``sparse_prefill`` (DESIGN 2.3) and
+``window_prefill`` (the same with nothing kept outside the window: a sliding-window layer),
 ``decode`` / ``decode_ragged`` (one query over a compressed per-head cache, DESIGN 2.4; the ragged
 form has every head of a layer in one buffer), ``attend_after_cache`` (a new turn's tokens over
 the cache and, causally, each other), ``gather_entries`` (a prefill's cache entries of every
@@ -29,6 +30,8 @@ class Backend(Protocol):
     def sparse_prefill(
         self, query, key, value, selection, local_window, scale, key_start=None, query_chunk=256
     ) -> torch.Tensor: ...
+
+    def window_prefill(self, query, key, value, window, scale, key_start=None) -> torch.Tensor: ...
 
     def decode(self, query, key, value, lengths, scale=None) -> torch.Tensor: ...
 

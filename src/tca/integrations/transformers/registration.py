@@ -20,6 +20,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ...core.profile import FULL_ATTENTION, SLIDING_ATTENTION, layer_types, model_fingerprint, text_config
+from .sliding import window_prefill
 
 SUPPORTED_ARCHITECTURES = ("gemma3_text", "llama", "mistral", "qwen2", "qwen3")
 ATTENTION_NAME = "tca"
@@ -110,7 +111,11 @@ def row_starts(key_start: torch.Tensor | None, batch: int, device: torch.device)
 
 def _tca_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     handler = _HANDLERS.get(module)
-    if handler is None:
+    if handler is None:  # a layer TCA does not manage: a sliding layer's prefill takes the window kernel
+        window = kwargs.get("sliding_window")
+        out = window_prefill(query, key, value, attention_mask, scaling, dropout, window)
+        if out is not None:
+            return out, None
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
@@ -123,7 +128,8 @@ def attention_handler(
 ) -> Iterator[None]:
     """Route the attention calls of ``model``'s ``layers`` (None: all) to ``handler`` inside the
     block; restore on exit. The other layers run transformers' own SDPA attention, with the
-    arguments their module passes (a sliding layer's window mask and ``sliding_window``).
+    arguments their module passes (a sliding layer's window mask and ``sliding_window``), except a
+    sliding layer's prefill on a GPU, which takes the window kernel (``sliding.window_prefill``).
 
     A model whose attention is already routed (an ``apply`` or calibration block around this one)
     is a RuntimeError, raised before anything changes: the outer block keeps running as it was.

@@ -14,6 +14,7 @@ from .attention import (
     decode_reference,
     dense_causal,
     sparse_prefill,
+    window_prefill,
 )
 from .entries import gather_entries
 
@@ -29,6 +30,7 @@ class ReferenceBackend:
 
     select = staticmethod(_select)
     sparse_prefill = staticmethod(sparse_prefill)
+    window_prefill = staticmethod(window_prefill)
     decode = staticmethod(decode_reference)
     decode_ragged = staticmethod(decode_ragged)
     decode_ragged_append = staticmethod(decode_ragged_append)
@@ -49,4 +51,5 @@ __all__ = [
     "dropped_mass",
     "gather_entries",
     "sparse_prefill",
+    "window_prefill",
 ]

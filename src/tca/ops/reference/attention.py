@@ -13,7 +13,7 @@ import contextlib
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ...core.selection import Selection
+from ...core.selection import Selection, nothing_kept
 from ...core.softmax import causal_prob_chunks, grouped_logits, masked_softmax
 
 
@@ -229,3 +229,20 @@ def attend_after_cache(
     new = (cols >= capacity) & (cols - capacity <= rows)
     out = torch.matmul(masked_softmax(scores, cached | new), values)  # (B, group, n, d)
     return out.to(query.dtype)
+
+
+def window_prefill(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    window: int,
+    scale: float,
+    key_start: torch.Tensor | None = None,
+    query_chunk: int = 256,
+) -> torch.Tensor:
+    """Causal attention within each query's last ``window`` keys ``(j - window, j]`` (a
+    sliding-window layer's prefill): ``sparse_prefill`` with nothing kept outside the window.
+    Shapes as ``sparse_prefill``'s; returns (B, H, L, d)."""
+    batch, n_kv, context_len, _ = key.shape
+    kept = nothing_kept(batch, n_kv, context_len, key.device)
+    return sparse_prefill(query, key, value, kept, window, scale, key_start, query_chunk)

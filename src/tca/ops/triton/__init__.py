@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from ...core.selection import plain_importance
+from ...core.selection import nothing_kept, plain_importance
 from ...core.transfer import host_ints
 from .. import reference
 from ..registry import register
@@ -139,6 +139,15 @@ class TritonBackend:
         return reference.sparse_prefill(
             query, key, value, selection, local_window, scale, key_start, query_chunk
         )
+
+    def window_prefill(self, query, key, value, window, scale, key_start=None):
+        """The sparse kernel with nothing kept outside the window (never the dense answer: a
+        sliding-window layer's attention is not the causal square's)."""
+        launchers = _launchers()
+        if launchers.supported(query, key) and query.shape[2] == key.shape[2]:
+            kept = nothing_kept(key.shape[0], key.shape[1], key.shape[2], key.device)
+            return launchers.sparse_prefill(query, key, value, kept, window, scale, key_start)
+        return reference.window_prefill(query, key, value, window, scale, key_start)
 
     def decode(self, query, key, value, lengths, scale=None):
         """Split-K decode over the per-head cache."""
