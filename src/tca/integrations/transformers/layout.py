@@ -14,8 +14,9 @@ error raised by every rank while building the layout, before any collective, so 
 
 The layers TCA manages are the model's full-attention layers: all of them for Llama, Qwen2/3 and
 Mistral without a window; on a model that mixes sliding-window and full-attention layers (Gemma 3:
-five sliding layers of 512 tokens, then one full) the sliding layers keep transformers' own window
-attention and cache, and TCA selects, prunes and compresses on the full ones only.
+five sliding layers of 512 tokens, then one full) the sliding layers keep their window attention
+(on a GPU their prefill through TCA's window kernel, ``sliding``) and transformers' own cache, and
+TCA selects, prunes and compresses on the full ones only.
 """
 
 from __future__ import annotations

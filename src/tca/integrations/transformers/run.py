@@ -5,8 +5,9 @@ attends sparsely, decode and new turns go through the cache policy (``policy``),
 ``stats`` fill as the model runs.
 
 Only the layers TCA manages (``layout``: the full-attention ones) come to the run; on a model
-that mixes in sliding-window layers (Gemma 3) those keep transformers' own SDPA window attention
-and, in the cache, transformers' own sliding-window layer.
+that mixes in sliding-window layers (Gemma 3) those keep transformers' own window attention (on a
+GPU their prefill through TCA's window kernel, ``sliding``) and, in the cache, transformers' own
+sliding-window layer.
 
 Under tensor parallelism each rank runs its own ``TCARun`` over the KV heads it holds
 (``layout``): its own budgets, its own compressed cache. ``stats`` report the whole model: the
