@@ -3,7 +3,8 @@
 Each managed layer's attention call hands its query and key (after RoPE) to a measuring function,
 then answers with dense causal attention streamed over query chunks (CPU SDPA with a mask would
 form L x L per head). Layers TCA does not manage (sliding-window layers) run their window
-attention (``registration``) and are not measured. No logits are formed: the pass exists for what the layers see.
+attention (``registration``) and are not measured. No logits are formed: the pass exists for what
+the layers see.
 """
 
 from __future__ import annotations
