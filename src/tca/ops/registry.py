@@ -1,6 +1,6 @@
 """The registry of attention backends: each registers one object with the same entry points.
 
-A backend answers ``select`` (online selection, DESIGN 2.1), ``sparse_prefill`` (DESIGN 2.3) and
+A backend answers ``select`` (online selection, DESIGN 2.1), ``sparse_prefill`` (DESIGN 2.3),
 ``window_prefill`` (the same with nothing kept outside the window: a sliding-window layer),
 ``decode`` / ``decode_ragged`` (one query over a compressed per-head cache, DESIGN 2.4; the ragged
 form has every head of a layer in one buffer), ``attend_after_cache`` (a new turn's tokens over
