@@ -489,22 +489,52 @@ def test_selection_too_big_for_shared_memory_falls_back(
 
 
 @pytest.mark.randomised
-@pytest.mark.parametrize("options", [{"observation_max": 1.0}, {"continuation": 0.9}, {"pool_kernel": 3}])
-def test_selection_with_importance_options_is_the_reference(monkeypatch, options):
-    """The kernel scores importance as the mean over observation queries only: any other option
-    selects through the reference (brute-force checked in test_select.py), never the kernel."""
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"observation_max": 1.0},
+        {"continuation": 0.9},
+        {"pool_kernel": 3},
+        {"observation_max": 1.0, "continuation": 0.9},  # the bundled Gemma 3 profile's
+    ],
+)
+@pytest.mark.parametrize("padded", [False, True])
+def test_selection_with_importance_options_is_the_reference(monkeypatch, options, padded):
+    """With an importance option the fused importance kernels are not launched (they compute the
+    mean over observation queries only): importance comes from PyTorch, then the ranking and top-t
+    kernels run, and the indices are the reference's (brute-force checked in test_select.py),
+    left padding included."""
     from tca.ops import triton as backend
+    from tca.ops.triton import kernels
 
-    monkeypatch.setattr(launchers, "select", lambda *args, **kwargs: pytest.fail("kernel launched"))
     gen, seed = fresh_generator()
-    q, k = randn(gen, 1, 4, 8, 32, dtype=torch.float32), randn(gen, 1, 2, 301, 32, dtype=torch.float32)
+    launched = []
+    for name in ("importance_partial_kernel", "importance_blocks_kernel", "topk_blocks_kernel"):
+        kernel = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, _Recording(kernel, name, launched))
+    q, k = randn(gen, 2, 4, 8, 32, dtype=torch.float32), randn(gen, 2, 2, 301, 32, dtype=torch.float32)
+    key_start = torch.tensor([0, 37] if padded else [0, 0], device=DEVICE)
     config = TCAConfig(local_window=16, block_size=16, observation_queries=8, **options)
     mu, sigma = torch.tensor([0.2, 0.05], dtype=torch.float64), torch.ones(2, dtype=torch.float64)
-    got = backend.TritonBackend().select(q, k, mu, sigma, config, 32**-0.5)
-    assert_same_selection(got, select(q, k, mu, sigma, config, 32**-0.5), seed)
+    got = backend.TritonBackend().select(q, k, mu, sigma, config, 32**-0.5, key_start)
+    assert launched == ["topk_blocks_kernel"], f"seed {seed}: {launched}"
+    assert_same_selection(got, select(q, k, mu, sigma, config, 32**-0.5, key_start), seed)
     defaults = {name: getattr(TCAConfig(), name) for name in options}
-    plain = select(q, k, mu, sigma, config.replace(**defaults), 32**-0.5)
-    assert not torch.equal(got.indices, plain.indices), f"seed {seed}: the option changed nothing"
+    plain = select(q, k, mu, sigma, config.replace(**defaults), 32**-0.5, key_start)
+    assert not torch.equal(got.indices[:, :, : plain.indices.shape[-1]], plain.indices), (
+        f"seed {seed}: the option changed nothing"
+    )
+
+
+class _Recording:
+    """A Triton kernel whose launches (``kernel[grid](...)``) are recorded by name."""
+
+    def __init__(self, kernel, name: str, launched: list[str]):
+        self.kernel, self.name, self.launched = kernel, name, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(self.name)
+        return self.kernel[grid]
 
 
 # Gemma 3 270M: head dim 256, 4 query heads on 1 KV head (and 2 KV heads, to cover a group > 1 per

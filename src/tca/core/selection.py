@@ -101,6 +101,18 @@ def plain_importance(config: TCAConfig) -> bool:
     return importance_options(config) == (1, 0.0, 0.0)
 
 
+def block_scores(importance: torch.Tensor, block_size: int, alpha: float) -> torch.Tensor:
+    """(G, n_blocks) float32 block scores ``h_j`` of ``rank_blocks`` from importance (G, n)."""
+    n_kv, n = importance.shape
+    n_blocks = math.ceil(n / block_size)
+    padded = torch.nn.functional.pad(importance, (0, n_blocks * block_size - n))
+    blocks = padded.view(n_kv, n_blocks, block_size)  # (G, n_blocks, b)
+    mass = blocks.sum(-1)  # (G, n_blocks)
+    squares = blocks.square().sum(-1)
+    hhi = torch.where(mass > 0, squares / mass.square().clamp_min(1e-30), torch.ones_like(mass))
+    return (1.0 - alpha) * mass * n_blocks + alpha * (1.0 - hhi)
+
+
 def rank_blocks(importance: torch.Tensor, block_size: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Block scores ``h_j = (1 - alpha) * mass_j + alpha * (1 - HHI_j)`` and the ranking they give.
 
@@ -114,15 +126,9 @@ def rank_blocks(importance: torch.Tensor, block_size: int, alpha: float) -> tupl
         order: (G, n_blocks) int64, block indices from the highest score down.
         lengths: (n_blocks,) int64 block lengths (the last block may be partial).
     """
-    n_kv, n = importance.shape
+    n = importance.shape[-1]
     n_blocks = math.ceil(n / block_size)
-    padded = torch.nn.functional.pad(importance, (0, n_blocks * block_size - n))
-    blocks = padded.view(n_kv, n_blocks, block_size)  # (G, n_blocks, b)
-    mass = blocks.sum(-1)  # (G, n_blocks)
-    squares = blocks.square().sum(-1)
-    hhi = torch.where(mass > 0, squares / mass.square().clamp_min(1e-30), torch.ones_like(mass))
-    score = (1.0 - alpha) * mass * n_blocks + alpha * (1.0 - hhi)
-    order = torch.argsort(-score, dim=-1, stable=True)
+    order = torch.argsort(-block_scores(importance, block_size, alpha), dim=-1, stable=True)
     lengths = torch.full((n_blocks,), block_size, dtype=torch.int64, device=importance.device)
     lengths[-1] = n - block_size * (n_blocks - 1)
     return order, lengths

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from ...core.selection import nothing_kept, plain_importance
+from ...core.selection import nothing_kept
 from ...core.transfer import host_ints
 from .. import reference
 from ..registry import register
@@ -115,9 +115,10 @@ class TritonBackend:
 
     def select(self, query, key, mu, sigma, config, scale, key_start=None):
         """Fused selection: the reference's indices and counts (the index tensor may be wider,
-        the extra columns being padding)."""
+        the extra columns being padding). With an importance option the importance is computed in
+        PyTorch and the ranking and top-t by the kernels (``select_launcher``)."""
         args = (query, key, mu, sigma, config, scale, key_start)
-        if not (_launchers().supported(query, key) and plain_importance(config)):
+        if not _launchers().supported(query, key):
             return reference.BACKEND.select(*args)
         rows = query.shape[1] // key.shape[1] * query.shape[2]
         shape = ("select", query.dtype, query.shape[-1], rows, config.block_size)

@@ -10,7 +10,13 @@ import triton
 
 from ...core.budgets import rank_fractions
 from ...core.config import TCAConfig
-from ...core.selection import Selection
+from ...core.selection import (
+    Selection,
+    block_scores,
+    candidate_importance,
+    importance_options,
+    plain_importance,
+)
 from ...core.transfer import host_ints
 from . import kernels
 from .launchers import _empty, _kind, _multiprocessors, _precision, _rows_contiguous, _start, _tile, supported
@@ -48,7 +54,9 @@ def select(
     scale: float,
     key_start: torch.Tensor | None = None,
 ) -> Selection:
-    """Fused selection; same contract and indices as ``tca.select.select``.
+    """Fused selection; same contract and indices as ``tca.select.select``. Importance by the fused
+    kernels (the mean over the observation queries) or, with an importance option, in PyTorch; the
+    ranking, budgets and top-t by kernels either way.
 
     The index tensor's width is an upper bound (each rank's budget for a full block) rather
     than the exact largest count, so it can be sized without waiting for the GPU; entries past
@@ -58,7 +66,6 @@ def select(
     n_kv, context_len = key.shape[1], key.shape[2]
     if not supported(query, key):
         raise ValueError(f"selection kernel needs a power-of-two head dim >= 16, got {head_dim}.")
-    group = n_heads // n_kv
     window, block_size = config.effective_window, config.block_size
     device = key.device
     starts = [0] * batch if key_start is None else host_ints(key_start)
@@ -80,74 +87,13 @@ def select(
     if width == 0:
         counts = torch.zeros(batch, n_kv, dtype=torch.int64, device=device)
         return Selection(indices, counts, context_len, head_bounds=head_bounds)
-
-    kind = _kind(device)
-    query, key = _rows_contiguous(query), _rows_contiguous(key)
     start = _start(key_start, batch, device)
-    rows = max(16, triton.next_power_of_2(group * n_obs))
-    precision = _precision(key.dtype, device)
-    block_n = _tile(SELECT_BLOCK_N[kind], head_dim)
-    extra = {"num_warps": SELECT_WARPS, "num_stages": SELECT_STAGES} if kind == "cuda" else {}
-    # a few chunks per head for the normalisers: enough programs to fill the machine
-    n_chunks = max(
-        1, min(triton.cdiv(2 * _multiprocessors(device), batch * n_kv), triton.cdiv(max_cand, block_n))
-    )
-    keys_per_chunk = triton.cdiv(triton.cdiv(max_cand, n_chunks), block_n) * block_n
-    n_chunks = triton.cdiv(max_cand, keys_per_chunk)
-    part_max = _empty(batch * n_kv, n_chunks, rows, dtype=torch.float32, device=device)
-    part_sum = _empty(batch * n_kv, n_chunks, rows, dtype=torch.float32, device=device)
-    common = (*query.stride()[:3], *key.stride()[:3])
-    kernels.importance_partial_kernel[(n_chunks, batch * n_kv)](
-        query,
-        key,
-        start,
-        part_max,
-        part_sum,
-        *common,
-        n_kv,
-        context_len,
-        window,
-        keys_per_chunk,
-        scale,
-        GROUP=group,
-        N_OBS=n_obs,
-        ROWS=rows,
-        HEAD_DIM=head_dim,
-        BLOCK_N=block_n,
-        PRECISION=precision,
-        **extra,
-    )
     imp_stride = n_blocks_max * block_size
-    importance = _empty(batch * n_kv, imp_stride, dtype=torch.float32, device=device)
-    scores = _empty(batch * n_kv, nb_pad, dtype=torch.float32, device=device)
+    if plain_importance(config):
+        importance, scores = _fused_importance(query, key, config, scale, start, max_cand, imp_stride, nb_pad)
+    else:
+        importance, scores = _importance_with_options(query, key, config, scale, starts, imp_stride, nb_pad)
     block_b = max(16, triton.next_power_of_2(block_size))
-    kernels.importance_blocks_kernel[(n_blocks_max, batch * n_kv)](
-        query,
-        key,
-        start,
-        part_max,
-        part_sum,
-        importance,
-        scores,
-        *common,
-        n_kv,
-        context_len,
-        window,
-        n_chunks,
-        block_size,
-        nb_pad,
-        imp_stride,
-        scale,
-        config.alpha,
-        GROUP=group,
-        N_OBS=n_obs,
-        ROWS=rows,
-        HEAD_DIM=head_dim,
-        BLOCK_B=block_b,
-        CHUNKS_PAD=triton.next_power_of_2(n_chunks),
-        PRECISION=precision,
-        **extra,
-    )
     budgets = _empty(batch * n_kv, nb_pad, dtype=torch.int64, device=device)
     offsets = _empty(batch * n_kv, nb_pad, dtype=torch.int64, device=device)
     counts = _empty(batch, n_kv, dtype=torch.int64, device=device)
@@ -181,3 +127,103 @@ def select(
         BLOCK_B=block_b,
     )
     return Selection(indices=indices, counts=counts, context_len=context_len, head_bounds=head_bounds)
+
+
+def _fused_importance(query, key, config, scale, start, max_cand: int, imp_stride: int, nb_pad: int):
+    """Importance (B * G, imp_stride) and block scores (B * G, nb_pad), float32, by the two fused
+    kernels: the softmax normalisers per chunk of candidates, then each block's importance (the
+    mean over the observation rows) and score."""
+    batch, n_heads, n_obs, head_dim = query.shape
+    n_kv, context_len = key.shape[1], key.shape[2]
+    group, window, block_size = n_heads // n_kv, config.effective_window, config.block_size
+    device = key.device
+    kind = _kind(device)
+    n_blocks_max = triton.cdiv(max_cand, block_size)
+    block_b = max(16, triton.next_power_of_2(block_size))
+    query, key = _rows_contiguous(query), _rows_contiguous(key)
+    rows = max(16, triton.next_power_of_2(group * n_obs))
+    precision = _precision(key.dtype, device)
+    block_n = _tile(SELECT_BLOCK_N[kind], head_dim)
+    extra = {"num_warps": SELECT_WARPS, "num_stages": SELECT_STAGES} if kind == "cuda" else {}
+    # a few chunks per head for the normalisers: enough programs to fill the machine
+    n_chunks = max(
+        1, min(triton.cdiv(2 * _multiprocessors(device), batch * n_kv), triton.cdiv(max_cand, block_n))
+    )
+    keys_per_chunk = triton.cdiv(triton.cdiv(max_cand, n_chunks), block_n) * block_n
+    n_chunks = triton.cdiv(max_cand, keys_per_chunk)
+    part_max = _empty(batch * n_kv, n_chunks, rows, dtype=torch.float32, device=device)
+    part_sum = _empty(batch * n_kv, n_chunks, rows, dtype=torch.float32, device=device)
+    common = (*query.stride()[:3], *key.stride()[:3])
+    kernels.importance_partial_kernel[(n_chunks, batch * n_kv)](
+        query,
+        key,
+        start,
+        part_max,
+        part_sum,
+        *common,
+        n_kv,
+        context_len,
+        window,
+        keys_per_chunk,
+        scale,
+        GROUP=group,
+        N_OBS=n_obs,
+        ROWS=rows,
+        HEAD_DIM=head_dim,
+        BLOCK_N=block_n,
+        PRECISION=precision,
+        **extra,
+    )
+    importance = _empty(batch * n_kv, imp_stride, dtype=torch.float32, device=device)
+    scores = _empty(batch * n_kv, nb_pad, dtype=torch.float32, device=device)
+    kernels.importance_blocks_kernel[(n_blocks_max, batch * n_kv)](
+        query,
+        key,
+        start,
+        part_max,
+        part_sum,
+        importance,
+        scores,
+        *common,
+        n_kv,
+        context_len,
+        window,
+        n_chunks,
+        block_size,
+        nb_pad,
+        imp_stride,
+        scale,
+        config.alpha,
+        GROUP=group,
+        N_OBS=n_obs,
+        ROWS=rows,
+        HEAD_DIM=head_dim,
+        BLOCK_B=block_b,
+        CHUNKS_PAD=triton.next_power_of_2(n_chunks),
+        PRECISION=precision,
+        **extra,
+    )
+    return importance, scores
+
+
+def _importance_with_options(query, key, config, scale, starts: list[int], imp_stride: int, nb_pad: int):
+    """The same buffers as ``_fused_importance``'s, for importance options the fused kernels do not
+    compute (``observation_max``, ``continuation``, ``pool_kernel``): ``candidate_importance`` and
+    ``block_scores`` in PyTorch, the reference's own functions, so the ranking and top-t kernels that
+    follow pick the reference's indices. One row of the batch at a time, on its own valid part."""
+    batch, _, n_obs, _ = query.shape
+    n_kv, context_len = key.shape[1], key.shape[2]
+    importance = torch.zeros(batch * n_kv, imp_stride, dtype=torch.float32, device=key.device)
+    scores = torch.zeros(batch * n_kv, nb_pad, dtype=torch.float32, device=key.device)
+    for b, start in enumerate(starts):
+        n_cand = context_len - start - config.effective_window
+        if n_cand <= 0:
+            continue
+        observed = query[b, :, max(0, n_obs - (context_len - start)) :]  # padding never observes
+        candidates = key[b, :, start : start + n_cand]
+        row = candidate_importance(observed, candidates, scale, *importance_options(config))  # (G, n_cand)
+        rows = slice(b * n_kv, (b + 1) * n_kv)
+        importance[rows, :n_cand] = row
+        row_scores = block_scores(row, config.block_size, config.alpha)
+        scores[rows, : row_scores.shape[-1]] = row_scores
+    return importance, scores
