@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from bruteforce import fresh_seed, rank_fraction, round_half_up, select_head, softmax64, visibility
-from tiny_models import GEMMA3, TINY, build_profile, left_padded, tiny_llama
+from tiny_models import GEMMA3, TINY, build_profile, left_padded, sharpen_attention, tiny_llama
 from transformers import (
     AutoModelForCausalLM,
     Gemma3TextConfig,
@@ -65,24 +65,12 @@ def tiny_model(family: str, seed: int, dtype: torch.dtype = torch.float32, sharp
     """A 4-head, 2-KV-head model of ``family`` (transformers' default attention), eval mode: 2 layers,
     Gemma 3 4 (sliding, full, sliding, full).
 
-    Queries and keys are scaled by ``sharpen`` so attention is peaked and selection decisions matter
-    (Qwen3 and Gemma 3 normalise q and k, which would undo a scaled projection: their norms' weights
-    are scaled instead, less, or the softmax becomes one-hot and float32 importances tie at 0;
-    Gemma's norm multiplies by ``1 + weight``).
+    Attention is made peaked by ``sharpen`` (``tiny_models.sharpen_attention``).
     """
     torch.manual_seed(seed)
     config_class, extra = FAMILIES[family]
     model = AutoModelForCausalLM.from_config(config_class(**{**TINY, **extra, **changes})).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            attention = layer.self_attn
-            if hasattr(attention, "q_norm"):  # unit-RMS q and k: scores as peaked as the others' at sqrt/2
-                offset = 1.0 if family == "gemma3_text" else 0.0
-                for norm in (attention.q_norm, attention.k_norm):
-                    norm.weight.add_(offset).mul_(sharpen**0.5 / 2).sub_(offset)
-            else:
-                attention.q_proj.weight.mul_(sharpen)
-                attention.k_proj.weight.mul_(sharpen)
+    sharpen_attention(model, sharpen)
     return model.to(dtype)
 
 

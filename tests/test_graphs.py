@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from bruteforce import fresh_seed
-from tiny_models import TINY, build_profile, left_padded, tiny_gemma3
+from tiny_models import TINY, build_profile, left_padded, sharpen_attention, tiny_gemma3
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 from tca.core.config import TCAConfig
@@ -40,15 +40,7 @@ def tiny(family: str, seed: int, device: str = "cpu"):
     torch.manual_seed(seed)
     config_class, extra = FAMILIES[family]
     model = AutoModelForCausalLM.from_config(config_class(**{**TINY, **extra})).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            attention = layer.self_attn
-            if hasattr(attention, "q_norm"):
-                attention.q_norm.weight.mul_(12**0.5 / 2)
-                attention.k_norm.weight.mul_(12**0.5 / 2)
-            else:
-                attention.q_proj.weight.mul_(12)
-                attention.k_proj.weight.mul_(12)
+    sharpen_attention(model, 12.0)
     return model.to(device)
 
 

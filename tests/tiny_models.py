@@ -41,30 +41,40 @@ GEMMA3 = dict(
 def tiny_gemma3(seed: int, sharpen: float = 12.0, **changes) -> Gemma3ForCausalLM:
     """A 4-layer (sliding, full, sliding, full), 4-head, 2-KV-head Gemma 3 in float32, eval mode, SDPA.
 
-    Gemma normalises q and k (RMS norms that multiply by ``1 + weight``): those norms are scaled by
-    ``sqrt(sharpen) / 2`` so attention is peaked (a scaled projection would be normalised away).
+    Attention is made peaked by ``sharpen`` (``sharpen_attention``: Gemma's q and k norms).
     """
     torch.manual_seed(seed)
     model = Gemma3ForCausalLM(Gemma3TextConfig(**{**TINY, **GEMMA3, **changes})).eval()
+    sharpen_attention(model, sharpen)
+    return model
+
+
+def sharpen_attention(model: torch.nn.Module, sharpen: float) -> None:
+    """Make a random model's attention peaked (random init is near uniform), so selection decisions
+    matter: q and k projections scaled by ``sharpen``; where q and k are RMS-normalised (Qwen3, Gemma
+    3), which would undo a scaled projection, those norms' weights by ``sqrt(sharpen) / 2`` instead
+    (less, or the softmax becomes one-hot and float32 importances tie at 0; Gemma's norm multiplies
+    by ``1 + weight``)."""
+    offset = 1.0 if model.config.model_type == "gemma3_text" else 0.0
     with torch.no_grad():
         for layer in model.model.layers:
-            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
-                norm.weight.add_(1).mul_(sharpen**0.5 / 2).sub_(1)
-    return model
+            attention = layer.self_attn
+            if hasattr(attention, "q_norm"):
+                for norm in (attention.q_norm, attention.k_norm):
+                    norm.weight.add_(offset).mul_(sharpen**0.5 / 2).sub_(offset)
+            else:
+                attention.q_proj.weight.mul_(sharpen)
+                attention.k_proj.weight.mul_(sharpen)
 
 
 def tiny_llama(seed: int, sharpen: float = 12.0, **changes) -> LlamaForCausalLM:
     """A 2-layer, 4-head, 2-KV-head Llama in float32, eval mode, eager attention.
 
-    ``sharpen`` scales the query/key projections so attention is peaked (random init is near uniform),
-    which makes selection decisions matter.
+    Attention is made peaked by ``sharpen`` (``sharpen_attention``: the q and k projections).
     """
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**{**TINY, **changes}, attn_implementation="eager")).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(sharpen)
-            layer.self_attn.k_proj.weight.mul_(sharpen)
+    sharpen_attention(model, sharpen)
     return model
 
 

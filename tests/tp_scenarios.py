@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 import torch
-from tiny_models import GEMMA3, build_profile, left_padded
+from tiny_models import GEMMA3, build_profile, left_padded, sharpen_attention
 from transformers import (
     AutoModelForCausalLM,
     Gemma3TextConfig,
@@ -56,22 +56,11 @@ CACHE_KWARG = (  # newer transformers call generate's cache argument ``cache``
 
 
 def tiny_lm(family: str, seed: int, sharpen: float = 12.0, **changes) -> torch.nn.Module:
-    """A random model of ``family`` in float32 with peaked attention: q and k projections scaled,
-    or, where q and k are RMS-normalised (Qwen3, Gemma 3), those norms' weights (Gemma's multiply
-    by ``1 + weight``)."""
+    """A random model of ``family`` in float32 with peaked attention (``sharpen_attention``)."""
     torch.manual_seed(seed)
     config_class, extra = FAMILIES[family]
     model = AutoModelForCausalLM.from_config(config_class(**{**SHAPE, **extra, **changes})).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            attention = layer.self_attn
-            if hasattr(attention, "q_norm"):
-                offset = 1.0 if family == "gemma3_text" else 0.0
-                for norm in (attention.q_norm, attention.k_norm):
-                    norm.weight.add_(offset).mul_(sharpen**0.5 / 2).sub_(offset)
-            else:
-                attention.q_proj.weight.mul_(sharpen)
-                attention.k_proj.weight.mul_(sharpen)
+    sharpen_attention(model, sharpen)
     return model
 
 
