@@ -20,8 +20,11 @@ and the first sampling step; on the dense and TCA rows the median of up to five 
 as fit in 2 s, ``ttft_ms_runs``: five at 8K, one from 32K on), ``decode_ms_per_token`` (mean over
 the next tokens), ``peak_gib`` (peak allocated GPU memory during the generate), ``kv_bytes`` (device
 KV cache after it), ``kept_fraction`` / ``pairs_fraction`` (``run.stats``), ``attention_ms``
-(prefill attention alone, summed over layers, timed with CUDA events in a separate pass: SDPA for
-dense, selection + sparse attention for TCA), ``amdahl_ttft_ms`` = dense ttft - dense attention +
+(prefill attention alone, summed over every layer, timed with CUDA events in a separate pass: SDPA
+for dense; for TCA selection + sparse attention, and on the layers it does not manage (sliding-window
+ones) their window kernel or SDPA; files up to ``e2e-gemma3-270m-bundled-window-kernel-*.json``
+timed the managed layers only, so on Gemma 3 their TCA figure leaves out 15 of 18 layers),
+``amdahl_ttft_ms`` = dense ttft - dense attention +
 TCA attention (what TCA's first token would cost if the integration cost nothing), and
 ``host_syncs_per_token`` (synchronisations made by tca code per decode step, counted with
 ``torch.cuda.set_sync_debug_mode``; for dense: by the whole generate loop). Timings are wall-clock
@@ -72,6 +75,7 @@ from tca.core.budgets import mu_for_share
 from tca.core.config import TCAConfig
 from tca.core.profile import Profile
 from tca.eval.provenance import device_name, provenance
+from tca.integrations.transformers import registration
 from tca.integrations.transformers.cache import dense_cache_bytes
 
 RESULTS = Path(__file__).parent / "results"
@@ -283,15 +287,21 @@ def dense_attention_ms(model, ids) -> float:
 
 
 def tca_attention_ms(model, profile, ids) -> float:
-    """Prefill selection + sparse attention time of TCA over ``ids``, summed over layers."""
+    """Prefill attention time under TCA over ``ids``, summed over every layer: selection + sparse
+    attention on the managed layers, the window kernel or transformers' SDPA on the others."""
     timer = AttentionTimer()
-    originals = ops.select, ops.sparse_prefill
-    ops.select, ops.sparse_prefill = timer.wrap(ops.select), timer.wrap(ops.sparse_prefill)
+    names = ("select", "sparse_prefill", "window_prefill")
+    originals = [getattr(ops, name) for name in names] + [registration.sdpa_attention_forward]
+    for name, original in zip(names, originals, strict=False):
+        setattr(ops, name, timer.wrap(original))
+    registration.sdpa_attention_forward = timer.wrap(originals[-1])
     try:
         with torch.no_grad(), tca.apply(model, profile):
             model(ids, logits_to_keep=1)
     finally:
-        ops.select, ops.sparse_prefill = originals
+        for name, original in zip(names, originals, strict=False):
+            setattr(ops, name, original)
+        registration.sdpa_attention_forward = originals[-1]
     return timer.total_ms()
 
 
