@@ -290,18 +290,17 @@ def tca_attention_ms(model, profile, ids) -> float:
     """Prefill attention time under TCA over ``ids``, summed over every layer: selection + sparse
     attention on the managed layers, the window kernel or transformers' SDPA on the others."""
     timer = AttentionTimer()
-    names = ("select", "sparse_prefill", "window_prefill")
-    originals = [getattr(ops, name) for name in names] + [registration.sdpa_attention_forward]
-    for name, original in zip(names, originals, strict=False):
-        setattr(ops, name, timer.wrap(original))
-    registration.sdpa_attention_forward = timer.wrap(originals[-1])
+    timed = [(ops, "select"), (ops, "sparse_prefill"), (ops, "window_prefill")]
+    timed.append((registration, "sdpa_attention_forward"))  # the unmanaged layers' SDPA
+    originals = [getattr(owner, name) for owner, name in timed]
+    for (owner, name), original in zip(timed, originals, strict=True):
+        setattr(owner, name, timer.wrap(original))
     try:
         with torch.no_grad(), tca.apply(model, profile):
             model(ids, logits_to_keep=1)
     finally:
-        for name, original in zip(names, originals, strict=False):
-            setattr(ops, name, original)
-        registration.sdpa_attention_forward = originals[-1]
+        for (owner, name), original in zip(timed, originals, strict=True):
+            setattr(owner, name, original)
     return timer.total_ms()
 
 
@@ -385,8 +384,11 @@ def measure(
         rows += dense_graph_row(model, ids, new_tokens, dense_row)
     if turns:
         dense_row["next_turn_ttft_ms"] = next_turn_ttft(model, ids, new_tokens, DynamicCache)
-    profiles = [(kept, uniform_profile(model, kept, length)) for kept in kept_targets]
-    for kept, profile in [(None, profile_file)] if profile_file else profiles:
+    if profile_file:
+        profiles = [(None, profile_file)]
+    else:
+        profiles = [(kept, uniform_profile(model, kept, length)) for kept in kept_targets]
+    for kept, profile in profiles:
         # the first generate at this length and kept target, not timed: new pinned memory for its
         # history, and the kernels compiled for this selection's widths
         first_call = tca_generate(model, ids, profile, 1, repeat=False)[0][0]

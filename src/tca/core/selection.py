@@ -157,6 +157,26 @@ def keep_mask(
     return kept.flatten(-2)[..., :n]
 
 
+def valid_part(
+    query: torch.Tensor, key: torch.Tensor, row: int, start: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row ``row``'s observation queries and keys from its first valid key ``start`` on: (H, n, d)
+    and (G, L - start, d); a padding position never observes."""
+    observed = query[row, :, max(0, query.shape[2] - (key.shape[2] - start)) :]
+    return observed, key[row, :, start:]
+
+
+def sequence_importance(
+    queries: torch.Tensor, keys: torch.Tensor, config: TCAConfig, scale: float
+) -> torch.Tensor | None:
+    """(G, n) importance of one sequence's candidates (its keys before the final window), with the
+    config's options; None when it has none. queries (H, n_obs, d); keys (G, L, d)."""
+    n_candidates = keys.shape[1] - config.effective_window
+    if n_candidates <= 0:
+        return None
+    return candidate_importance(queries, keys[:, :n_candidates], scale, *importance_options(config))
+
+
 def select_sequence(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -172,11 +192,9 @@ def select_sequence(
     Returns:
         G ascending int64 tensors of kept indices, all < L - effective window.
     """
-    n_kv, context_len, _ = keys.shape
-    n_candidates = context_len - config.effective_window
-    if n_candidates <= 0:
-        return [torch.empty(0, dtype=torch.int64, device=keys.device) for _ in range(n_kv)]
-    importance = candidate_importance(queries, keys[:, :n_candidates], scale, *importance_options(config))
+    importance = sequence_importance(queries, keys, config, scale)
+    if importance is None:
+        return [torch.empty(0, dtype=torch.int64, device=keys.device) for _ in range(keys.shape[0])]
     order, lengths = rank_blocks(importance, config.block_size, config.alpha)
     fractions = rank_fractions(mu.cpu(), sigma.cpu(), order.shape[-1]).to(keys.device)  # (G, n_blocks)
     budgets = block_budgets(fractions, lengths[order])
@@ -208,8 +226,7 @@ def select(
     rows: list[list[torch.Tensor]] = []
     for b in range(batch):
         start = 0 if key_start is None else int(key_start[b])
-        observed = query[b, :, max(0, query.shape[2] - (context_len - start)) :]  # padding never observes
-        kept = select_sequence(observed, key[b, :, start:], mu, sigma, config, scale)
+        kept = select_sequence(*valid_part(query, key, b, start), mu, sigma, config, scale)
         rows.append([indices + start for indices in kept])
     return pack_selection(rows, context_len, key.device)
 

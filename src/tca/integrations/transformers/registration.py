@@ -86,8 +86,8 @@ def key_start_from_mask(attention_mask: torch.Tensor | None, key_len: int) -> to
     """
     if attention_mask is None:
         return None
-    mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    valid = mask[:, 0, -1, :key_len]  # the last query sees every valid key
+    last = attention_mask[:, 0, -1, :key_len]  # the last query sees every valid key
+    valid = last if last.dtype == torch.bool else last == 0  # an additive mask: 0 where seen
     empty = ~valid.any(-1)
     if empty.any():
         rows = empty.nonzero().flatten().tolist()

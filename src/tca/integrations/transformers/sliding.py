@@ -50,6 +50,6 @@ def first_real_keys(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     (``registration.key_start_from_mask``), on the same mask of the same forward."""
     if attention_mask is None:
         return None
-    visible = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    real = torch.diagonal(visible[:, 0], dim1=-2, dim2=-1)  # (B, L)
+    diagonal = torch.diagonal(attention_mask[:, 0], dim1=-2, dim2=-1)  # (B, L), a view
+    real = diagonal if diagonal.dtype == torch.bool else diagonal == 0  # an additive mask: 0 where seen
     return real.to(torch.int8).argmax(-1)

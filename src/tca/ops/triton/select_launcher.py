@@ -10,13 +10,7 @@ import triton
 
 from ...core.budgets import rank_fractions
 from ...core.config import TCAConfig
-from ...core.selection import (
-    Selection,
-    block_scores,
-    candidate_importance,
-    importance_options,
-    plain_importance,
-)
+from ...core.selection import Selection, block_scores, plain_importance, sequence_importance, valid_part
 from ...core.transfer import host_ints
 from . import kernels
 from .launchers import _empty, _kind, _multiprocessors, _precision, _rows_contiguous, _start, _tile, supported
@@ -93,7 +87,6 @@ def select(
         importance, scores = _fused_importance(query, key, config, scale, start, max_cand, imp_stride, nb_pad)
     else:
         importance, scores = _importance_with_options(query, key, config, scale, starts, imp_stride, nb_pad)
-    block_b = max(16, triton.next_power_of_2(block_size))
     budgets = _empty(batch * n_kv, nb_pad, dtype=torch.int64, device=device)
     offsets = _empty(batch * n_kv, nb_pad, dtype=torch.int64, device=device)
     counts = _empty(batch, n_kv, dtype=torch.int64, device=device)
@@ -124,9 +117,14 @@ def select(
         nb_pad,
         imp_stride,
         width,
-        BLOCK_B=block_b,
+        BLOCK_B=_block_lanes(block_size),
     )
     return Selection(indices=indices, counts=counts, context_len=context_len, head_bounds=head_bounds)
+
+
+def _block_lanes(block_size: int) -> int:
+    """Lanes of a block-wide tile in the selection kernels: the block size, a power of two >= 16."""
+    return max(16, triton.next_power_of_2(block_size))
 
 
 def _fused_importance(query, key, config, scale, start, max_cand: int, imp_stride: int, nb_pad: int):
@@ -139,7 +137,6 @@ def _fused_importance(query, key, config, scale, start, max_cand: int, imp_strid
     device = key.device
     kind = _kind(device)
     n_blocks_max = triton.cdiv(max_cand, block_size)
-    block_b = max(16, triton.next_power_of_2(block_size))
     query, key = _rows_contiguous(query), _rows_contiguous(key)
     rows = max(16, triton.next_power_of_2(group * n_obs))
     precision = _precision(key.dtype, device)
@@ -198,7 +195,7 @@ def _fused_importance(query, key, config, scale, start, max_cand: int, imp_strid
         N_OBS=n_obs,
         ROWS=rows,
         HEAD_DIM=head_dim,
-        BLOCK_B=block_b,
+        BLOCK_B=_block_lanes(block_size),
         CHUNKS_PAD=triton.next_power_of_2(n_chunks),
         PRECISION=precision,
         **extra,
@@ -211,19 +208,15 @@ def _importance_with_options(query, key, config, scale, starts: list[int], imp_s
     compute (``observation_max``, ``continuation``, ``pool_kernel``): ``candidate_importance`` and
     ``block_scores`` in PyTorch, the reference's own functions, so the ranking and top-t kernels that
     follow pick the reference's indices. One row of the batch at a time, on its own valid part."""
-    batch, _, n_obs, _ = query.shape
-    n_kv, context_len = key.shape[1], key.shape[2]
+    batch, n_kv = query.shape[0], key.shape[1]
     importance = torch.zeros(batch * n_kv, imp_stride, dtype=torch.float32, device=key.device)
     scores = torch.zeros(batch * n_kv, nb_pad, dtype=torch.float32, device=key.device)
     for b, start in enumerate(starts):
-        n_cand = context_len - start - config.effective_window
-        if n_cand <= 0:
+        row = sequence_importance(*valid_part(query, key, b, start), config, scale)  # (G, n_cand)
+        if row is None:
             continue
-        observed = query[b, :, max(0, n_obs - (context_len - start)) :]  # padding never observes
-        candidates = key[b, :, start : start + n_cand]
-        row = candidate_importance(observed, candidates, scale, *importance_options(config))  # (G, n_cand)
         rows = slice(b * n_kv, (b + 1) * n_kv)
-        importance[rows, :n_cand] = row
+        importance[rows, : row.shape[-1]] = row
         row_scores = block_scores(row, config.block_size, config.alpha)
         scores[rows, : row_scores.shape[-1]] = row_scores
     return importance, scores
