@@ -20,9 +20,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 import e2e  # noqa: E402
 
 import tca  # noqa: E402
-from tca.core.profile import Profile  # noqa: E402
-
-PROFILE = Path(__file__).parents[2] / "src/tca/data/profiles/gemma3-270m.json"
+from tca.bundled.profiles import profile_for  # noqa: E402
 
 
 def generate_ms(model, ids, new_tokens: int) -> float:
@@ -54,7 +52,7 @@ def per_step(model, ids) -> list[tuple[float, float, float, str]]:
 def main(length: int) -> None:
     model = e2e.random_model(e2e.model_config("gemma3-270m", length + 600), "cuda")
     ids = torch.randint(3, 100000, (1, length), generator=torch.Generator().manual_seed(0)).cuda()
-    profile_file = Profile.load(PROFILE)
+    profile_file = profile_for("gemma3-270m")
     for mode in ("dense", "tca"):
         with tca.apply(model, profile_file) if mode == "tca" else torch.no_grad():
             generate_ms(model, ids, 3)  # warm-up

@@ -21,10 +21,8 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 import e2e  # noqa: E402
 
 import tca  # noqa: E402
-from tca.core.profile import Profile  # noqa: E402
+from tca.bundled.profiles import profile_for  # noqa: E402
 from tca.integrations.transformers import sliding  # noqa: E402
-
-PROFILE = Path(__file__).parents[2] / "src/tca/data/profiles/gemma3-270m.json"
 
 
 def prefill(model, ids, mask, profile) -> tuple[torch.Tensor, float]:
@@ -42,7 +40,7 @@ def prefill(model, ids, mask, profile) -> tuple[torch.Tensor, float]:
 
 def main(lengths: list[int]) -> None:
     model = e2e.random_model(e2e.model_config("gemma3-270m", max(lengths) + 600), "cuda")
-    profile = Profile.load(PROFILE)
+    profile = profile_for("gemma3-270m")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, Gemma 3 270M shapes, random bf16")
     for length in lengths:
         generator = torch.Generator().manual_seed(length)
