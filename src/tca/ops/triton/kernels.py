@@ -88,6 +88,8 @@ def sparse_prefill_kernel(
     Q,
     K,
     V,
+    KDesc,
+    VDesc,
     Out,
     Idx,
     Bounds,
@@ -116,11 +118,14 @@ def sparse_prefill_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    WINDOW_TMA: tl.constexpr,
 ):
     """Grid (query blocks, B * G). Row r of a program is position p0 + r // GROUP, head r % GROUP.
 
     Bounds (B, G, n_qblocks, 2) int32: kept entries visible to every row of the block, and to
-    its last row (the kept list is ascending, so both are prefix lengths).
+    its last row (the kept list is ascending, so both are prefix lengths). With ``WINDOW_TMA`` the
+    window's K/V tiles come through KDesc / VDesc, host tensor descriptors of K / V with blocks
+    (1, 1, BLOCK_N, HEAD_DIM) (Hopper's TMA; rows past the context read as zeros); else they are None.
     """
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -186,6 +191,10 @@ def sparse_prefill_kernel(
             acc,
             m_i,
             l_i,
+            KDesc,
+            VDesc,
+            b,
+            g,
             lo + t * BLOCK_N,
             pos,
             window,
@@ -197,6 +206,7 @@ def sparse_prefill_kernel(
             cols,
             True,
             PRECISION,
+            WINDOW_TMA,
         )
     for t in range(first_full, end_full):
         acc, m_i, l_i = _window_tile(
@@ -206,6 +216,10 @@ def sparse_prefill_kernel(
             acc,
             m_i,
             l_i,
+            KDesc,
+            VDesc,
+            b,
+            g,
             lo + t * BLOCK_N,
             pos,
             window,
@@ -217,6 +231,7 @@ def sparse_prefill_kernel(
             cols,
             False,
             PRECISION,
+            WINDOW_TMA,
         )
     for t in range(end_full, n_tiles):
         acc, m_i, l_i = _window_tile(
@@ -226,6 +241,10 @@ def sparse_prefill_kernel(
             acc,
             m_i,
             l_i,
+            KDesc,
+            VDesc,
+            b,
+            g,
             lo + t * BLOCK_N,
             pos,
             window,
@@ -237,6 +256,7 @@ def sparse_prefill_kernel(
             cols,
             True,
             PRECISION,
+            WINDOW_TMA,
         )
 
     out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
@@ -258,6 +278,10 @@ def _window_tile(
     acc,
     m_i,
     l_i,
+    k_desc,
+    v_desc,
+    b,
+    g,
     tile_lo,
     pos,
     window,
@@ -269,12 +293,18 @@ def _window_tile(
     cols,
     MASKED: tl.constexpr,
     PRECISION: tl.constexpr,
+    WINDOW_TMA: tl.constexpr,
 ):
-    """One tile of contiguous window keys starting at ``tile_lo``."""
+    """One tile of contiguous window keys starting at ``tile_lo`` (through the descriptors with
+    ``WINDOW_TMA``, else through clamped addresses); keys past ``p_last`` are masked either way."""
     keys = tile_lo + cols
-    rows_at = tl.minimum(keys, p_last)  # clamp the address; masked lanes never count
-    k = tl.load(k_base + rows_at[:, None] * stride_kl + dims[None, :])
-    v = tl.load(v_base + rows_at[:, None] * stride_vl + dims[None, :])
+    if WINDOW_TMA:
+        k = k_desc.load([b, g, tile_lo, 0]).reshape(cols.shape[0], dims.shape[0])
+        v = v_desc.load([b, g, tile_lo, 0]).reshape(cols.shape[0], dims.shape[0])
+    else:
+        rows_at = tl.minimum(keys, p_last)  # clamp the address; masked lanes never count
+        k = tl.load(k_base + rows_at[:, None] * stride_kl + dims[None, :])
+        v = tl.load(v_base + rows_at[:, None] * stride_vl + dims[None, :])
     visible = (keys[None, :] <= pos[:, None]) & (keys[None, :] > pos[:, None] - window)
     return _online_softmax_tile(q, k, v, acc, m_i, l_i, visible, qk_scale, MASKED, PRECISION)
 

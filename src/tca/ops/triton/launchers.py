@@ -34,6 +34,11 @@ MEASURED_HEAD_DIM = 128
 # The 256-row tiles were measured at head dim 128 only: a larger head dim keeps the tiles it ran with
 # before them, (rows, keys per tile, stages) at 128 scaled by ``_tile`` (64 rows and 64 keys at 256).
 WIDE_HEAD_PREFILL = (128, 128, 2)
+# The prefill reads its window keys (the one contiguous run of keys a program reads) through Hopper's
+# tensor memory accelerator on GPUs that have one (compute capability 9+), at head dims up to 128
+# (measured there: 1-1.5% off the kernel, the same output; benchmarks/NOTES-kernels.md). None: where
+# it applies; tests set True (the CPU interpreter runs descriptors too) or False.
+WINDOW_TMA: bool | None = None
 # Tests set this: every buffer a kernel must fill starts as NaN (floats) or -7 (integers), so an
 # element no program wrote shows up instead of passing as a lucky zero.
 POISON = False
@@ -97,6 +102,28 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
     return "upcast" if device.type != "cuda" and dtype == torch.bfloat16 else "native"
 
 
+def _window_descriptors(key: torch.Tensor, value: torch.Tensor, block_n: int) -> tuple | None:
+    """Host tensor descriptors of (B, G, L, d) ``key``, ``value`` with blocks of ``block_n`` rows
+    (``WINDOW_TMA``), or None where the prefill reads its window through addresses instead."""
+    use = WINDOW_TMA
+    if use is None:
+        use = (
+            key.device.type == "cuda"
+            and torch.cuda.get_device_capability(key.device)[0] >= 9
+            and key.shape[-1] <= MEASURED_HEAD_DIM
+        )
+    aligned = all(  # TMA needs 16-byte aligned bases and strides (all but the last)
+        (x.data_ptr() % 16 == 0) and all(stride * x.element_size() % 16 == 0 for stride in x.stride()[:-1])
+        for x in (key, value)
+    )
+    if not (use and aligned):
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    block = [1, 1, block_n, key.shape[-1]]
+    return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), block) for x in (key, value))
+
+
 def _start(key_start: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
     if key_start is None:
         return torch.zeros(batch, dtype=torch.int32, device=device)
@@ -139,10 +166,12 @@ def sparse_prefill(
     extra = (
         {"num_warps": PREFILL_WARPS if tiles == "cuda" else 4, "num_stages": stages} if kind == "cuda" else {}
     )
+    descriptors = _window_descriptors(key, value, block_n)
     kernels.sparse_prefill_kernel[grid](
         query,
         key,
         value,
+        *(descriptors or (None, None)),
         out,
         indices,
         bounds,
@@ -162,6 +191,7 @@ def sparse_prefill(
         HEAD_DIM=head_dim,
         BLOCK_N=block_n,
         PRECISION=_precision(query.dtype, query.device),
+        WINDOW_TMA=descriptors is not None,
         **extra,
     )
     return out
