@@ -6,13 +6,15 @@ One GPU, about 3 minutes at 131072 tokens. The window keys ``[max(p0 - w + 1, st
 are the one contiguous run of keys a prefill program reads (the kept keys are gathered row by row,
 which Hopper's TMA cannot do), so only there can descriptor loads replace pointer loads. Since
 they proved faster, the library reads the window through host tensor descriptors where the GPU has
-TMA (``launchers.WINDOW_TMA``); this probe times both ways with ``prefill_variants.py``'s harness:
+TMA (``launchers.WINDOW_TMA``: K and V seen as 2-D matrices of rows, blocks of (keys per tile, d));
+this probe times both ways with ``prefill_variants.py``'s harness:
 alone, and in the prefill of a model with one GPU's widths and with a TP=2 rank's, taking turns.
 
 Log: ``results/window-descriptors-nvidia-h200.log``. Its run 1 timed the first version, a variant
 kernel written in this probe (device-side descriptors, one per program) against the library's kernel
 of then, with and without ``warp_specialize`` on the unmasked window loop (``git show 8ce8607:
-benchmarks/probes/window_descriptors.py``).
+benchmarks/probes/window_descriptors.py``); run 2, the library's first host version (4-D
+descriptors over (B, G, L, d), each tile reshaped to 2-D), at 62b61fb.
 """
 
 import argparse

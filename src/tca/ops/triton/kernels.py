@@ -124,8 +124,10 @@ def sparse_prefill_kernel(
 
     Bounds (B, G, n_qblocks, 2) int32: kept entries visible to every row of the block, and to
     its last row (the kept list is ascending, so both are prefix lengths). With ``WINDOW_TMA`` the
-    window's K/V tiles come through KDesc / VDesc, host tensor descriptors of K / V with blocks
-    (1, 1, BLOCK_N, HEAD_DIM) (Hopper's TMA; rows past the context read as zeros); else they are None.
+    window's K/V tiles come through KDesc / VDesc (Hopper's TMA): host tensor descriptors of K / V
+    seen as 2-D matrices of rows ``stride_kl`` / ``stride_vl`` apart, blocks (BLOCK_N, HEAD_DIM); a
+    tile's rows past the head's last key read the next head's (or zeros past the end), masked like
+    the address path's clamped rows. Else KDesc / VDesc are None.
     """
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -177,7 +179,11 @@ def sparse_prefill_kernel(
         visible = in_list[None, :] & (kv_rows[None, :] <= pos[:, None] - window)
         acc, m_i, l_i = _online_softmax_tile(q, k, v, acc, m_i, l_i, visible, qk_scale, True, PRECISION)
 
-    # window: keys [lo, p_last]; tiles inside [p_last - window + 1, p0] are visible to every row
+    # window: keys [lo, p_last]; tiles inside [p_last - window + 1, p0] are visible to every row.
+    # With WINDOW_TMA, K and V are matrices of rows of stride_kl / stride_vl elements, where this
+    # head's key l is row (k_row + l), columns from k_col (and its value likewise)
+    k_row, k_col = _origin(b64 * stride_kb + g.to(tl.int64) * stride_kg, stride_kl)
+    v_row, v_col = _origin(b64 * stride_vb + g.to(tl.int64) * stride_vg, stride_vl)
     start = tl.load(Start + b)
     lo = tl.maximum(tl.maximum(p0 - window + 1, start), 0)
     n_tiles = tl.cdiv(tl.maximum(p_last + 1 - lo, 0), BLOCK_N)
@@ -193,8 +199,10 @@ def sparse_prefill_kernel(
             l_i,
             KDesc,
             VDesc,
-            b,
-            g,
+            k_row,
+            k_col,
+            v_row,
+            v_col,
             lo + t * BLOCK_N,
             pos,
             window,
@@ -218,8 +226,10 @@ def sparse_prefill_kernel(
             l_i,
             KDesc,
             VDesc,
-            b,
-            g,
+            k_row,
+            k_col,
+            v_row,
+            v_col,
             lo + t * BLOCK_N,
             pos,
             window,
@@ -243,8 +253,10 @@ def sparse_prefill_kernel(
             l_i,
             KDesc,
             VDesc,
-            b,
-            g,
+            k_row,
+            k_col,
+            v_row,
+            v_col,
             lo + t * BLOCK_N,
             pos,
             window,
@@ -271,6 +283,12 @@ def sparse_prefill_kernel(
 
 
 @triton.jit
+def _origin(offset, row_stride):
+    """(row, column) of element ``offset`` in a matrix whose rows are ``row_stride`` elements apart."""
+    return (offset // row_stride).to(tl.int32), (offset % row_stride).to(tl.int32)
+
+
+@triton.jit
 def _window_tile(
     q,
     k_base,
@@ -280,8 +298,10 @@ def _window_tile(
     l_i,
     k_desc,
     v_desc,
-    b,
-    g,
+    k_row,
+    k_col,
+    v_row,
+    v_col,
     tile_lo,
     pos,
     window,
@@ -299,8 +319,8 @@ def _window_tile(
     ``WINDOW_TMA``, else through clamped addresses); keys past ``p_last`` are masked either way."""
     keys = tile_lo + cols
     if WINDOW_TMA:
-        k = k_desc.load([b, g, tile_lo, 0]).reshape(cols.shape[0], dims.shape[0])
-        v = v_desc.load([b, g, tile_lo, 0]).reshape(cols.shape[0], dims.shape[0])
+        k = k_desc.load([k_row + tile_lo, k_col])
+        v = v_desc.load([v_row + tile_lo, v_col])
     else:
         rows_at = tl.minimum(keys, p_last)  # clamp the address; masked lanes never count
         k = tl.load(k_base + rows_at[:, None] * stride_kl + dims[None, :])

@@ -103,8 +103,12 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
 
 
 def _window_descriptors(key: torch.Tensor, value: torch.Tensor, block_n: int) -> tuple | None:
-    """Host tensor descriptors of (B, G, L, d) ``key``, ``value`` with blocks of ``block_n`` rows
-    (``WINDOW_TMA``), or None where the prefill reads its window through addresses instead."""
+    """Host tensor descriptors of (B, G, L, d) ``key`` and ``value`` for the prefill's window tiles
+    (``WINDOW_TMA``), or None where the prefill reads its window through addresses instead.
+
+    Each is its tensor's memory seen as a matrix whose rows are ``stride(2)`` elements apart (a
+    head's keys are consecutive rows there, in transformers' (B, L, G, d) layout and in a contiguous
+    one), blocks of (``block_n``, d). TMA needs 16-byte aligned bases and row strides."""
     use = WINDOW_TMA
     if use is None:
         use = (
@@ -112,16 +116,35 @@ def _window_descriptors(key: torch.Tensor, value: torch.Tensor, block_n: int) ->
             and torch.cuda.get_device_capability(key.device)[0] >= 9
             and key.shape[-1] <= MEASURED_HEAD_DIM
         )
-    aligned = all(  # TMA needs 16-byte aligned bases and strides (all but the last)
-        (x.data_ptr() % 16 == 0) and all(stride * x.element_size() % 16 == 0 for stride in x.stride()[:-1])
-        for x in (key, value)
-    )
-    if not (use and aligned):
+    if not (use and all(_rows_of_one_matrix(x) for x in (key, value))):
         return None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    block = [1, 1, block_n, key.shape[-1]]
-    return tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), block) for x in (key, value))
+    return tuple(
+        TensorDescriptor(x, [_matrix_rows(x), x.stride(2)], [x.stride(2), 1], [block_n, x.shape[-1]])
+        for x in (key, value)
+    )
+
+
+def _rows_of_one_matrix(x: torch.Tensor) -> bool:
+    """Whether (B, G, L, d) ``x`` is a matrix of rows ``x.stride(2)`` apart in which every head's d
+    elements sit inside one row, at a 16-byte aligned base and row stride."""
+    batch, heads, _, dim = x.shape
+    row = x.stride(2)
+    return (
+        row > 0
+        and x.stride(3) == 1
+        and x.data_ptr() % 16 == 0
+        and row * x.element_size() % 16 == 0
+        and (batch == 1 or x.stride(0) % row == 0)
+        and all(g * x.stride(1) % row + dim <= row for g in range(heads))
+    )
+
+
+def _matrix_rows(x: torch.Tensor) -> int:
+    """Rows of ``_rows_of_one_matrix``'s matrix up to the last head's last key."""
+    batch, heads, length, _ = x.shape
+    return ((batch - 1) * x.stride(0) + (heads - 1) * x.stride(1)) // x.stride(2) + length
 
 
 def _start(key_start: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
