@@ -140,46 +140,6 @@ def test_sparse_prefill_matches_reference(length, group, dtype, window, fraction
 
 
 @pytest.mark.randomised
-@pytest.mark.parametrize("length,group,dtype,window,fraction,batch,padded", PREFILL_CASES[1::2])
-@pytest.mark.parametrize("layout", ["contiguous", "strided", "misaligned"])
-def test_window_through_descriptors_equals_window_through_addresses(
-    monkeypatch, length, group, dtype, window, fraction, batch, padded, layout
-):
-    """The window's K/V read through tensor descriptors (Hopper's TMA) give the same output, bit for
-    bit, as read through addresses, in transformers' strided layout too; K/V whose base is not
-    16-byte aligned (TMA cannot take them) silently keep the addresses, and the right answer."""
-    gen, seed = fresh_generator()
-    n_kv, dim = (8, 128) if FULL else (2, 32)
-    dt = DTYPES[dtype]
-    q = randn(gen, batch, length, n_kv * group, dim, dtype=dt).transpose(1, 2)  # (B, H, L, d) views
-    # rows of dim + 8 elements (16-byte multiples); "misaligned" starts one element in
-    k, v = (randn(gen, batch, length, n_kv, dim + 8, dtype=dt).transpose(1, 2) for _ in range(2))
-    cut = slice(1, dim + 1) if layout == "misaligned" else slice(0, dim)
-    k, v = k[..., cut], v[..., cut]
-    if layout == "contiguous":
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    key_start = (
-        (torch.randint(0, max(length // 3, 1), (batch,), generator=gen) if padded else torch.zeros(batch))
-        .long()
-        .to(DEVICE)
-    )
-    selection = random_selection(gen, batch, n_kv, length, window, fraction, key_start)
-    start = key_start if padded else None
-    outs, described = {}, None
-    for tma in (True, False):
-        monkeypatch.setattr(launchers, "WINDOW_TMA", tma)
-        outs[tma] = launchers.sparse_prefill(q, k, v, selection, window, dim**-0.5, start)
-        described = launchers._window_descriptors(k, v, 16) if tma else described
-    assert (described is None) == (layout == "misaligned"), f"seed {seed}: {layout}"
-    assert torch.equal(outs[True], outs[False]), (
-        f"seed {seed}: max |diff| {(outs[True].float() - outs[False].float()).abs().max():.3g}"
-    )
-    exact = prefill_fp64(q, k, v, selection, window, dim**-0.5, key_start)
-    low = reference.sparse_prefill(q, k, v, selection, window, dim**-0.5, start)
-    assert rel_error(outs[True], exact) <= 2 * rel_error(low, exact) + 1e-6, f"seed {seed}"
-
-
-@pytest.mark.randomised
 def test_sparse_prefill_noncontiguous_layout():
     """Queries and keys as transformers hands them over: (B, L, H, d) transposed to (B, H, L, d)."""
     gen, seed = fresh_generator()

@@ -88,8 +88,6 @@ def sparse_prefill_kernel(
     Q,
     K,
     V,
-    KDesc,
-    VDesc,
     Out,
     Idx,
     Bounds,
@@ -118,16 +116,11 @@ def sparse_prefill_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
-    WINDOW_TMA: tl.constexpr,
 ):
     """Grid (query blocks, B * G). Row r of a program is position p0 + r // GROUP, head r % GROUP.
 
     Bounds (B, G, n_qblocks, 2) int32: kept entries visible to every row of the block, and to
-    its last row (the kept list is ascending, so both are prefix lengths). With ``WINDOW_TMA`` the
-    window's K/V tiles come through KDesc / VDesc (Hopper's TMA): host tensor descriptors of K / V
-    seen as 2-D matrices of rows ``stride_kl`` / ``stride_vl`` apart, blocks (BLOCK_N, HEAD_DIM); a
-    tile's rows past the head's last key read the next head's (or zeros past the end), masked like
-    the address path's clamped rows. Else KDesc / VDesc are None.
+    its last row (the kept list is ascending, so both are prefix lengths).
     """
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -179,11 +172,7 @@ def sparse_prefill_kernel(
         visible = in_list[None, :] & (kv_rows[None, :] <= pos[:, None] - window)
         acc, m_i, l_i = _online_softmax_tile(q, k, v, acc, m_i, l_i, visible, qk_scale, True, PRECISION)
 
-    # window: keys [lo, p_last]; tiles inside [p_last - window + 1, p0] are visible to every row.
-    # With WINDOW_TMA, K and V are matrices of rows of stride_kl / stride_vl elements, where this
-    # head's key l is row (k_row + l), columns from k_col (and its value likewise)
-    k_row, k_col = _origin(b64 * stride_kb + g.to(tl.int64) * stride_kg, stride_kl)
-    v_row, v_col = _origin(b64 * stride_vb + g.to(tl.int64) * stride_vg, stride_vl)
+    # window: keys [lo, p_last]; tiles inside [p_last - window + 1, p0] are visible to every row
     start = tl.load(Start + b)
     lo = tl.maximum(tl.maximum(p0 - window + 1, start), 0)
     n_tiles = tl.cdiv(tl.maximum(p_last + 1 - lo, 0), BLOCK_N)
@@ -197,12 +186,6 @@ def sparse_prefill_kernel(
             acc,
             m_i,
             l_i,
-            KDesc,
-            VDesc,
-            k_row,
-            k_col,
-            v_row,
-            v_col,
             lo + t * BLOCK_N,
             pos,
             window,
@@ -214,7 +197,6 @@ def sparse_prefill_kernel(
             cols,
             True,
             PRECISION,
-            WINDOW_TMA,
         )
     for t in range(first_full, end_full):
         acc, m_i, l_i = _window_tile(
@@ -224,12 +206,6 @@ def sparse_prefill_kernel(
             acc,
             m_i,
             l_i,
-            KDesc,
-            VDesc,
-            k_row,
-            k_col,
-            v_row,
-            v_col,
             lo + t * BLOCK_N,
             pos,
             window,
@@ -241,7 +217,6 @@ def sparse_prefill_kernel(
             cols,
             False,
             PRECISION,
-            WINDOW_TMA,
         )
     for t in range(end_full, n_tiles):
         acc, m_i, l_i = _window_tile(
@@ -251,12 +226,6 @@ def sparse_prefill_kernel(
             acc,
             m_i,
             l_i,
-            KDesc,
-            VDesc,
-            k_row,
-            k_col,
-            v_row,
-            v_col,
             lo + t * BLOCK_N,
             pos,
             window,
@@ -268,7 +237,6 @@ def sparse_prefill_kernel(
             cols,
             True,
             PRECISION,
-            WINDOW_TMA,
         )
 
     out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
@@ -283,12 +251,6 @@ def sparse_prefill_kernel(
 
 
 @triton.jit
-def _origin(offset, row_stride):
-    """(row, column) of element ``offset`` in a matrix whose rows are ``row_stride`` elements apart."""
-    return (offset // row_stride).to(tl.int32), (offset % row_stride).to(tl.int32)
-
-
-@triton.jit
 def _window_tile(
     q,
     k_base,
@@ -296,12 +258,6 @@ def _window_tile(
     acc,
     m_i,
     l_i,
-    k_desc,
-    v_desc,
-    k_row,
-    k_col,
-    v_row,
-    v_col,
     tile_lo,
     pos,
     window,
@@ -313,18 +269,12 @@ def _window_tile(
     cols,
     MASKED: tl.constexpr,
     PRECISION: tl.constexpr,
-    WINDOW_TMA: tl.constexpr,
 ):
-    """One tile of contiguous window keys starting at ``tile_lo`` (through the descriptors with
-    ``WINDOW_TMA``, else through clamped addresses); keys past ``p_last`` are masked either way."""
+    """One tile of contiguous window keys starting at ``tile_lo``."""
     keys = tile_lo + cols
-    if WINDOW_TMA:
-        k = k_desc.load([k_row + tile_lo, k_col])
-        v = v_desc.load([v_row + tile_lo, v_col])
-    else:
-        rows_at = tl.minimum(keys, p_last)  # clamp the address; masked lanes never count
-        k = tl.load(k_base + rows_at[:, None] * stride_kl + dims[None, :])
-        v = tl.load(v_base + rows_at[:, None] * stride_vl + dims[None, :])
+    rows_at = tl.minimum(keys, p_last)  # clamp the address; masked lanes never count
+    k = tl.load(k_base + rows_at[:, None] * stride_kl + dims[None, :])
+    v = tl.load(v_base + rows_at[:, None] * stride_vl + dims[None, :])
     visible = (keys[None, :] <= pos[:, None]) & (keys[None, :] > pos[:, None] - window)
     return _online_softmax_tile(q, k, v, acc, m_i, l_i, visible, qk_scale, MASKED, PRECISION)
 

@@ -34,11 +34,6 @@ MEASURED_HEAD_DIM = 128
 # The 256-row tiles were measured at head dim 128 only: a larger head dim keeps the tiles it ran with
 # before them, (rows, keys per tile, stages) at 128 scaled by ``_tile`` (64 rows and 64 keys at 256).
 WIDE_HEAD_PREFILL = (128, 128, 2)
-# The prefill reads its window keys (the one contiguous run of keys a program reads) through Hopper's
-# tensor memory accelerator on GPUs that have one (compute capability 9+), at head dims up to 128
-# (measured there: 1-1.5% off the kernel, the same output; benchmarks/NOTES-kernels.md). None: where
-# it applies; tests set True (the CPU interpreter runs descriptors too) or False.
-WINDOW_TMA: bool | None = None
 # Tests set this: every buffer a kernel must fill starts as NaN (floats) or -7 (integers), so an
 # element no program wrote shows up instead of passing as a lucky zero.
 POISON = False
@@ -102,51 +97,6 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
     return "upcast" if device.type != "cuda" and dtype == torch.bfloat16 else "native"
 
 
-def _window_descriptors(key: torch.Tensor, value: torch.Tensor, block_n: int) -> tuple | None:
-    """Host tensor descriptors of (B, G, L, d) ``key`` and ``value`` for the prefill's window tiles
-    (``WINDOW_TMA``), or None where the prefill reads its window through addresses instead.
-
-    Each is its tensor's memory seen as a matrix whose rows are ``stride(2)`` elements apart (a
-    head's keys are consecutive rows there, in transformers' (B, L, G, d) layout and in a contiguous
-    one), blocks of (``block_n``, d). TMA needs 16-byte aligned bases and row strides."""
-    use = WINDOW_TMA
-    if use is None:
-        use = (
-            key.device.type == "cuda"
-            and torch.cuda.get_device_capability(key.device)[0] >= 9
-            and key.shape[-1] <= MEASURED_HEAD_DIM
-        )
-    if not (use and all(_rows_of_one_matrix(x) for x in (key, value))):
-        return None
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return tuple(
-        TensorDescriptor(x, [_matrix_rows(x), x.stride(2)], [x.stride(2), 1], [block_n, x.shape[-1]])
-        for x in (key, value)
-    )
-
-
-def _rows_of_one_matrix(x: torch.Tensor) -> bool:
-    """Whether (B, G, L, d) ``x`` is a matrix of rows ``x.stride(2)`` apart in which every head's d
-    elements sit inside one row, at a 16-byte aligned base and row stride."""
-    batch, heads, _, dim = x.shape
-    row = x.stride(2)
-    return (
-        row > 0
-        and x.stride(3) == 1
-        and x.data_ptr() % 16 == 0
-        and row * x.element_size() % 16 == 0
-        and (batch == 1 or x.stride(0) % row == 0)
-        and all(g * x.stride(1) % row + dim <= row for g in range(heads))
-    )
-
-
-def _matrix_rows(x: torch.Tensor) -> int:
-    """Rows of ``_rows_of_one_matrix``'s matrix up to the last head's last key."""
-    batch, heads, length, _ = x.shape
-    return ((batch - 1) * x.stride(0) + (heads - 1) * x.stride(1)) // x.stride(2) + length
-
-
 def _start(key_start: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
     if key_start is None:
         return torch.zeros(batch, dtype=torch.int32, device=device)
@@ -189,12 +139,10 @@ def sparse_prefill(
     extra = (
         {"num_warps": PREFILL_WARPS if tiles == "cuda" else 4, "num_stages": stages} if kind == "cuda" else {}
     )
-    descriptors = _window_descriptors(key, value, block_n)
     kernels.sparse_prefill_kernel[grid](
         query,
         key,
         value,
-        *(descriptors or (None, None)),
         out,
         indices,
         bounds,
@@ -214,7 +162,6 @@ def sparse_prefill(
         HEAD_DIM=head_dim,
         BLOCK_N=block_n,
         PRECISION=_precision(query.dtype, query.device),
-        WINDOW_TMA=descriptors is not None,
         **extra,
     )
     return out
