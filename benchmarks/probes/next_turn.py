@@ -55,7 +55,7 @@ def conversation(model, ids, cache, profiled: bool = False) -> float:
 def report(prof) -> None:
     """Top operators by device time and by host time, and the host's waits for the device."""
     events = prof.key_averages()
-    print(events.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+    print(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
     print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
     for event in events:
         if event.key in WAITS:
