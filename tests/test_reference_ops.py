@@ -273,3 +273,62 @@ def test_run_stats_of_several_layers_equal_each_layers_own_counts(seed, batch, c
         np.testing.assert_allclose(stats.gamma[layer], gamma, rtol=1e-12, err_msg=where)
         np.testing.assert_allclose(stats.error_bound[layer], bound, rtol=1e-6, err_msg=where)
     assert stats.prefills == 1
+
+
+def after_cache_brute(query, cached_key, cached_value, lengths, key, value, scale) -> np.ndarray:
+    """Float64, one (row, query head, new token) at a time: softmax over the head's valid cached
+    entries and the new tokens up to this one."""
+    batch, n_heads, n, _ = query.shape
+    group = n_heads // cached_key.shape[1]
+    out = np.zeros(query.shape)
+    for b in range(batch):
+        for h in range(n_heads):
+            g, valid = h // group, int(lengths[b, h // group])
+            for i in range(n):
+                keys = np.concatenate([cached_key[b, g, :valid], key[b, g, : i + 1]]).astype(np.float64)
+                values = np.concatenate([cached_value[b, g, :valid], value[b, g, : i + 1]]).astype(np.float64)
+                out[b, h, i] = softmax64(keys @ query[b, h, i].astype(np.float64) * scale) @ values
+    return out
+
+
+@pytest.mark.randomised
+@pytest.mark.parametrize("implementation", ["reference", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "batch,group,n_kv,capacity,n,step",
+    [(1, 1, 1, 1, 1, 256), (2, 3, 2, 37, 5, 256), (3, 4, 3, 20, 17, 4)],
+)
+def test_attend_after_cache_equals_brute_force(
+    monkeypatch, implementation, dtype, batch, group, n_kv, capacity, n, step
+):
+    """A new turn's tokens over each head's cached entries (ragged lengths, some 0 or full) and
+    each other, every head in one call, in steps of ``step`` new tokens, queries in transformers'
+    strided layout: equal to float64 attention token by token; the slots past a head's length
+    hold NaN and must not count."""
+    from tca.ops.reference import attention
+    from tca.ops.triton import attend_after_cache_sdpa
+
+    monkeypatch.setattr(attention, "AFTER_CACHE_STEP", step)
+    attend = {"reference": reference.attend_after_cache, "sdpa": attend_after_cache_sdpa}[implementation]
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    d, scale = 16, 16**-0.5
+    query = torch.randn(batch, n_kv * group, n, d, generator=gen) * 2
+    cached_key, cached_value = (torch.randn(batch, n_kv, capacity, d, generator=gen) for _ in range(2))
+    key, value = (torch.randn(batch, n_kv, n, d, generator=gen) for _ in range(2))
+    lengths = torch.randint(0, capacity + 1, (batch, n_kv), generator=gen)
+    lengths[0, 0] = capacity  # a full head and, where there is room, an empty one
+    if batch * n_kv > 1:
+        lengths[-1, -1] = 0
+    expected = after_cache_brute(*as64(query, cached_key, cached_value), lengths, *as64(key, value), scale)
+    past = torch.arange(capacity) >= lengths[..., None]  # (B, G, C): garbage slots
+    cached_key, cached_value = (
+        x.masked_fill(past[..., None], float("nan")) for x in (cached_key, cached_value)
+    )
+    strided = query.transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, n, d) over (B, n, H, d)
+    args = [x.to(dtype) for x in (strided, cached_key, cached_value)] + [lengths.to(torch.int32)]
+    out = attend(*args, key.to(dtype), value.to(dtype), scale)
+    assert out.dtype == dtype and out.shape == query.shape
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    error = float(np.abs(out.double().numpy() - expected).max())
+    assert error <= tolerance, f"seed {seed}: max error {error:.3g}"

@@ -68,15 +68,11 @@ class CachePolicy:
 
     def attend_new_turn(self, layer: TCACacheLayer, query, key, value, scale) -> torch.Tensor:
         """New tokens (no history kept): attend to each head's stored entries plus, causally, each
-        other, then append them. (B, H, n, d)."""
-        outs = []
-        for g, head in enumerate(layer.heads):
-            q = query[:, g * self.group : (g + 1) * self.group]
-            outs.append(
-                ops.attend_after_cache(q, head.keys, head.values, head.lengths, key[:, g], value[:, g], scale)
-            )
+        other, then append them: every head in one call. (B, H, n, d)."""
+        keys, values = layer.store.padded()  # (B, G, widest, d) each
+        out = ops.attend_after_cache(query, keys, values, layer.store.lengths, key, value, scale)
         layer.store.append(key, value, layer.seen)
-        return torch.cat(outs, dim=1)
+        return out
 
     def compress(self, layer: TCACacheLayer, layer_idx: int, query, scale) -> None:
         """Cut every block that has left the window to its head's budget (DESIGN 2.4); rows whose

@@ -109,6 +109,13 @@ class LayerStore:
             self.keys[:, lo:hi], self.values[:, lo:hi], self.positions[:, lo:hi], self.lengths[:, g]
         )
 
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every head's slots side by side: (B, G, widest, d) keys and values (copies), head g's valid
+        up to ``lengths[:, g]``; past its capacity a head's columns hold whatever follows it."""
+        columns = torch.arange(self.widest, device=self.keys.device)
+        slots = (self.offsets_device.view(-1, 1) + columns).clamp_max(self.keys.shape[1] - 1)  # (G, widest)
+        return self.keys[:, slots], self.values[:, slots]
+
     def _make_room(self, n: int) -> bool:
         """Grow first if some head cannot take ``n`` more entries (known on the host: no sync).
         Whether it grew (new buffers)."""

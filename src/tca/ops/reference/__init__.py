@@ -8,6 +8,8 @@ from ...core.error_bound import last_query_dropped_mass as dropped_mass
 from ...core.selection import select as _select
 from ..registry import register
 from .attention import (
+    after_cache_keys,
+    after_cache_visible,
     attend_after_cache,
     decode_ragged,
     decode_ragged_append,
@@ -43,6 +45,8 @@ BACKEND = register(ReferenceBackend())
 
 __all__ = [
     "BACKEND",
+    "after_cache_keys",
+    "after_cache_visible",
     "attend_after_cache",
     "decode_ragged",
     "decode_ragged_append",

@@ -202,6 +202,11 @@ def decode_ragged_append(
     return decode_ragged(query, key, value, lengths, offsets, max_len, scale)
 
 
+# New tokens per step of ``attend_after_cache``: a step holds (B, H, step, C + n) scores, so a long
+# new turn (a pasted document) costs memory per step, not per token squared.
+AFTER_CACHE_STEP = 256
+
+
 def attend_after_cache(
     query: torch.Tensor,
     cached_key: torch.Tensor,
@@ -211,24 +216,50 @@ def attend_after_cache(
     value: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """New tokens of one KV head attending to its cached entries (all earlier) and, causally, to each other.
+    """New tokens attending to each KV head's cached entries (all earlier) and, causally, to each other.
 
     Args:
-        query: (B, group, n, d); cached_key, cached_value: (B, C, d) valid up to ``lengths`` (B,);
-        key, value: (B, n, d) the new tokens' states.
+        query: (B, H, n, d); cached_key, cached_value: (B, G, C, d), head g of row b valid up to
+            ``lengths[b, g]`` (the slots past it are ignored, whatever they hold); lengths: (B, G);
+            key, value: (B, G, n, d) the new tokens' states.
     Returns:
-        (B, group, n, d) in the query's dtype.
+        (B, H, n, d) in the query's dtype.
     """
-    n, capacity = query.shape[2], cached_key.shape[1]
-    keys = torch.cat([cached_key, key], dim=1).float().unsqueeze(1)  # (B, 1, C + n, d)
-    values = torch.cat([cached_value, value], dim=1).float().unsqueeze(1)
-    scores = torch.matmul(query.float(), keys.transpose(-1, -2)) * scale  # (B, group, n, C + n)
-    cols = torch.arange(capacity + n, device=query.device).view(1, 1, 1, -1)
-    rows = torch.arange(n, device=query.device).view(1, 1, -1, 1)
-    cached = cols < lengths.view(-1, 1, 1, 1)
-    new = (cols >= capacity) & (cols - capacity <= rows)
-    out = torch.matmul(masked_softmax(scores, cached | new), values)  # (B, group, n, d)
-    return out.to(query.dtype)
+    batch, n_heads, n, dim = query.shape
+    n_kv = cached_key.shape[1]
+    keys, values, cached = after_cache_keys(cached_key, cached_value, lengths, key.float(), value.float())
+    grouped = query.float().reshape(batch, n_kv, n_heads // n_kv, n, dim)  # (B, G, group, n, d)
+    out = torch.empty(grouped.shape, device=query.device)
+    for first in range(0, n, AFTER_CACHE_STEP):
+        last = min(first + AFTER_CACHE_STEP, n)
+        seen = cached.shape[-1] + last  # the cache and the new tokens up to the step's last
+        scores = torch.matmul(grouped[:, :, :, first:last], keys[:, :, None, :seen].transpose(-1, -2)) * scale
+        probs = masked_softmax(scores, after_cache_visible(cached, first, last))  # (B, G, group, step, seen)
+        out[:, :, :, first:last] = torch.matmul(probs, values[:, :, None, :seen])
+    return out.view(batch, n_heads, n, dim).to(query.dtype)
+
+
+def after_cache_keys(cached_key, cached_value, lengths, key, value) -> tuple:
+    """(keys, values, cached): each head's cached entries then the new tokens, (B, G, C + n, d), in
+    the new tokens' dtype, the slots past a head's length zeroed (NaN there must not reach the
+    output through a zero weight); cached (B, G, C) bool: the valid slots."""
+    batch, n_kv, capacity = cached_key.shape[:3]
+    cached = torch.arange(capacity, device=key.device) < lengths.view(batch, n_kv, 1)  # (B, G, C)
+    joined = [
+        torch.cat([old.to(new.dtype).masked_fill(~cached[..., None], 0.0), new], dim=2)
+        for old, new in ((cached_key, key), (cached_value, value))
+    ]
+    return joined[0], joined[1], cached
+
+
+def after_cache_visible(cached: torch.Tensor, first: int, last: int) -> torch.Tensor:
+    """(B, G, 1, last - first, C + last) bool: which keys the new tokens ``first .. last - 1`` see,
+    given the valid cached slots ``cached`` (B, G, C): those, then the new tokens up to each itself."""
+    batch, n_kv, capacity = cached.shape
+    rows = last - first
+    causal = torch.ones(rows, last, dtype=torch.bool, device=cached.device).tril(first)  # (rows, last)
+    old = cached.view(batch, n_kv, 1, 1, capacity).expand(batch, n_kv, 1, rows, capacity)
+    return torch.cat([old, causal.expand(batch, n_kv, 1, rows, last)], dim=-1)
 
 
 def window_prefill(

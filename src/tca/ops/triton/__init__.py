@@ -59,6 +59,31 @@ def dense_prefill(query, key, value, selection, local_window, scale, key_start=N
     return out
 
 
+def attend_after_cache_sdpa(query, cached_key, cached_value, lengths, key, value, scale):
+    """``reference.attend_after_cache`` through SDPA, every head at once (fused attention in the
+    inputs' dtype with fp32 accumulation; no per-head loop, no fp32 copy of the cache), in steps of
+    ``reference.attention.AFTER_CACHE_STEP`` new tokens."""
+    batch, n_heads, n, dim = query.shape
+    n_kv = cached_key.shape[1]
+    group = n_heads // n_kv
+    keys, values, cached = reference.after_cache_keys(cached_key, cached_value, lengths, key, value)
+    grouped = query.reshape(batch, n_kv, group, n, dim)
+    out = torch.empty(grouped.shape, dtype=query.dtype, device=query.device)
+    step = reference.attention.AFTER_CACHE_STEP
+    for first in range(0, n, step):
+        last = min(first + step, n)
+        rows, seen = last - first, cached.shape[-1] + last
+        visible = reference.after_cache_visible(cached, first, last).expand(batch, n_kv, group, rows, seen)
+        out[:, :, :, first:last] = torch.nn.functional.scaled_dot_product_attention(
+            grouped[:, :, :, first:last].reshape(batch, n_kv, group * rows, dim),  # rows (head, token)
+            keys[:, :, :seen],
+            values[:, :, :seen],
+            attn_mask=visible.reshape(batch, n_kv, group * rows, seen),
+            scale=scale,
+        ).view(batch, n_kv, group, rows, dim)
+    return out.view(batch, n_heads, n, dim)
+
+
 def _launchers():
     from . import launchers
 
@@ -188,7 +213,7 @@ class TritonBackend:
             query, new_key, new_value, key, value, positions, lengths, offsets, max_len, position, scale
         )
 
-    attend_after_cache = staticmethod(reference.attend_after_cache)
+    attend_after_cache = staticmethod(attend_after_cache_sdpa)
 
     def dropped_mass(self, query, key, selection, local_window, scale, key_start=None):
         """The last query's dropped mass in two launches (``reference.dropped_mass``'s contract)."""
