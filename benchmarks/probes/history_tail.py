@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))
 import e2e  # noqa: E402
+from prefill_variants import RANK_WIDTHS, llama_case  # noqa: E402
 
 import tca  # noqa: E402
 from tca.integrations.transformers.cache import TCACacheLayer  # noqa: E402
@@ -73,12 +75,7 @@ def _nothing():
 
 def compare(length: int, name: str, **fields) -> None:
     """Every way, four first tokens each, interleaved; medians printed."""
-    config = e2e.model_config("llama-3.1-8b", length + 512)
-    for field, value in fields.items():
-        setattr(config, field, value)
-    model = e2e.random_model(config, "cuda")
-    ids = torch.randint(3, 128000, (1, length), generator=torch.Generator().manual_seed(length)).cuda()
-    profile = e2e.uniform_profile(model, 0.1, length)
+    model, ids, profile = llama_case(length, **fields)
     for way in WAYS:  # warm-up: compiles, pins the history's memory
         first_token(model, ids, profile, way)
     times = {way: [] for way in WAYS}
@@ -99,8 +96,7 @@ def main(length: int) -> None:
     """One GPU's widths, then a TP=2 rank's."""
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, length {length}", flush=True)
     compare(length, "one GPU (32/8 heads)")
-    rank = dict(num_attention_heads=16, num_key_value_heads=4, intermediate_size=7168, head_dim=128)
-    compare(length, "a TP=2 rank's widths (16/4 heads)", **rank)
+    compare(length, "a TP=2 rank's widths (16/4 heads)", **RANK_WIDTHS)
 
 
 if __name__ == "__main__":

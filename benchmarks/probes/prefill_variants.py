@@ -92,14 +92,24 @@ def alone(length: int) -> dict[str, float]:
     return at_rank
 
 
-def in_model(length: int, variants: list[str], name: str, **fields) -> None:
-    """TCA prefills with each of ``variants`` in turn, three each; wall and kernel sums."""
+# a TP=2 rank's widths of Llama-3.1-8B: its work without the all-reduces
+RANK_WIDTHS = dict(num_attention_heads=16, num_key_value_heads=4, intermediate_size=7168, head_dim=128)
+
+
+def llama_case(length: int, **fields) -> tuple:
+    """(model, ids, profile): e2e's random bf16 Llama-3.1-8B on the GPU with ``fields`` changed in its
+    configuration, a random prompt of ``length`` tokens and the uniform profile at 10% kept."""
     config = e2e.model_config("llama-3.1-8b", length + 512)
     for field, value in fields.items():
         setattr(config, field, value)
     model = e2e.random_model(config, "cuda")
     ids = torch.randint(3, 128000, (1, length), generator=torch.Generator().manual_seed(length)).cuda()
-    profile = e2e.uniform_profile(model, 0.1, length)
+    return model, ids, e2e.uniform_profile(model, 0.1, length)
+
+
+def in_model(length: int, variants: list[str], name: str, **fields) -> None:
+    """TCA prefills with each of ``variants`` in turn, three each; wall and kernel sums."""
+    model, ids, profile = llama_case(length, **fields)
     walls, kernels = {v: [] for v in variants}, {v: [] for v in variants}
     for variant in variants:  # warm-up: compiles each
         use(variant)
@@ -135,8 +145,7 @@ def main(length: int) -> None:
     variants += [name for name in VARIANTS if name.startswith("kernels of") and name not in variants]
     print(f"in the model: {variants}", flush=True)
     in_model(length, variants, "one GPU (32/8 heads)")
-    rank = dict(num_attention_heads=16, num_key_value_heads=4, intermediate_size=7168, head_dim=128)
-    in_model(length, variants, "a TP=2 rank's widths (16/4 heads)", **rank)
+    in_model(length, variants, "a TP=2 rank's widths (16/4 heads)", **RANK_WIDTHS)
 
 
 if __name__ == "__main__":

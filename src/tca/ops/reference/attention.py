@@ -246,9 +246,10 @@ def after_cache_keys(cached_key, cached_value, lengths, key, value) -> tuple:
     batch, n_kv, capacity = cached_key.shape[:3]
     cached = torch.arange(capacity, device=key.device) < lengths.view(batch, n_kv, 1)  # (B, G, C)
     joined = [
-        torch.cat([old.to(new.dtype).masked_fill(~cached[..., None], 0.0), new], dim=2)
-        for old, new in ((cached_key, key), (cached_value, value))
+        torch.cat([old.to(new.dtype), new], dim=2) for old, new in ((cached_key, key), (cached_value, value))
     ]
+    for states in joined:  # in the joined copy: no second copy of the cache
+        states[:, :, :capacity].masked_fill_(~cached[..., None], 0.0)
     return joined[0], joined[1], cached
 
 
