@@ -661,6 +661,10 @@ def test_multi_turn_reselects_from_host_history(family):
         # the host history is every token's K/V, in order
         layer = run.cache.layers[l]
         assert torch.equal(layer.history[0][:, :, :full_len], history_k)
+        # the error bound takes max |V| over the whole conversation, though the turn read a few values
+        row = run.stats.layers.index(l)
+        v_max = history_v[0].abs().amax(dim=(1, 2)).repeat_interleave(2).double().numpy()  # (H,)
+        np.testing.assert_allclose(run.stats.error_bound[row], 2 * run.stats.gamma[row] * v_max, rtol=1e-6)
     print(f"{reentered} entries dropped in turn 1 came back in turn 2")
     assert reentered > 0, "a new turn should bring back some entries turn 1 had dropped"
     assert run.stats.host_kv_bytes == run.cache.host_kv_bytes > 0
@@ -887,9 +891,10 @@ def test_stats_bytes_match_the_stored_tensors_and_a_dense_cache(family, dtype):
 @pytest.mark.randomised
 @pytest.mark.parametrize("backend", sorted(set(ops.BACKENDS) - {"reference"}))
 def test_every_backend_generates_as_the_reference(backend, monkeypatch):
-    """Prefill, decode with the append folded into the kernels, and block compression through the
-    backend's ops give the reference backend's tokens, logits and cache (fp32, 2 rows, padded).
-    The Triton backend's crossover to dense attention is off: this compares the sparse kernels."""
+    """Prefill, decode with the append folded into the kernels, block compression and a second turn
+    over the host history (its keys copied back, its values read in place) through the backend's
+    ops give the reference backend's tokens, logits and cache (fp32, 2 rows, padded). The Triton
+    backend's crossover to dense attention is off: this compares the sparse kernels."""
     monkeypatch.setattr(ops.triton, "sparse_pays", lambda *args: True)
     seed = fresh_seed()
     device = "cuda" if torch.cuda.is_available() else "cpu"  # off CUDA the Triton interpreter runs it
@@ -899,14 +904,24 @@ def test_every_backend_generates_as_the_reference(backend, monkeypatch):
     mask = torch.ones_like(ids)
     mask[1, :7] = 0  # left padding
     outputs, caches = {}, {}
+    follow_up = random_ids(seed + 1, 20, batch=2).to(device)
     for name in ("reference", backend):
         with ops.use_backend(name), apply(model, profile) as run:
-            outputs[name] = greedy(model, ids, 70, attention_mask=mask)
+            cache = run.new_cache()
+            first = greedy(model, ids, 70, attention_mask=mask, **{CACHE_KWARG: cache})
+            turn = torch.cat([first.sequences, follow_up], 1)
+            second = greedy(
+                model,
+                turn,
+                6,
+                attention_mask=torch.cat([mask, torch.ones_like(turn[:, ids.shape[1] :])], 1),
+                **{CACHE_KWARG: cache},
+            )
+            outputs[name] = (first.sequences, second.sequences, first.logits + second.logits)
             caches[name] = [entries(layer) for layer in run.cache.layers]
-    assert torch.equal(outputs[backend].sequences, outputs["reference"].sequences), f"seed {seed}"
-    for step, (got, want) in enumerate(
-        zip(outputs[backend].logits, outputs["reference"].logits, strict=True)
-    ):
+    for got, want in zip(outputs[backend][:2], outputs["reference"][:2], strict=True):
+        assert torch.equal(got, want), f"seed {seed}"
+    for step, (got, want) in enumerate(zip(outputs[backend][2], outputs["reference"][2], strict=True)):
         torch.testing.assert_close(
             got, want, atol=1e-3, rtol=0, msg=lambda m, s=step: f"seed {seed}, step {s}: {m}"
         )
@@ -943,7 +958,9 @@ def test_host_history_goes_over_in_pieces_of_one_size(monkeypatch):
     got_k, got_v = history.tensors()
     assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v), f"seed {seed}"
     new_k, new_v = torch.randn(1, 2, 5, 8, generator=gen), torch.randn(1, 2, 5, 8, generator=gen)
-    joined_k, joined_v = history.joined_on_device(new_k, new_v)
+    joined_k = history.keys_then(new_k)
     assert torch.equal(joined_k, torch.cat([want_k, new_k], 2)), f"seed {seed}"
+    every_row = torch.arange(length + len(steps)).expand(1, 2, -1)
+    joined_v = history.values_then(new_v, every_row)
     assert torch.equal(joined_v, torch.cat([want_v, new_v], 2)), f"seed {seed}"
     assert history.nbytes == 2 * want_k.numel() * 4

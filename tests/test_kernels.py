@@ -764,3 +764,34 @@ def test_prefill_bookkeeping_kernels_too_big_for_shared_memory_fall_back(monkeyp
                 assert torch.equal(a, b), f"seed {seed}: {op}"
     told = [w for w in caught if "does not fit this GPU" in str(w.message)]
     assert len(told) == 1 and launches == [1], f"seed {seed}: {[str(w.message) for w in caught]}, {launches}"
+
+
+@pytest.mark.randomised
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("batch,n_kv,dim,n_rows", [(1, 1, 16, 1), (2, 3, 64, 150), (1, 2, 48, 70)])
+def test_read_host_rows_matches_brute_force(dtype, batch, n_kv, dim, n_rows):
+    """Rows of a history in pieces of uneven lengths (a prompt's, then decode blocks of a few
+    tokens), read by position into a poisoned buffer: exactly the rows named are written, repeats
+    and positions past the history (the new tokens, padding) skipped. On a GPU the pieces are
+    pinned host memory read in place; under the interpreter, host memory."""
+    from tca.ops.triton import host_rows
+
+    gen, seed = fresh_generator()
+    lengths = [
+        int(n) for n in torch.randint(1, 40, (int(torch.randint(1, 6, (1,), generator=gen)),), generator=gen)
+    ]
+    pin = DEVICE.type == "cuda"
+    pieces = [randn(gen, batch, n_kv, n, dim, dtype=DTYPES[dtype]).cpu() for n in lengths]
+    pieces = [piece.pin_memory() if pin else piece for piece in pieces]
+    past = sum(lengths)
+    rows = torch.randint(-1, past + 5, (batch, n_kv, n_rows), generator=gen).to(DEVICE)
+    out = torch.full((batch, n_kv, past + 5, dim), float("nan"), dtype=DTYPES[dtype], device=DEVICE)
+    expected = out.clone()
+    history = torch.cat(pieces, 2).to(DEVICE)
+    for b in range(batch):
+        for g in range(n_kv):
+            for position in rows[b, g].tolist():
+                if 0 <= position < past:
+                    expected[b, g, position] = history[b, g, position]
+    host_rows.read_rows(pieces, rows, out)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0, equal_nan=True, msg=f"seed {seed}: {lengths}")

@@ -332,3 +332,67 @@ def test_attend_after_cache_equals_brute_force(
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     error = float(np.abs(out.double().numpy() - expected).max())
     assert error <= tolerance, f"seed {seed}: max error {error:.3g}"
+
+
+@pytest.mark.randomised
+@pytest.mark.parametrize("implementation", ["reference", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "batch,group,n_kv,past,n,window,step,padded",
+    [(1, 1, 1, 9, 1, 4, 256, False), (2, 3, 2, 61, 7, 16, 256, True), (3, 2, 2, 40, 13, 100, 5, True)],
+)
+def test_new_turn_prefill_reads_only_kept_rows_and_windows(
+    monkeypatch, implementation, dtype, batch, group, n_kv, past, n, window, step, padded
+):
+    """A new turn's n queries over its history of ``past`` tokens plus themselves (Lq < L): equal to
+    float64 attention over each query's kept keys and window, query by query, when every value
+    row outside the kept ones and the windows holds NaN (a new turn's values are read from the host
+    at those rows only, ``run.rows_read``); with left padding and windows wider than the history."""
+    from tca.core.selection import pack_selection
+    from tca.integrations.transformers.run import rows_read
+    from tca.ops.reference import attention
+    from tca.ops.triton import sparse_prefill_tail_sdpa
+
+    monkeypatch.setattr(attention, "AFTER_CACHE_STEP", step)
+    prefill = {"reference": reference.sparse_prefill, "sdpa": sparse_prefill_tail_sdpa}[implementation]
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    d, scale, length = 16, 16**-0.5, past + n
+    query = torch.randn(batch, n_kv * group, n, d, generator=gen) * 2
+    key, value = (torch.randn(batch, n_kv, length, d, generator=gen) for _ in range(2))
+    starts = (
+        torch.randint(0, past // 2, (batch,), generator=gen)
+        if padded
+        else torch.zeros(batch, dtype=torch.int64)
+    )
+    kept = [
+        [torch.nonzero(torch.rand(length, generator=gen) < 0.3).squeeze(-1) for _ in range(n_kv)]
+        for _ in range(batch)
+    ]
+    kept = [[k[(k >= int(starts[b])) & (k < length - window)] for k in row] for b, row in enumerate(kept)]
+    selection = pack_selection(kept, length, key.device)
+    read = torch.zeros(batch, n_kv, length, dtype=torch.bool)
+    rows = rows_read(selection, past, window, key.device)
+    for b in range(batch):
+        for g in range(n_kv):
+            read[b, g, rows[b, g][rows[b, g] < past]] = True
+    read[:, :, past:] = True  # the new tokens' own values
+    holey = value.masked_fill(~read[..., None], float("nan"))
+    out = prefill(
+        query.to(dtype), key.to(dtype), holey.to(dtype), selection, window, scale, starts if padded else None
+    )
+    expected = np.zeros((batch, n_kv * group, n, d))
+    k64, v64, q64 = key.double().numpy(), value.double().numpy(), query.double().numpy()
+    for b in range(batch):
+        for h in range(n_kv * group):
+            g = h // group
+            for i in range(n):
+                p = past + i
+                seen = sorted(
+                    {int(x) for x in kept[b][g] if x <= p - window}
+                    | set(range(max(p - window + 1, int(starts[b])), p + 1))
+                )
+                expected[b, h, i] = softmax64(k64[b, g, seen] @ q64[b, h, i] * scale) @ v64[b, g, seen]
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    error = float(np.abs(out.double().numpy() - expected).max())
+    assert error <= tolerance, f"seed {seed}: max error {error:.3g}"

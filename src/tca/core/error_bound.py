@@ -50,7 +50,12 @@ def theorem1_bound(gamma: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     Returns:
         (B, H) float32.
     """
-    batch, n_heads = gamma.shape
-    n_kv = value.shape[1]
     v_max = torch.linalg.vector_norm(value, float("inf"), dim=(-1, -2)).float()  # (B, G): max |V|, one pass
-    return 2.0 * gamma * v_max.repeat_interleave(n_heads // n_kv, dim=1)
+    return bound_from_value_max(gamma, v_max)
+
+
+def bound_from_value_max(gamma: torch.Tensor, value_max: torch.Tensor) -> torch.Tensor:
+    """``theorem1_bound`` from the context's max |V| per KV head, ``value_max`` (B, G), known
+    beforehand (a new turn, whose values hold only the rows it reads). (B, H) float32."""
+    n_heads, n_kv = gamma.shape[1], value_max.shape[1]
+    return 2.0 * gamma * value_max.float().repeat_interleave(n_heads // n_kv, dim=1)

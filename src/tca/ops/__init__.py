@@ -109,6 +109,12 @@ def gather_entries(key, value, kept, counts, window_start, slot_heads, slot_colu
     )
 
 
+def read_host_rows(pieces, rows, out):
+    """Rows of a history held in host pieces, written into ``out`` on the device; see
+    ``tca.ops.reference.read_rows``."""
+    return backend(out.device).read_host_rows(pieces, rows, out)
+
+
 def dropped_mass(query, key, selection, local_window, scale, key_start=None):
     """The last query's dropped mass (B, H); see ``tca.core.error_bound.last_query_dropped_mass``."""
     return backend(key.device).dropped_mass(query, key, selection, local_window, scale, key_start)

@@ -5,7 +5,8 @@ A backend answers ``select`` (online selection, DESIGN 2.1), ``sparse_prefill`` 
 ``decode`` / ``decode_ragged`` (one query over a compressed per-head cache, DESIGN 2.4; the ragged
 form has every head of a layer in one buffer), ``attend_after_cache`` (a new turn's tokens over
 the cache and, causally, each other), ``gather_entries`` (a prefill's cache entries of every
-head, DESIGN 2.3) and ``dropped_mass`` (the last query's mass outside what it keeps: the error
+head, DESIGN 2.3), ``read_host_rows`` (rows of a host-held history into a device buffer: a
+new turn's values) and ``dropped_mass`` (the last query's mass outside what it keeps: the error
 bound's statistic), with the contracts documented in ``tca.ops.reference``. ``available(device)``
 says whether it can serve tensors on a device; a backend that cannot take a particular shape
 answers it with the reference itself.
@@ -57,6 +58,8 @@ class Backend(Protocol):
     ) -> torch.Tensor: ...
 
     def gather_entries(self, key, value, kept, counts, window_start, slot_heads, slot_columns) -> tuple: ...
+
+    def read_host_rows(self, pieces, rows, out) -> None: ...
 
     def dropped_mass(self, query, key, selection, local_window, scale, key_start=None) -> torch.Tensor: ...
 

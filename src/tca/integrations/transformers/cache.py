@@ -83,12 +83,10 @@ class TCACacheLayer(CacheLayerMixin):
         """Host (B, G, seen, d) keys and values of every token so far (None when not kept)."""
         return None if self._history is None else self._history.tensors()
 
-    def history_then(
-        self, key: torch.Tensor, value: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The history followed by new (B, G, n, d) ``key``, ``value``, on their device, without
-        waiting on the host (None when no history is kept)."""
-        return None if self._history is None else self._history.joined_on_device(key, value)
+    @property
+    def host_history(self) -> HostHistory | None:
+        """The host history itself (None when not kept): a new turn reads it on the device."""
+        return self._history
 
     @property
     def host_nbytes(self) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ... import ops
+
 # Host copies go in pieces of at most this size: PyTorch keeps freed pinned blocks for reuse by
 # requests of the same power-of-two size only, so pieces of one size let any later prompt reuse
 # what an earlier one pinned (whole-layer copies of another length would pin new memory, slowly).
@@ -24,9 +26,10 @@ class HostHistory:
     device staging block, one buffer for the whole history, and go over ``block`` at a time; the
     model's stream waits for that copy before it writes the block again (a block's copy, every
     ``block`` tokens). A CUDA graph's decode step writes the block at a device index (``stage``)
-    and counts the token on the host after replaying (``advance``). A new turn reads it with
-    ``joined_on_device`` (the device waits for the copies), a caller on the host with ``tensors()``
-    (the host waits).
+    and counts the token on the host after replaying (``advance``). A new turn reads it on the device
+    with ``keys_then`` (every key, copied back; ``prefetch_keys`` starts that copy a layer early)
+    and ``values_then`` (only the rows it attends to, read in place), a caller on the host with
+    ``tensors()`` (the host waits).
     """
 
     def __init__(self, block: int):
@@ -37,6 +40,8 @@ class HostHistory:
         self.staged = 0
         self.token_bytes = 0  # set with the staging block
         self.nbytes = 0
+        self.value_max: torch.Tensor | None = None  # (B, G) float32: max |V| over every token so far
+        self.prefetched: tuple | None = None  # (keys, their copy's event, history length then)
 
     def add(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Append (B, G, n, d) states: a prompt goes over at once, single tokens through the staging block."""
@@ -78,12 +83,18 @@ class HostHistory:
                 torch.cuda.current_stream(key.device).wait_event(self.done)
 
     def _copy(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Copy (B, G, n, d) states to the host in pieces of at most ``PIECE_BYTES`` each."""
+        """Copy (B, G, n, d) states to the host in pieces of at most ``PIECE_BYTES`` each, and
+        track their largest |value| (the error bound's, for a new turn that reads a few rows)."""
+        peak = torch.linalg.vector_norm(value, float("inf"), dim=(-1, -2)).float()  # (B, G)
+        self.value_max = peak if self.value_max is None else torch.maximum(self.value_max, peak)
         per_token = key[:, :, :1].numel() * key.element_size()
         step = max(1, PIECE_BYTES // per_token)
         pieces = [(key[:, :, i : i + step], value[:, :, i : i + step]) for i in range(0, key.shape[2], step)]
         if key.device.type != "cuda":
-            self.chunks += [(k.to("cpu", copy=True), v.to("cpu", copy=True)) for k, v in pieces]
+            self.chunks += [
+                tuple(t.to("cpu", memory_format=torch.contiguous_format, copy=True) for t in p)
+                for p in pieces
+            ]
             return
         stream = _side_stream(key.device)
         stream.wait_stream(torch.cuda.current_stream(key.device))
@@ -106,26 +117,66 @@ class HostHistory:
         keys, values = zip(*self.chunks, strict=True)
         return torch.cat(keys, 2), torch.cat(values, 2)
 
-    def joined_on_device(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The history followed by ``key``, ``value`` (B, G, n, d), as (B, G, length + n, d) tensors on
-        their device (a new turn selects from all of it). Each chunk goes straight from its pinned
-        block into its place, after its copy to the host (the model's stream waits for that on the
-        device; the host waits for nothing): no host-side join, no second pinned buffer."""
+    @property
+    def length(self) -> int:
+        """Tokens on the host (the staged ones go over first: ``_flush``)."""
+        return sum(chunk[0].shape[2] for chunk in self.chunks)
+
+    def prefetch_keys(self, new_tokens: int, like: torch.Tensor) -> None:
+        """Start copying the history's keys to ``like``'s device (CUDA only; elsewhere nothing to
+        do), into a buffer with room for ``new_tokens`` more: a new turn calls this for its next
+        layer, so that layer's copy runs on the side stream while this one computes."""
         self._flush()
-        if self.done is not None and key.device.type == "cuda":
-            torch.cuda.current_stream(key.device).wait_event(self.done)
-        joined = []
-        for part, new in ((0, key), (1, value)):
-            past = sum(chunk[part].shape[2] for chunk in self.chunks)
-            out = new.new_empty(*new.shape[:2], past + new.shape[2], new.shape[3])
+        if like.device.type != "cuda" or not self.chunks:
+            return
+        past = self.length
+        keys = like.new_empty(*self.chunks[0][0].shape[:2], past + new_tokens, like.shape[-1])
+        stream = _side_stream(like.device)
+        stream.wait_stream(torch.cuda.current_stream(like.device))  # the buffer's memory is free there
+        with torch.cuda.stream(stream):
             start = 0
-            for chunk in self.chunks:
-                length = chunk[part].shape[2]
-                out[:, :, start : start + length].copy_(chunk[part], non_blocking=True)
-                start += length
-            out[:, :, past:] = new
-            joined.append(out)
-        return joined[0], joined[1]
+            for chunk, _ in self.chunks:
+                keys[:, :, start : start + chunk.shape[2]].copy_(chunk, non_blocking=True)
+                start += chunk.shape[2]
+            done = torch.cuda.Event()
+            done.record(stream)
+        keys.record_stream(stream)  # dropped unread, its memory still waits for the copy
+        self.prefetched = (keys, done, past)
+
+    def keys_then(self, key: torch.Tensor) -> torch.Tensor:
+        """The history's keys followed by ``key`` (B, G, n, d): (B, G, length + n, d) on its device
+        (a new turn selects from all of them). On CUDA the model's stream waits for the copy on the
+        device (``prefetch_keys``, made now if no call made it); the host waits for nothing."""
+        self._flush()
+        if key.device.type != "cuda":
+            return torch.cat([chunk[0] for chunk in self.chunks] + [key], 2)
+        past = self.length
+        ready = self.prefetched is not None and self.prefetched[2] == past
+        if not ready or self.prefetched[0].shape[2] != past + key.shape[2]:  # none, or made for another turn
+            self.prefetch_keys(key.shape[2], key)
+        keys, done, _ = self.prefetched
+        self.prefetched = None
+        torch.cuda.current_stream(key.device).wait_event(done)
+        keys[:, :, past:] = key
+        return keys
+
+    def values_then(self, value: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The history's values at ``rows`` (B, G, R) positions, followed by ``value`` (B, G, n, d):
+        (B, G, length + n, d) on its device, where only the rows named hold values (NaN on the CPU,
+        whatever memory held on a GPU: a new turn reads no other row). On a GPU the device reads
+        those rows in place from the pinned history (``ops.read_host_rows``), after its copies."""
+        self._flush()
+        past = self.length
+        shape = (*value.shape[:2], past + value.shape[2], value.shape[3])
+        if value.device.type == "cuda":
+            out = value.new_empty(shape)
+            if self.done is not None:
+                torch.cuda.current_stream(value.device).wait_event(self.done)
+        else:
+            out = value.new_full(shape, float("nan"))
+        ops.read_host_rows([chunk[1] for chunk in self.chunks], rows, out)
+        out[:, :, past:] = value
+        return out
 
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}

@@ -28,7 +28,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ... import ops
-from ...core.error_bound import theorem1_bound
+from ...core.error_bound import bound_from_value_max, theorem1_bound
 from ...core.profile import Profile, ProfileError, model_fingerprint
 from ...core.stats import RunStats
 from .cache import TCACache, TCACacheLayer
@@ -185,18 +185,22 @@ class TCARun:
         layer = self.cache.layers[layer_idx]
         return layer if layer.pending == key.shape[2] and layer.pending > 0 else None
 
-    def prefill(self, layer, query, key, value, key_start, scale):
-        """TCA prefill of the whole context (or of a new turn's queries over ``key``): select,
-        attend sparsely, record statistics. Returns ((B, H, Lq, d), Selection)."""
+    def prefill(self, layer, query, key, value, key_start, scale, selection=None, value_max=None):
+        """TCA prefill of the whole context (or of a new turn's queries over ``key``): select (unless
+        ``selection`` is given), attend sparsely, record statistics. ``value_max`` (B, G): the
+        context's max |V|, given when ``value`` holds only the rows the selection reads (a new
+        turn's). Returns ((B, H, Lq, d), Selection)."""
         context_len = key.shape[2]
         check_context(self.model, context_len)
         window = self.config.effective_window
-        selection = self.selector.select(layer, query, key, scale, key_start)
+        if selection is None:
+            selection = self.selector.select(layer, query, key, scale, key_start)
         out = ops.sparse_prefill(
             query, key, value, selection, window, scale, key_start, self.config.query_chunk
         )
         gamma = ops.dropped_mass(query[:, :, -1], key, selection, window, scale, key_start)
-        self._stats.record_prefill(layer, selection, key_start, window, gamma, theorem1_bound(gamma, value))
+        bound = theorem1_bound(gamma, value) if value_max is None else bound_from_value_max(gamma, value_max)
+        self._stats.record_prefill(layer, selection, key_start, window, gamma, bound)
         return out, selection
 
     def gather_stats(self) -> None:
@@ -210,15 +214,41 @@ class TCARun:
 
     def _new_turn(self, layer: TCACacheLayer, layer_idx: int, query, key, value, key_start, scale):
         """A prefill onto a non-empty cache: select again from the whole host history when it is
-        kept, else attend to the stored entries plus the new tokens (causal). (B, H, n, d)."""
-        joined = layer.history_then(key, value)
-        if joined is None:
+        kept, else attend to the stored entries plus the new tokens (causal). (B, H, n, d).
+
+        With the history, every key comes back to the device (the next layer's copy starts now, so
+        it runs while this layer computes) but only the values the new queries and the new store
+        read: each head's kept rows and the window (``HostHistory.values_then``)."""
+        history = layer.host_history
+        if history is None:
             return self.policy.attend_new_turn(layer, query, key, value, scale)
-        full_key, full_value = joined
-        out, selection = self.prefill(layer_idx, query, full_key, full_value, key_start, scale)
+        self._prefetch_after(layer_idx, key)
+        full_key = history.keys_then(key)  # (B, G, past + n, d)
+        selection = self.selector.select(layer_idx, query, full_key, scale, key_start)
+        past, window = full_key.shape[2] - key.shape[2], self.config.effective_window
+        full_value = history.values_then(value, rows_read(selection, past, window, key.device))
+        layer.remember(key, value)  # the new tokens join the history, and its max |V|
+        out, _ = self.prefill(
+            layer_idx, query, full_key, full_value, key_start, scale, selection, history.value_max
+        )
         self.policy.store(layer, full_key, full_value, selection, key_start)
-        layer.remember(key, value)
         return out
+
+    def _prefetch_after(self, layer_idx: int, key: torch.Tensor) -> None:
+        """Start copying the next managed layer's history keys to the device (a new turn)."""
+        later = [other for other in self.layout.layers if other > layer_idx]
+        history = self.cache.layers[later[0]].host_history if later else None
+        if history is not None:
+            history.prefetch_keys(key.shape[2], key)
+
+
+def rows_read(selection, past: int, window: int, device: torch.device) -> torch.Tensor:
+    """(B, G, K + w) history positions that a new turn's queries and its new store read: each head's
+    kept ones and the window of the turn's first query (the new tokens are not in the history:
+    positions >= ``past``, padding included, are skipped by ``ops.read_host_rows``)."""
+    kept = selection.indices.to(device)  # (B, G, K)
+    recent = torch.arange(max(0, past - window + 1), past, device=device)
+    return torch.cat([kept, recent.expand(*kept.shape[:2], -1)], 2)
 
 
 def _graphs_refusal(model: torch.nn.Module, layout) -> str | None:

@@ -19,6 +19,7 @@ from .attention import (
     window_prefill,
 )
 from .entries import gather_entries
+from .host_rows import read_rows
 
 
 class ReferenceBackend:
@@ -39,6 +40,7 @@ class ReferenceBackend:
     attend_after_cache = staticmethod(attend_after_cache)
     gather_entries = staticmethod(gather_entries)
     dropped_mass = staticmethod(dropped_mass)
+    read_host_rows = staticmethod(read_rows)
 
 
 BACKEND = register(ReferenceBackend())
@@ -54,6 +56,7 @@ __all__ = [
     "dense_causal",
     "dropped_mass",
     "gather_entries",
+    "read_rows",
     "sparse_prefill",
     "window_prefill",
 ]

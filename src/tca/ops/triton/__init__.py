@@ -2,13 +2,15 @@
 
 Its tuning lives here: the measured crossover past which dense causal attention beats the
 sparse prefill kernel. Shapes the kernels do not take (head dim not a power of two >= 16, other
-dtypes, a new turn's queries over a longer history, pooled importance) are answered by the
-reference. Triton itself is imported on first use, so this module imports without it.
+dtypes, pooled importance) are answered by the reference; a new turn's queries over a longer
+history go through SDPA over the rows they see. Triton itself is imported on first use, so this
+module imports without it.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import warnings
 
 import torch
@@ -84,6 +86,44 @@ def attend_after_cache_sdpa(query, cached_key, cached_value, lengths, key, value
     return out.view(batch, n_heads, n, dim)
 
 
+def sparse_prefill_tail_sdpa(query, key, value, selection, local_window, scale, key_start=None):
+    """``reference.sparse_prefill`` for a new turn's queries (Lq < L) through SDPA in the inputs'
+    dtype, every head at once: each KV head's kept keys and the queries' windows are gathered, and no
+    other key or value is read (a new turn's values hold only those rows, ``HostHistory.values_then``).
+    In steps of ``reference.attention.AFTER_CACHE_STEP`` queries. (B, H, Lq, d)."""
+    batch, n_heads, q_len, dim = query.shape
+    n_kv, context_len = key.shape[1], key.shape[2]
+    group, offset = n_heads // n_kv, context_len - q_len
+    kept = selection.indices.to(key.device)  # (B, G, K), padded with L
+    rows = kept.clamp_max(context_len - 1).unsqueeze(-1).expand(-1, -1, -1, dim)
+    first_window = max(0, offset - local_window + 1)  # the first key any of these queries' windows holds
+    keys = torch.cat([torch.gather(key, 2, rows), key[:, :, first_window:]], 2)  # (B, G, K + Wc, d)
+    values = torch.cat([torch.gather(value, 2, rows), value[:, :, first_window:]], 2)
+    columns = torch.arange(first_window, context_len, device=key.device)  # (Wc,)
+    start = torch.zeros(batch, 1, 1, dtype=torch.int64, device=key.device)
+    if key_start is not None:
+        start = key_start.to(key.device).view(-1, 1, 1)
+    grouped = query.reshape(batch, n_kv, group, q_len, dim)
+    out = torch.empty(grouped.shape, dtype=query.dtype, device=query.device)
+    step = reference.attention.AFTER_CACHE_STEP
+    for lo in range(0, q_len, step):
+        hi = min(lo + step, q_len)
+        position = torch.arange(offset + lo, offset + hi, device=key.device)  # (n,)
+        kept_visible = kept.unsqueeze(2) <= (position - local_window).view(1, 1, -1, 1)  # (B, G, n, K)
+        in_window = (columns <= position.view(-1, 1)) & (columns > position.view(-1, 1) - local_window)
+        window_visible = in_window & (columns >= start)  # (B, n, Wc)
+        visible = torch.cat([kept_visible, window_visible.unsqueeze(1).expand(-1, n_kv, -1, -1)], -1)
+        seen = visible.shape[-1]
+        out[:, :, :, lo:hi] = torch.nn.functional.scaled_dot_product_attention(
+            grouped[:, :, :, lo:hi].reshape(batch, n_kv, group * (hi - lo), dim),  # rows (head, token)
+            keys,
+            values,
+            attn_mask=visible.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(batch, n_kv, -1, seen),
+            scale=scale,
+        ).view(batch, n_kv, group, hi - lo, dim)
+    return out.view(batch, n_heads, q_len, dim)
+
+
 def _launchers():
     from . import launchers
 
@@ -95,6 +135,7 @@ def _launchers():
 # (kernel name, dtype, head dim) for the prefill's bookkeeping ops. Seen: the selection at fp32, head
 # dim 256, 64 observation queries on 4 heads (Gemma 3 in float32) needs 384 KB of an H200's 227 KB.
 _REFUSED: set[tuple] = set()
+_ZERO_COPY = True  # False once a device has refused to read pinned host memory in place
 
 
 def _fitting(kernel, fallback, args: tuple, shape: tuple, what: str):
@@ -156,7 +197,10 @@ class TritonBackend:
     def sparse_prefill(
         self, query, key, value, selection, local_window, scale, key_start=None, query_chunk=256
     ):
-        """The sparse kernel, or dense SDPA past the crossover (``sparse_pays`` on the widest kept row)."""
+        """The sparse kernel, or dense SDPA past the crossover (``sparse_pays`` on the widest kept row);
+        a new turn's queries over a longer history through SDPA over the rows they see."""
+        if query.shape[2] < key.shape[2]:  # a new turn's queries over the history
+            return sparse_prefill_tail_sdpa(query, key, value, selection, local_window, scale, key_start)
         launchers = _launchers()
         if launchers.supported(query, key) and query.shape[2] == key.shape[2]:
             if not sparse_pays(query.shape[2], local_window, selection.indices.shape[-1], query.shape[-1]):
@@ -214,6 +258,28 @@ class TritonBackend:
         )
 
     attend_after_cache = staticmethod(attend_after_cache_sdpa)
+
+    def read_host_rows(self, pieces, rows, out):
+        """The rows asked for, read by the device straight from pinned host memory (``host_rows``);
+        the reference (every piece copied over whole) where the pieces are not pinned or the device
+        cannot read them in place (warned once)."""
+        global _ZERO_COPY
+        pinned = out.device.type == "cuda" and all(piece.is_pinned() for piece in pieces)
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1" and out.device.type == "cpu"
+        if _ZERO_COPY and (pinned or interpreted):
+            from . import host_rows
+
+            try:
+                return host_rows.read_rows(pieces, rows, out)
+            except (ValueError, RuntimeError, OSError) as error:  # the pointer check, or no driver
+                _ZERO_COPY = False
+                warnings.warn(
+                    f"TCA cannot read the host history in place on this machine ({str(error)[:200]}); "
+                    "a new turn copies the whole history back instead (slower, the same result).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return reference.read_rows(pieces, rows, out)
 
     def dropped_mass(self, query, key, selection, local_window, scale, key_start=None):
         """The last query's dropped mass in two launches (``reference.dropped_mass``'s contract)."""
