@@ -15,7 +15,7 @@ from . import _aliases
 
 # The one place the version is written (pyproject.toml reads it). It goes up whenever a default
 # changes, so a result or profile made with other defaults says so; CHANGELOG.md says what changed.
-__version__ = "0.6.2"
+__version__ = "0.6.3"
 
 # Public names and the module that defines each. They are imported on first use (PEP 562), so
 # that `import tca` and `tca --help` do not pay for importing transformers (several seconds).
