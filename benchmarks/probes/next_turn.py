@@ -1,6 +1,6 @@
 """Where a second turn's time to first token goes, dense against TCA (with and without history).
 
-    python benchmarks/probes/next_turn.py [--length N]
+    python benchmarks/probes/next_turn.py [--length N] [--python]
 
 One GPU, about 2 minutes at 32768 tokens. Llama-3.1-8B shapes (random bf16 weights, 10% kept,
 ``benchmarks/e2e.py``'s model and uniform profile). A conversation is e2e's ``--turns`` one: the
@@ -11,7 +11,9 @@ operator, and how often the host waited for the device.
 """
 
 import argparse
+import cProfile
 import inspect
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -40,6 +42,13 @@ def conversation(model, ids, cache, profiled: bool = False) -> float:
         )
         turn = torch.cat([first, follow_up], 1)
         torch.cuda.synchronize()
+        if profiled == "python":
+            with cProfile.Profile() as python:
+                model.generate(turn, attention_mask=torch.ones_like(turn), max_new_tokens=1, **options)
+                torch.cuda.synchronize()
+            pstats.Stats(python).sort_stats("tottime").print_stats(25)
+            pstats.Stats(python).sort_stats("cumulative").print_stats(40)
+            return float("nan")
         if profiled:
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 model.generate(turn, attention_mask=torch.ones_like(turn), max_new_tokens=1, **options)
@@ -62,8 +71,9 @@ def report(prof) -> None:
             print(f"  {event.key}: {event.count} calls, {event.self_cpu_time_total / 1e3:.1f} ms on the host")
 
 
-def main(length: int) -> None:
-    """Dense, TCA without history, TCA with history: two conversations each, then one profiled."""
+def main(length: int, python: bool) -> None:
+    """Dense, TCA without history, TCA with history: two conversations each, then one profiled
+    (with ``python``, by cProfile: where the host's time goes, function by function)."""
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, length {length}", flush=True)
     model = e2e.random_model(e2e.model_config("llama-3.1-8b", length + 512), "cuda")
     ids = torch.randint(3, 128000, (1, length), generator=torch.Generator().manual_seed(length)).cuda()
@@ -80,7 +90,7 @@ def main(length: int) -> None:
         times = [conversation(model, ids, new_cache()) for _ in range(3)]
         print(f"{name}: second turn {[round(t) for t in times]} ms", flush=True)
         print(f"==== {name}: profiled second turn", flush=True)
-        conversation(model, ids, new_cache(), profiled=True)
+        conversation(model, ids, new_cache(), profiled="python" if python else True)
         if scope is not None:
             scope.__exit__(None, None, None)
 
@@ -88,4 +98,6 @@ def main(length: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--length", type=int, default=32768)
-    main(parser.parse_args().length)
+    parser.add_argument("--python", action="store_true", help="profile the host with cProfile instead")
+    args = parser.parse_args()
+    main(args.length, args.python)
