@@ -42,6 +42,7 @@ class HostHistory:
         self.nbytes = 0
         self.value_max: torch.Tensor | None = None  # (B, G) float32: max |V| over every token so far
         self.prefetched: tuple | None = None  # (keys, their copy's event, history length then)
+        self.read: torch.cuda.Event | None = None  # the device's last read of the pinned blocks in place
 
     def add(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Append (B, G, n, d) states: a prompt goes over at once, single tokens through the staging block."""
@@ -175,8 +176,17 @@ class HostHistory:
         else:
             out = value.new_full(shape, float("nan"))
         ops.read_host_rows([chunk[1] for chunk in self.chunks], rows, out)
+        if value.device.type == "cuda":
+            self.read = torch.cuda.Event()
+            self.read.record(torch.cuda.current_stream(value.device))
         out[:, :, past:] = value
         return out
+
+    def __del__(self) -> None:
+        # A kernel reading the pinned blocks in place is invisible to PyTorch's host allocator: the
+        # blocks must not go back to it (to be pinned and written by someone else) before that read.
+        if self.read is not None:
+            self.read.synchronize()
 
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
