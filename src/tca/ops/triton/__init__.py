@@ -67,22 +67,15 @@ def attend_after_cache_sdpa(query, cached_key, cached_value, lengths, key, value
     ``reference.attention.AFTER_CACHE_STEP`` new tokens."""
     batch, n_heads, n, dim = query.shape
     n_kv = cached_key.shape[1]
-    group = n_heads // n_kv
     keys, values, cached = reference.after_cache_keys(cached_key, cached_value, lengths, key, value)
-    grouped = query.reshape(batch, n_kv, group, n, dim)
+    grouped = query.reshape(batch, n_kv, n_heads // n_kv, n, dim)
     out = torch.empty(grouped.shape, dtype=query.dtype, device=query.device)
-    step = reference.attention.AFTER_CACHE_STEP
-    for first in range(0, n, step):
-        last = min(first + step, n)
-        rows, seen = last - first, cached.shape[-1] + last
-        visible = reference.after_cache_visible(cached, first, last).expand(batch, n_kv, group, rows, seen)
-        out[:, :, :, first:last] = torch.nn.functional.scaled_dot_product_attention(
-            grouped[:, :, :, first:last].reshape(batch, n_kv, group * rows, dim),  # rows (head, token)
-            keys[:, :, :seen],
-            values[:, :, :seen],
-            attn_mask=visible.reshape(batch, n_kv, group * rows, seen),
-            scale=scale,
-        ).view(batch, n_kv, group, rows, dim)
+    for first, last in _steps(n):
+        seen = cached.shape[-1] + last
+        visible = reference.after_cache_visible(cached, first, last)[:, :, 0]  # (B, G, rows, seen)
+        out[:, :, :, first:last] = _grouped_sdpa(
+            grouped[:, :, :, first:last], keys[:, :, :seen], values[:, :, :seen], visible, scale
+        )
     return out.view(batch, n_heads, n, dim)
 
 
@@ -93,7 +86,7 @@ def sparse_prefill_tail_sdpa(query, key, value, selection, local_window, scale, 
     In steps of ``reference.attention.AFTER_CACHE_STEP`` queries. (B, H, Lq, d)."""
     batch, n_heads, q_len, dim = query.shape
     n_kv, context_len = key.shape[1], key.shape[2]
-    group, offset = n_heads // n_kv, context_len - q_len
+    offset = context_len - q_len
     kept = selection.indices.to(key.device)  # (B, G, K), padded with L
     rows = kept.clamp_max(context_len - 1).unsqueeze(-1).expand(-1, -1, -1, dim)
     first_window = max(0, offset - local_window + 1)  # the first key any of these queries' windows holds
@@ -103,25 +96,32 @@ def sparse_prefill_tail_sdpa(query, key, value, selection, local_window, scale, 
     start = torch.zeros(batch, 1, 1, dtype=torch.int64, device=key.device)
     if key_start is not None:
         start = key_start.to(key.device).view(-1, 1, 1)
-    grouped = query.reshape(batch, n_kv, group, q_len, dim)
+    grouped = query.reshape(batch, n_kv, n_heads // n_kv, q_len, dim)
     out = torch.empty(grouped.shape, dtype=query.dtype, device=query.device)
-    step = reference.attention.AFTER_CACHE_STEP
-    for lo in range(0, q_len, step):
-        hi = min(lo + step, q_len)
+    for lo, hi in _steps(q_len):
         position = torch.arange(offset + lo, offset + hi, device=key.device)  # (n,)
         kept_visible = kept.unsqueeze(2) <= (position - local_window).view(1, 1, -1, 1)  # (B, G, n, K)
         in_window = (columns <= position.view(-1, 1)) & (columns > position.view(-1, 1) - local_window)
         window_visible = in_window & (columns >= start)  # (B, n, Wc)
         visible = torch.cat([kept_visible, window_visible.unsqueeze(1).expand(-1, n_kv, -1, -1)], -1)
-        seen = visible.shape[-1]
-        out[:, :, :, lo:hi] = torch.nn.functional.scaled_dot_product_attention(
-            grouped[:, :, :, lo:hi].reshape(batch, n_kv, group * (hi - lo), dim),  # rows (head, token)
-            keys,
-            values,
-            attn_mask=visible.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(batch, n_kv, -1, seen),
-            scale=scale,
-        ).view(batch, n_kv, group, hi - lo, dim)
+        out[:, :, :, lo:hi] = _grouped_sdpa(grouped[:, :, :, lo:hi], keys, values, visible, scale)
     return out.view(batch, n_heads, q_len, dim)
+
+
+def _steps(n: int) -> list[tuple[int, int]]:
+    """[first, last) ranges of at most ``reference.attention.AFTER_CACHE_STEP`` new tokens."""
+    step = reference.attention.AFTER_CACHE_STEP
+    return [(first, min(first + step, n)) for first in range(0, n, step)]
+
+
+def _grouped_sdpa(queries, keys, values, visible, scale):
+    """(B, G, group, n, d) queries over (B, G, S, d) keys and values in one SDPA call, each KV head's
+    group of query heads as rows (head, token); ``visible`` (B, G, n, S) is shared by the group."""
+    batch, n_kv, group, n, dim = queries.shape
+    mask = visible.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(batch, n_kv, group * n, -1)
+    rows = queries.reshape(batch, n_kv, group * n, dim)
+    out = torch.nn.functional.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, scale=scale)
+    return out.view(batch, n_kv, group, n, dim)
 
 
 def _launchers():
