@@ -41,7 +41,7 @@ class HostHistory:
         self.token_bytes = 0  # set with the staging block
         self.nbytes = 0
         self.value_max: torch.Tensor | None = None  # (B, G) float32: max |V| over every token so far
-        self.prefetched: tuple | None = None  # (keys, their copy's event, history length then)
+        self.prefetched: tuple | None = None  # (keys, their copy's event, (history length, buffer length))
         self.read: torch.cuda.Event | None = None  # the device's last read of the pinned blocks in place
 
     def add(self, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -142,7 +142,7 @@ class HostHistory:
             done = torch.cuda.Event()
             done.record(stream)
         keys.record_stream(stream)  # dropped unread, its memory still waits for the copy
-        self.prefetched = (keys, done, past)
+        self.prefetched = (keys, done, (past, past + new_tokens))
 
     def keys_then(self, key: torch.Tensor) -> torch.Tensor:
         """The history's keys followed by ``key`` (B, G, n, d): (B, G, length + n, d) on its device
@@ -152,8 +152,7 @@ class HostHistory:
         if key.device.type != "cuda":
             return torch.cat([chunk[0] for chunk in self.chunks] + [key], 2)
         past = self.length
-        ready = self.prefetched is not None and self.prefetched[2] == past
-        if not ready or self.prefetched[0].shape[2] != past + key.shape[2]:  # none, or made for another turn
+        if self.prefetched is None or self.prefetched[2] != (past, past + key.shape[2]):  # none, or stale
             self.prefetch_keys(key.shape[2], key)
         keys, done, _ = self.prefetched
         self.prefetched = None
@@ -169,16 +168,15 @@ class HostHistory:
         self._flush()
         past = self.length
         shape = (*value.shape[:2], past + value.shape[2], value.shape[3])
-        if value.device.type == "cuda":
-            out = value.new_empty(shape)
-            if self.done is not None:
-                torch.cuda.current_stream(value.device).wait_event(self.done)
-        else:
+        if value.device.type != "cuda":
             out = value.new_full(shape, float("nan"))
-        ops.read_host_rows([chunk[1] for chunk in self.chunks], rows, out)
-        if value.device.type == "cuda":
-            self.read = torch.cuda.Event()
-            self.read.record(torch.cuda.current_stream(value.device))
+            ops.read_host_rows([chunk[1] for chunk in self.chunks], rows, out)
+        else:
+            out, stream = value.new_empty(shape), torch.cuda.current_stream(value.device)
+            if self.done is not None:
+                stream.wait_event(self.done)
+            ops.read_host_rows([chunk[1] for chunk in self.chunks], rows, out)
+            self.read = stream.record_event()
         out[:, :, past:] = value
         return out
 

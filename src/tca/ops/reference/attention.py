@@ -230,13 +230,17 @@ def attend_after_cache(
     keys, values, cached = after_cache_keys(cached_key, cached_value, lengths, key.float(), value.float())
     grouped = query.float().reshape(batch, n_kv, n_heads // n_kv, n, dim)  # (B, G, group, n, d)
     out = torch.empty(grouped.shape, device=query.device)
-    for first in range(0, n, AFTER_CACHE_STEP):
-        last = min(first + AFTER_CACHE_STEP, n)
+    for first, last in after_cache_steps(n):
         seen = cached.shape[-1] + last  # the cache and the new tokens up to the step's last
         scores = torch.matmul(grouped[:, :, :, first:last], keys[:, :, None, :seen].transpose(-1, -2)) * scale
         probs = masked_softmax(scores, after_cache_visible(cached, first, last))  # (B, G, group, step, seen)
         out[:, :, :, first:last] = torch.matmul(probs, values[:, :, None, :seen])
     return out.view(batch, n_heads, n, dim).to(query.dtype)
+
+
+def after_cache_steps(n: int) -> list[tuple[int, int]]:
+    """[first, last) ranges of at most ``AFTER_CACHE_STEP`` of ``n`` new tokens."""
+    return [(first, min(first + AFTER_CACHE_STEP, n)) for first in range(0, n, AFTER_CACHE_STEP)]
 
 
 def after_cache_keys(cached_key, cached_value, lengths, key, value) -> tuple:

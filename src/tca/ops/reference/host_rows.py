@@ -14,10 +14,10 @@ def read_rows(pieces: list[torch.Tensor], rows: torch.Tensor, out: torch.Tensor)
             length (sum of n_i) are skipped, repeats are allowed.
         out: (B, G, T, d), T >= the history's length; the rows not named are left as they are.
     """
-    past = sum(piece.shape[2] for piece in pieces)
     if not pieces or rows.numel() == 0:
         return
-    history = torch.cat([piece.to(out.device) for piece in pieces], 2)  # (B, G, past, d)
+    past = sum(piece.shape[2] for piece in pieces)
+    history = torch.cat([piece.to(out.device, non_blocking=True) for piece in pieces], 2)  # (B, G, past, d)
     batch, head, column = torch.nonzero((rows >= 0) & (rows < past), as_tuple=True)
     position = rows[batch, head, column]
     out[batch, head, position] = history[batch, head, position].to(out.dtype)

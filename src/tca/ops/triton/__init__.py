@@ -70,7 +70,7 @@ def attend_after_cache_sdpa(query, cached_key, cached_value, lengths, key, value
     keys, values, cached = reference.after_cache_keys(cached_key, cached_value, lengths, key, value)
     grouped = query.reshape(batch, n_kv, n_heads // n_kv, n, dim)
     out = torch.empty(grouped.shape, dtype=query.dtype, device=query.device)
-    for first, last in _steps(n):
+    for first, last in reference.attention.after_cache_steps(n):
         seen = cached.shape[-1] + last
         visible = reference.after_cache_visible(cached, first, last)[:, :, 0]  # (B, G, rows, seen)
         out[:, :, :, first:last] = _grouped_sdpa(
@@ -98,7 +98,7 @@ def sparse_prefill_tail_sdpa(query, key, value, selection, local_window, scale, 
         start = key_start.to(key.device).view(-1, 1, 1)
     grouped = query.reshape(batch, n_kv, n_heads // n_kv, q_len, dim)
     out = torch.empty(grouped.shape, dtype=query.dtype, device=query.device)
-    for lo, hi in _steps(q_len):
+    for lo, hi in reference.attention.after_cache_steps(q_len):
         position = torch.arange(offset + lo, offset + hi, device=key.device)  # (n,)
         kept_visible = kept.unsqueeze(2) <= (position - local_window).view(1, 1, -1, 1)  # (B, G, n, K)
         in_window = (columns <= position.view(-1, 1)) & (columns > position.view(-1, 1) - local_window)
@@ -106,12 +106,6 @@ def sparse_prefill_tail_sdpa(query, key, value, selection, local_window, scale, 
         visible = torch.cat([kept_visible, window_visible.unsqueeze(1).expand(-1, n_kv, -1, -1)], -1)
         out[:, :, :, lo:hi] = _grouped_sdpa(grouped[:, :, :, lo:hi], keys, values, visible, scale)
     return out.view(batch, n_heads, q_len, dim)
-
-
-def _steps(n: int) -> list[tuple[int, int]]:
-    """[first, last) ranges of at most ``reference.attention.AFTER_CACHE_STEP`` new tokens."""
-    step = reference.attention.AFTER_CACHE_STEP
-    return [(first, min(first + step, n)) for first in range(0, n, step)]
 
 
 def _grouped_sdpa(queries, keys, values, visible, scale):
