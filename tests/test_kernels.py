@@ -769,20 +769,28 @@ def test_prefill_bookkeeping_kernels_too_big_for_shared_memory_fall_back(monkeyp
 @pytest.mark.randomised
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("batch,n_kv,dim,n_rows", [(1, 1, 16, 1), (2, 3, 64, 150), (1, 2, 48, 70)])
-def test_read_host_rows_matches_brute_force(dtype, batch, n_kv, dim, n_rows):
+@pytest.mark.parametrize("pinned", ["own", "carved"])
+def test_read_host_rows_matches_brute_force(dtype, batch, n_kv, dim, n_rows, pinned):
     """Rows of a history in pieces of uneven lengths (a prompt's, then decode blocks of a few
     tokens), read by position into a poisoned buffer: exactly the rows named are written, repeats
     and positions past the history (the new tokens, padding) skipped. On a GPU the pieces are
-    pinned host memory read in place; under the interpreter, host memory."""
+    pinned host memory read in place, each pinned on its own or carved from shared slabs (views at
+    an offset, as ``HostHistory`` keeps small pieces); under the interpreter, host memory."""
+    from tca.core.transfer import PinnedSlabs
     from tca.ops.triton import host_rows
 
+    if pinned == "carved" and DEVICE.type != "cuda":
+        pytest.skip("pinned slabs need a CUDA device")
     gen, seed = fresh_generator()
     lengths = [
         int(n) for n in torch.randint(1, 40, (int(torch.randint(1, 6, (1,), generator=gen)),), generator=gen)
     ]
-    pin = DEVICE.type == "cuda"
     pieces = [randn(gen, batch, n_kv, n, dim, dtype=DTYPES[dtype]).cpu() for n in lengths]
-    pieces = [piece.pin_memory() if pin else piece for piece in pieces]
+    if pinned == "carved":
+        slabs = PinnedSlabs(slab_bytes=3 * pieces[0].nbytes + 1000)  # some pieces share a slab, some not
+        pieces = [slabs.empty(tuple(piece.shape), piece.dtype).copy_(piece) for piece in pieces]
+    elif DEVICE.type == "cuda":
+        pieces = [piece.pin_memory() for piece in pieces]
     past = sum(lengths)
     rows = torch.randint(-1, past + 5, (batch, n_kv, n_rows), generator=gen).to(DEVICE)
     out = torch.full((batch, n_kv, past + 5, dim), float("nan"), dtype=DTYPES[dtype], device=DEVICE)
@@ -795,3 +803,33 @@ def test_read_host_rows_matches_brute_force(dtype, batch, n_kv, dim, n_rows):
                     expected[b, g, position] = history[b, g, position]
     host_rows.read_rows(pieces, rows, out)
     torch.testing.assert_close(out, expected, atol=0, rtol=0, equal_nan=True, msg=f"seed {seed}: {lengths}")
+
+
+@pytest.mark.randomised
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="pinned memory needs a CUDA device")
+def test_pinned_slabs_carve_disjoint_aligned_tensors():
+    """Tensors of random shapes and dtypes carved from small slabs (and some too big for one): each
+    pinned, contiguous, 256-byte aligned, of its shape and dtype, its bytes shared with no other live
+    one (checked by address ranges and by writing every tensor, then reading every one back)."""
+    from tca.core.transfer import PinnedSlabs
+
+    gen, seed = fresh_generator()
+    slabs = PinnedSlabs(slab_bytes=4096)
+    dtypes = [torch.bfloat16, torch.float32, torch.int64, torch.uint8]
+    made = []
+    for i in range(200):
+        shape = tuple(
+            int(n)
+            for n in torch.randint(1, 12, (int(torch.randint(1, 4, (1,), generator=gen)),), generator=gen)
+        )
+        dtype = dtypes[int(torch.randint(0, len(dtypes), (1,), generator=gen))]
+        tensor = slabs.empty(shape, dtype)
+        assert tensor.shape == shape and tensor.dtype == dtype and tensor.is_contiguous(), f"seed {seed}"
+        assert tensor.is_pinned() and tensor.data_ptr() % 256 == 0, f"seed {seed}: tensor {i}"
+        tensor.fill_(i % 100)
+        made.append(tensor)
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in made)
+    assert all(end <= start for (_, end), (start, _) in zip(spans[:-1], spans[1:], strict=True)), (
+        f"seed {seed}: overlap"
+    )
+    assert all((t == i % 100).all() for i, t in enumerate(made)), f"seed {seed}: a write reached another"

@@ -2,8 +2,49 @@
 
 from __future__ import annotations
 
+import math
+import threading
+
 import numpy as np
 import torch
+
+# Small pinned tensors are carved from slabs of this size: pinning memory (cudaHostAlloc) costs the
+# host tens to hundreds of microseconds a call, whatever the size, and a new turn pins dozens of
+# small pieces (every layer's new tokens) that live as long as the conversation, so PyTorch's
+# caching host allocator has no freed block to give them.
+SLAB_BYTES = 8 * 2**20
+_ALIGN = 256  # bytes: every carved tensor starts at a multiple (any dtype's alignment, and a DMA's)
+
+
+class PinnedSlabs:
+    """Pinned host tensors of at most ``SLAB_BYTES // 4`` carved one after another from shared pinned
+    slabs (one ``cudaHostAlloc`` a slab, not one a tensor); larger ones are pinned on their own.
+
+    A carved tensor is a view of its slab: the slab goes back to PyTorch's caching host allocator when
+    its last view is gone, and that allocator waits for the copies recorded on any of its views
+    before it hands the slab out again. Nothing is ever carved twice from the same bytes.
+    """
+
+    def __init__(self, slab_bytes: int = SLAB_BYTES):
+        self.slab_bytes = slab_bytes
+        self.slab: torch.Tensor | None = None  # (slab_bytes,) uint8, pinned
+        self.used = 0
+        self.lock = threading.Lock()
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised contiguous pinned tensor of ``shape`` and ``dtype``."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > self.slab_bytes // 4:
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        with self.lock:
+            start = -(-self.used // _ALIGN) * _ALIGN
+            if self.slab is None or start + nbytes > self.slab_bytes:
+                self.slab, start = torch.empty(self.slab_bytes, dtype=torch.uint8, pin_memory=True), 0
+            self.used = start + nbytes
+            return self.slab[start : start + nbytes].view(dtype).view(shape)
+
+
+PINNED = PinnedSlabs()
 
 
 def to_device(array, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -12,7 +53,9 @@ def to_device(array, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     tensor = torch.as_tensor(np.asarray(array), dtype=dtype)
     if device.type != "cuda":
         return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    pinned = PINNED.empty(tuple(tensor.shape), dtype)
+    pinned.copy_(tensor)
+    return pinned.to(device, non_blocking=True)
 
 
 def host_ints(tensor: torch.Tensor) -> tuple[int, ...]:

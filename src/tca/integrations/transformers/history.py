@@ -11,10 +11,12 @@ from __future__ import annotations
 import torch
 
 from ... import ops
+from ...core.transfer import PINNED
 
 # Host copies go in pieces of at most this size: PyTorch keeps freed pinned blocks for reuse by
 # requests of the same power-of-two size only, so pieces of one size let any later prompt reuse
 # what an earlier one pinned (whole-layer copies of another length would pin new memory, slowly).
+# Small pieces (a turn's new tokens, a block of decoded ones) share pinned slabs (``PINNED``).
 PIECE_BYTES = 16 * 2**20
 
 
@@ -101,7 +103,7 @@ class HostHistory:
         stream.wait_stream(torch.cuda.current_stream(key.device))
         with torch.cuda.stream(stream):
             for piece in pieces:
-                host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in piece)
+                host = tuple(PINNED.empty(tuple(t.shape), t.dtype) for t in piece)
                 for target, source in zip(host, piece, strict=True):
                     target.copy_(source, non_blocking=True)
                 self.chunks.append(host)
