@@ -945,14 +945,14 @@ def test_host_history_goes_over_in_pieces_of_one_size(monkeypatch):
     keys, values = (torch.randn(1, 2, 1000 + seed % 97, 8, generator=gen) for _ in range(2))
     history = history_module.HostHistory(block=16)
     history.add(keys, values)
+    length = keys.shape[2]
+    pieces = [k.shape[2] for k, _ in history.chunks]
+    assert pieces == [64] * (length // 64) + [length % 64] * (length % 64 > 0), f"seed {seed}: {pieces}"
     steps = [
         (torch.randn(1, 2, 1, 8, generator=gen), torch.randn(1, 2, 1, 8, generator=gen)) for _ in range(21)
     ]
     for key, value in steps:
         history.add(key, value)
-    length = keys.shape[2]
-    pieces = [k.shape[2] for k, _ in history.chunks[: -(-length // 64)]]
-    assert pieces == [64] * (len(pieces) - 1) + [length - 64 * (len(pieces) - 1)], f"seed {seed}: {pieces}"
     want_k = torch.cat([keys, *(k for k, _ in steps)], 2)
     want_v = torch.cat([values, *(v for _, v in steps)], 2)
     got_k, got_v = history.tensors()
@@ -964,3 +964,38 @@ def test_host_history_goes_over_in_pieces_of_one_size(monkeypatch):
     joined_v = history.values_then(new_v, every_row)
     assert torch.equal(joined_v, torch.cat([want_v, new_v], 2)), f"seed {seed}"
     assert history.nbytes == 2 * want_k.numel() * 4
+
+
+@pytest.mark.randomised
+def test_host_history_joins_small_pieces_as_they_pile_up(monkeypatch):
+    """Turns of a few tokens and decoded blocks each add a small piece; once ``SMALL_PIECES`` of them
+    follow each other they become one, so a long chat's history stays in a bounded number of pieces,
+    and it still reads back as every state given, in order (on the host, and joined with new tokens)."""
+    from tca.integrations.transformers import history as history_module
+
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    monkeypatch.setattr(history_module, "PIECE_BYTES", 8192)  # small: under 1024 bytes, 16 tokens here
+    history = history_module.HostHistory(block=4)
+    added = []
+    for _ in range(120):
+        n = int(torch.randint(1, 9, (1,), generator=gen))  # a turn (n > 1) or one decoded token
+        key, value = torch.randn(2, 1, n, 8, generator=gen), torch.randn(2, 1, n, 8, generator=gen)
+        history.add(key, value)
+        added.append((key, value))
+        small = [k.shape[2] for k, _ in history.chunks if k.nbytes < 1024]
+        assert len(small) <= history_module.SMALL_PIECES, f"seed {seed}: {len(small)} small pieces"
+    want_k, want_v = (torch.cat([pair[i] for pair in added], 2) for i in (0, 1))
+    assert len(history.chunks) < len(added) // 4, (
+        f"seed {seed}: {len(history.chunks)} pieces for {len(added)} adds"
+    )
+    got_k, got_v = history.tensors()
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v), f"seed {seed}"
+    new_k, new_v = torch.randn(2, 1, 3, 8, generator=gen), torch.randn(2, 1, 3, 8, generator=gen)
+    assert torch.equal(history.keys_then(new_k), torch.cat([want_k, new_k], 2)), f"seed {seed}"
+    rows = torch.randint(0, want_v.shape[2], (2, 1, 50), generator=gen)
+    joined = history.values_then(new_v, rows)
+    for b in range(2):
+        for position in rows[b, 0].tolist():
+            assert torch.equal(joined[b, 0, position], want_v[b, 0, position]), f"seed {seed}: row {position}"
+    assert torch.equal(joined[:, :, -3:], new_v), f"seed {seed}"

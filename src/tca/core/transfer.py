@@ -58,6 +58,15 @@ def to_device(array, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return pinned.to(device, non_blocking=True)
 
 
+def is_pinned(tensor: torch.Tensor) -> bool:
+    """``tensor.is_pinned()`` (a driver call), asked once per tensor object and kept on it: a host
+    history's pieces are asked by every layer of every turn."""
+    pinned = getattr(tensor, "_tca_pinned", None)
+    if pinned is None:
+        pinned = tensor._tca_pinned = tensor.is_pinned()
+    return pinned
+
+
 def host_ints(tensor: torch.Tensor) -> tuple[int, ...]:
     """A small integer tensor's values on the host, read from the device once per tensor object and
     kept on it (a prefill's padding, ``key_start``, is read by every layer: one synchronisation, not

@@ -11,13 +11,16 @@ from __future__ import annotations
 import torch
 
 from ... import ops
-from ...core.transfer import PINNED
+from ...core.transfer import PINNED, is_pinned
 
 # Host copies go in pieces of at most this size: PyTorch keeps freed pinned blocks for reuse by
 # requests of the same power-of-two size only, so pieces of one size let any later prompt reuse
 # what an earlier one pinned (whole-layer copies of another length would pin new memory, slowly).
 # Small pieces (a turn's new tokens, a block of decoded ones) share pinned slabs (``PINNED``).
 PIECE_BYTES = 16 * 2**20
+# Every turn and every decoded block adds a small piece (under PIECE_BYTES // 8), and a new turn
+# copies each piece on its own: once this many small ones follow each other, they become one.
+SMALL_PIECES = 16
 
 
 class HostHistory:
@@ -88,6 +91,7 @@ class HostHistory:
     def _copy(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Copy (B, G, n, d) states to the host in pieces of at most ``PIECE_BYTES`` each, and
         track their largest |value| (the error bound's, for a new turn that reads a few rows)."""
+        self._coalesce()
         peak = torch.linalg.vector_norm(value, float("inf"), dim=(-1, -2)).float()  # (B, G)
         self.value_max = peak if self.value_max is None else torch.maximum(self.value_max, peak)
         per_token = key[:, :, :1].numel() * key.element_size()
@@ -111,6 +115,17 @@ class HostHistory:
                 source.record_stream(stream)  # its memory is not reused before the copies are done
             self.done = torch.cuda.Event()
             self.done.record(stream)
+
+    def _coalesce(self) -> None:
+        """Join the last run of small pieces into one piece once ``SMALL_PIECES`` of them have piled
+        up, if the copies into them and the device's reads of them are done (it never waits)."""
+        run = 0
+        while run < len(self.chunks) and self.chunks[-1 - run][0].nbytes < PIECE_BYTES // 8:
+            run += 1
+        if run < SMALL_PIECES or not all(event is None or event.query() for event in (self.done, self.read)):
+            return
+        pieces = self.chunks[-run:]
+        self.chunks[-run:] = [tuple(_joined([piece[i] for piece in pieces]) for i in (0, 1))]
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The history as host (B, G, length, d) keys and values (waits for the copies)."""
@@ -187,6 +202,14 @@ class HostHistory:
         # blocks must not go back to it (to be pinned and written by someone else) before that read.
         if self.read is not None:
             self.read.synchronize()
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """(B, G, n_i, d) host parts as one (B, G, sum n_i, d) tensor, pinned when they are."""
+    shape = (*parts[0].shape[:2], sum(part.shape[2] for part in parts), parts[0].shape[3])
+    pinned = is_pinned(parts[0])
+    out = PINNED.empty(shape, parts[0].dtype) if pinned else parts[0].new_empty(shape)
+    return torch.cat(parts, 2, out=out)
 
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}

@@ -84,13 +84,12 @@ class LayerStore:
         n_kv = key.shape[1]
         capacity = [int(bound_host[:, g].max(initial=0)) + reserve for g in range(n_kv)]
         offsets = np.concatenate([[0], np.cumsum(capacity)[:-1]]).tolist()
-        heads = np.repeat(np.arange(n_kv), capacity)  # (S,): each slot's head, and its column there
-        slots = to_device(
-            np.stack([heads, np.arange(len(heads)) - np.repeat(offsets, capacity)]), torch.int64, key.device
+        layout = to_device(np.array([capacity, offsets]), torch.int64, key.device)  # (2, G)
+        heads = torch.repeat_interleave(  # (S,): each slot's head, and its column there
+            torch.arange(n_kv, device=key.device), layout[0], output_size=sum(capacity)
         )
-        keys, values, positions = ops.gather_entries(
-            key, value, kept, counts, window_start, slots[0], slots[1]
-        )
+        columns = torch.arange(len(heads), device=key.device) - layout[1, heads]
+        keys, values, positions = ops.gather_entries(key, value, kept, counts, window_start, heads, columns)
         return cls(keys, values, positions, offsets, capacity, bound_host, lengths)
 
     @property

@@ -16,7 +16,7 @@ import warnings
 import torch
 
 from ...core.selection import nothing_kept
-from ...core.transfer import host_ints
+from ...core.transfer import host_ints, is_pinned
 from .. import reference
 from ..registry import register
 
@@ -258,7 +258,7 @@ class TritonBackend:
         the reference (every piece copied over whole) where the pieces are not pinned or the device
         cannot read them in place (warned once)."""
         global _ZERO_COPY
-        pinned = out.device.type == "cuda" and all(piece.is_pinned() for piece in pieces)
+        pinned = out.device.type == "cuda" and all(is_pinned(piece) for piece in pieces)
         interpreted = os.environ.get("TRITON_INTERPRET") == "1" and out.device.type == "cpu"
         if _ZERO_COPY and (pinned or interpreted):
             from . import host_rows

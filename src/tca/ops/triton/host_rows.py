@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...core.transfer import to_device
+from ...core.transfer import is_pinned, to_device
 
 _DEVICE_POINTER = 3  # CU_POINTER_ATTRIBUTE_DEVICE_POINTER
 
@@ -87,15 +87,18 @@ def read_rows(pieces: list[torch.Tensor], rows: torch.Tensor, out: torch.Tensor)
 
 def _device_address(tensor: torch.Tensor) -> int:
     """The address a kernel reads ``tensor`` at: the driver's device address of pinned host memory,
-    the host address otherwise (the interpreter's)."""
-    if not tensor.is_pinned():
-        return tensor.data_ptr()
-    address = ctypes.c_uint64()
-    status = _driver().cuPointerGetAttribute(
-        ctypes.byref(address), _DEVICE_POINTER, ctypes.c_uint64(tensor.data_ptr())
-    )
-    if status != 0:
-        raise RuntimeError(f"cuPointerGetAttribute failed ({status}) for a pinned history block.")
+    the host address otherwise (the interpreter's). Asked once per tensor object and kept on it (a
+    history's pieces are read by every turn)."""
+    known = getattr(tensor, "_tca_device_address", None)
+    if known is not None:
+        return known
+    address = ctypes.c_uint64(tensor.data_ptr())
+    if is_pinned(tensor):
+        pointer, address = address, ctypes.c_uint64()
+        status = _driver().cuPointerGetAttribute(ctypes.byref(address), _DEVICE_POINTER, pointer)
+        if status != 0:
+            raise RuntimeError(f"cuPointerGetAttribute failed ({status}) for a pinned history block.")
+    tensor._tca_device_address = address.value
     return address.value
 
 
