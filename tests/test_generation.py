@@ -999,3 +999,27 @@ def test_host_history_joins_small_pieces_as_they_pile_up(monkeypatch):
         for position in rows[b, 0].tolist():
             assert torch.equal(joined[b, 0, position], want_v[b, 0, position]), f"seed {seed}: row {position}"
     assert torch.equal(joined[:, :, -3:], new_v), f"seed {seed}"
+
+
+@pytest.mark.randomised
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory read in place needs a CUDA device")
+def test_a_dropped_host_history_waits_for_the_devices_read_of_its_pieces():
+    """A new turn's device reads the history's pinned pieces in place, which PyTorch's host allocator
+    cannot see: a history dropped while that read is still queued (here behind a long kernel) must
+    wait for it, or its memory could be handed out and written before the device has read it."""
+    from tca.integrations.transformers.history import HostHistory
+
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    history = HostHistory(block=4)
+    history.add(*(torch.randn(1, 2, 40, 16, generator=gen).cuda() for _ in range(2)))
+    rows = torch.randint(0, 40, (1, 2, 9), generator=gen).cuda()
+    new_value = torch.randn(1, 2, 3, 16, generator=gen).cuda()
+    history.values_then(new_value, rows)  # once ahead: the read kernel compiles here, not behind the sleep
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)  # about half a second of device time ahead of the read
+    history.values_then(new_value, rows)
+    read = history.read
+    assert not read.query(), f"seed {seed}: the read should still be queued behind the sleep"
+    del history
+    assert read.query(), f"seed {seed}: the history went before the device's read of its pieces"
