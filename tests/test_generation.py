@@ -1023,3 +1023,42 @@ def test_a_dropped_host_history_waits_for_the_devices_read_of_its_pieces():
     assert not read.query(), f"seed {seed}: the read should still be queued behind the sleep"
     del history
     assert read.query(), f"seed {seed}: the history went before the device's read of its pieces"
+
+
+PINNING_SCRIPT = """
+import torch
+from tca.core import transfer
+torch.cuda.init()
+if {pin_first}:
+    torch.empty(16, pin_memory=True)
+data = torch.randn(3, 1000)
+pinned = transfer.PINNED.empty((3, 1000), torch.float32).copy_(data)
+back = pinned.to("cuda", non_blocking=True).cpu()
+print(transfer.pin_faster(), pinned.is_pinned(), torch.equal(back, data))
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinning host memory needs a CUDA device")
+@pytest.mark.parametrize(
+    "pin_first, setting, fast",
+    [(False, None, True), (True, None, False), (False, "pinned_use_cuda_host_register:False", False)],
+)
+def test_tca_pins_faster_only_where_nothing_is_pinned_yet_and_the_user_chose_nothing(
+    pin_first, setting, fast
+):
+    """In a fresh process TCA's first pinned block switches PyTorch to registered pages (faster), but
+    not after the process pinned a block of its own (PyTorch would free that block the wrong way) nor
+    against a user's ``pinned_`` setting; either way the block is pinned and carries data both ways."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    if setting:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = setting
+    script = PINNING_SCRIPT.format(pin_first=pin_first)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(fast), "True", "True"], done.stdout + done.stderr[-1000:]
