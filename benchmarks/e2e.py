@@ -33,16 +33,15 @@ graph capture does not move it).
 
 On a CUDA device the defaults replay TCA's decode steps from a CUDA graph (``cuda_graphs``, on
 wherever it serves; captured at the second decode step, inside the timed run); rows say so in
-``cuda_graphs``. ``fast_pinning``: whether TCA had PyTorch pin host memory by registering pages
-(``tca.core.transfer.pin_faster``). ``first_call_ttft_ms``: the first generate at a length and kept
-target, before the timed one (its host history pins new memory and its selection's widths compile
-new kernel variants; later calls reuse both); dense too gets one untimed generate at each length
-first (the files up to ``e2e-nvidia-h200-8k-64k.json`` timed dense's first generate there: their
-dense eager decode reads 57-63 ms a token at 32K-128K where ``benchmarks/tp.py``'s warmed runs at
-one GPU read 25 ms; the cause is not established). With ``--graphs`` two more modes per case:
-``dense-graph``, dense with transformers' static cache, whose decode step ``generate`` compiles
-(torch.compile with CUDA graphs; one untimed warm-up generate compiles it), and ``tca-eager``, TCA
-with ``cuda_graphs=False`` (every decode step run eagerly, in Python).
+``cuda_graphs``. ``first_call_ttft_ms``: the first generate at a length and kept target, before the
+timed one (its host history pins new memory and its selection's widths compile new kernel variants;
+later calls reuse both); dense too gets one untimed generate at each length first (the files up to
+``e2e-nvidia-h200-8k-64k.json`` timed dense's first generate there: their dense eager decode reads
+57-63 ms a token at 32K-128K where ``benchmarks/tp.py``'s warmed runs at one GPU read 25 ms; the
+cause is not established). With ``--graphs`` two more modes per case: ``dense-graph``, dense with
+transformers' static cache, whose decode step ``generate`` compiles (torch.compile with CUDA graphs;
+one untimed warm-up generate compiles it), and ``tca-eager``, TCA with ``cuda_graphs=False`` (every
+decode step run eagerly, in Python).
 
 With ``--turns``: ``next_turn_ttft_ms``, the time to the first token of a second turn (64 new
 tokens after the first answer, on the same cache; TCA with its host history selects again from
@@ -75,7 +74,6 @@ import tca.ops as ops
 from tca.core.budgets import mu_for_share
 from tca.core.config import TCAConfig
 from tca.core.profile import Profile
-from tca.core.transfer import pin_faster
 from tca.eval.provenance import device_name, provenance
 from tca.integrations.transformers import registration
 from tca.integrations.transformers.cache import dense_cache_bytes
@@ -592,7 +590,6 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.empty_cache()
             continue
         record["rows"] += [row | {"host_syncs_per_token": syncs.get(row["mode"], nan)} for row in rows]
-        record["fast_pinning"] = pin_faster() if args.device == "cuda" else False  # tca.core.transfer
         print_table(record["rows"][-len(rows) :])
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1))  # after every case: an interrupted run keeps its rows

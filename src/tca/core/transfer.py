@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import threading
 
 import numpy as np
@@ -15,37 +14,6 @@ import torch
 # caching host allocator has no freed block to give them.
 SLAB_BYTES = 8 * 2**20
 _ALIGN = 256  # bytes: every carved tensor starts at a multiple (any dtype's alignment, and a DMA's)
-# How PyTorch pins host memory once TCA pins its first block, unless the process has pinned some
-# already or PYTORCH_CUDA_ALLOC_CONF names a pinned_ option: pages allocated, then registered with
-# the driver by several threads (cudaHostRegister), instead of one cudaHostAlloc a block; on an
-# H200 host 5.9 GiB/s instead of 1.4 (benchmarks/probes/pinned_alloc.py), which a first prompt's
-# host history pays (8 GiB a 64K prompt of an 8B model).
-FAST_PINNING = "pinned_use_cuda_host_register:True,pinned_num_register_threads:{threads}"
-_pinning = {"decided": False, "fast": False}
-
-
-def pin_faster() -> bool:
-    """Switch PyTorch to ``FAST_PINNING`` where that is safe; returns whether it is in force.
-
-    Safe only before the process's first pinned block: PyTorch frees a block the way the setting in
-    force then says, so a block pinned by ``cudaHostAlloc`` before the switch would be freed wrongly.
-    Decided once per process; a user's own ``pinned_`` setting always wins (set
-    ``PYTORCH_CUDA_ALLOC_CONF=pinned_use_cuda_host_register:False`` to keep PyTorch's default)."""
-    if _pinning["decided"]:
-        return _pinning["fast"]
-    _pinning["decided"] = True
-    if "pinned_" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") or not torch.cuda.is_available():
-        return False
-    stats = torch.cuda.host_memory_stats()
-    if stats.get("num_host_alloc", 1) != 0:  # something was pinned already (or the count is unknown)
-        return False
-    setting = FAST_PINNING.format(threads=max(1, min(8, os.cpu_count() or 1)))
-    apply_setting = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
-    if apply_setting is None:
-        apply_setting = torch.cuda.memory._set_allocator_settings
-    apply_setting(setting)
-    _pinning["fast"] = True
-    return True
 
 
 class PinnedSlabs:
@@ -65,7 +33,6 @@ class PinnedSlabs:
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised contiguous pinned tensor of ``shape`` and ``dtype``."""
-        pin_faster()
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > self.slab_bytes // 4:
             return torch.empty(shape, dtype=dtype, pin_memory=True)
