@@ -8,10 +8,10 @@ import threading
 import numpy as np
 import torch
 
-# Small pinned tensors are carved from slabs of this size: pinning memory (cudaHostAlloc) costs the
-# host tens to hundreds of microseconds a call, whatever the size, and a new turn pins dozens of
-# small pieces (every layer's new tokens) that live as long as the conversation, so PyTorch's
-# caching host allocator has no freed block to give them.
+# Small pinned tensors are carved from slabs of this size. A new turn pins dozens of small pieces
+# (every layer's new tokens) that live as long as the conversation, so PyTorch's caching host
+# allocator seldom has a freed block for them, and each cudaHostAlloc costs a fixed part besides
+# its bytes (H200 host, 32K turn: 131 calls took 13.9 ms, 2 slabs 8.6 ms; next-turn-5919cf3 log).
 SLAB_BYTES = 8 * 2**20
 _ALIGN = 256  # bytes: every carved tensor starts at a multiple (any dtype's alignment, and a DMA's)
 
