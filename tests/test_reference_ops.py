@@ -320,6 +320,10 @@ def test_attend_after_cache_equals_brute_force(
     lengths[0, 0] = capacity  # a full head and, where there is room, an empty one
     if batch * n_kv > 1:
         lengths[-1, -1] = 0
+    # the inputs as the implementation gets them (rounded to dtype): the error is then its arithmetic's
+    query, cached_key, cached_value, key, value = (
+        x.to(dtype).float() for x in (query, cached_key, cached_value, key, value)
+    )
     expected = after_cache_brute(*as64(query, cached_key, cached_value), lengths, *as64(key, value), scale)
     past = torch.arange(capacity) >= lengths[..., None]  # (B, G, C): garbage slots
     cached_key, cached_value = (
@@ -358,8 +362,8 @@ def test_new_turn_prefill_reads_only_kept_rows_and_windows(
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     d, scale, length = 16, 16**-0.5, past + n
-    query = torch.randn(batch, n_kv * group, n, d, generator=gen) * 2
-    key, value = (torch.randn(batch, n_kv, length, d, generator=gen) for _ in range(2))
+    query = (torch.randn(batch, n_kv * group, n, d, generator=gen) * 2).to(dtype).float()  # as it is given
+    key, value = (torch.randn(batch, n_kv, length, d, generator=gen).to(dtype).float() for _ in range(2))
     starts = (
         torch.randint(0, past // 2, (batch,), generator=gen)
         if padded
