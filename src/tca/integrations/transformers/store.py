@@ -52,14 +52,18 @@ class LayerStore:
             store was made from host lengths; every later change is applied to both).
     """
 
-    def __init__(self, keys, values, positions, offsets, capacity, bound_host, lengths=None):
+    def __init__(
+        self, keys, values, positions, offsets, capacity, bound_host, lengths=None, offsets_device=None
+    ):
         self.keys, self.values, self.positions = keys, values, positions
         self.offsets, self.capacity = offsets, capacity
         self.bound_host = np.array(bound_host, dtype=np.int64)  # (B, G), a copy
         if lengths is None:
             lengths = to_device(self.bound_host, torch.int32, keys.device)
         self.lengths = lengths.to(device=keys.device, dtype=torch.int32)
-        self.offsets_device = to_device(offsets, torch.int64, keys.device)
+        if offsets_device is None:
+            offsets_device = to_device(offsets, torch.int64, keys.device)
+        self.offsets_device = offsets_device  # (G,) int64: ``offsets`` on the device
         self.rows = torch.arange(keys.shape[0], device=keys.device).view(-1, 1, 1)
         self._measure_room()
 
@@ -90,7 +94,7 @@ class LayerStore:
         )
         columns = torch.arange(len(heads), device=key.device) - layout[1, heads]
         keys, values, positions = ops.gather_entries(key, value, kept, counts, window_start, heads, columns)
-        return cls(keys, values, positions, offsets, capacity, bound_host, lengths)
+        return cls(keys, values, positions, offsets, capacity, bound_host, lengths, offsets_device=layout[1])
 
     @property
     def n_kv(self) -> int:
