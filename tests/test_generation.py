@@ -154,12 +154,22 @@ def decode_keep(mu: float, sigma: float, block: int) -> int:
     return round_half_up(block * rank_fraction(0, 1, mu, sigma))
 
 
+def greedy_margin(model, logits: torch.Tensor) -> float:
+    """(V,) logits -> the gap between the two best tokens ``greedy()`` may choose (EOS is masked
+    until ``min_new_tokens``, so its logit decides nothing)."""
+    allowed = logits.float().clone()
+    allowed[model.generation_config.eos_token_id] = -math.inf
+    top = allowed.topk(2).values
+    return float(top[0] - top[1])
+
+
 def assert_same_greedy(model, prompt_len: int, dense, tca, atol: float) -> int | None:
     """TCA's greedy tokens equal dense ones, and its logits dense's, step by step (batch 1).
 
-    Where dense's two best logits are within the dtype's rounding (a near tie that rounding alone
-    decides), the sequences may part; from there TCA's logits are compared with a dense forward
-    over TCA's own tokens. A token that differs where dense had a clear margin fails.
+    Where dense's two best allowed logits (EOS is masked until ``min_new_tokens``) are within the
+    dtype's rounding (a near tie that rounding alone decides), the sequences may part; from there
+    TCA's logits are compared with a dense forward over TCA's own tokens. A token that differs where
+    dense had a clear margin fails.
     Returns the step where the sequences parted (None: identical).
     """
     parted = None
@@ -169,8 +179,7 @@ def assert_same_greedy(model, prompt_len: int, dense, tca, atol: float) -> int |
         )
         d_token, t_token = dense.sequences[0, prompt_len + step], tca.sequences[0, prompt_len + step]
         if d_token != t_token:
-            top = d[0].float().topk(2).values
-            gap = float(top[0] - top[1])
+            gap = greedy_margin(model, d[0])
             assert gap <= 2 * atol, (
                 f"step {step}: TCA chose {t_token}, dense {d_token} with a clear margin {gap}"
             )
@@ -564,8 +573,9 @@ def test_left_padded_batch_generate_equals_separate_runs(family):
                 msg=lambda m, w=where: f"{w}: {m}",
             )
             if batched.sequences[b, width + step] != single.sequences[0, len(prompt) + step]:
-                top = single.logits[step][0].topk(2).values
-                assert float(top[0] - top[1]) < 2e-4, f"{where}: tokens differ with a clear margin"
+                assert greedy_margin(model, single.logits[step][0]) < 2e-4, (
+                    f"{where}: tokens differ with a clear margin"
+                )
                 print(f"{where}: near tie, the sequences part here")
                 break
         else:
