@@ -155,10 +155,12 @@ def decode_keep(mu: float, sigma: float, block: int) -> int:
 
 
 def greedy_margin(model, logits: torch.Tensor) -> float:
-    """(V,) logits -> the gap between the two best tokens ``greedy()`` may choose (EOS is masked
-    until ``min_new_tokens``, so its logit decides nothing)."""
+    """(V,) logits -> the gap between the two best tokens ``greedy()`` may choose (EOS, where the
+    model has one, is masked until ``min_new_tokens``, so its logit decides nothing)."""
     allowed = logits.float().clone()
-    allowed[model.generation_config.eos_token_id] = -math.inf
+    eos = model.generation_config.eos_token_id  # an id, a list of ids, or None
+    if eos is not None:
+        allowed[eos] = -math.inf
     top = allowed.topk(2).values
     return float(top[0] - top[1])
 
