@@ -93,6 +93,8 @@ def sparse_prefill_tail_sdpa(query, key, value, selection, local_window, scale, 
     keys = torch.cat([torch.gather(key, 2, rows), key[:, :, first_window:]], 2)  # (B, G, K + Wc, d)
     values = torch.cat([torch.gather(value, 2, rows), value[:, :, first_window:]], 2)
     columns = torch.arange(first_window, context_len, device=key.device)  # (Wc,)
+    # left padding: no key before its row's first; (B, 1, 1, Wc), or None without padding
+    after_start = None if key_start is None else columns >= key_start.to(key.device).view(-1, 1, 1, 1)
     grouped = query.reshape(batch, n_kv, n_heads // n_kv, q_len, dim)
     out = torch.empty(grouped.shape, dtype=query.dtype, device=query.device)
     for lo, hi in reference.attention.after_cache_steps(q_len):
@@ -100,8 +102,8 @@ def sparse_prefill_tail_sdpa(query, key, value, selection, local_window, scale, 
         kept_visible = kept.unsqueeze(2) <= (position - local_window).view(1, 1, -1, 1)  # (B, G, n, K)
         in_window = (columns <= position.view(-1, 1)) & (columns > position.view(-1, 1) - local_window)
         window_visible = in_window.view(1, 1, *in_window.shape)  # (1, 1, n, Wc)
-        if key_start is not None:  # left padding: no key before its row's first
-            window_visible = window_visible & (columns >= key_start.to(key.device).view(-1, 1, 1, 1))
+        if after_start is not None:
+            window_visible = window_visible & after_start
         visible = torch.cat([kept_visible, window_visible.expand(batch, n_kv, -1, -1)], -1)
         out[:, :, :, lo:hi] = _grouped_sdpa(grouped[:, :, :, lo:hi], keys, values, visible, scale)
     return out.view(batch, n_heads, q_len, dim)
